@@ -1,0 +1,31 @@
+"""fedkit: federated learning in a notebook, with the vocabulary of NVIDIA FLARE.
+
+>>> import fedkit as fk
+>>> data = fk.data.load("digits")
+>>> parts = fk.data.iid(data.train, clients=4, seed=0)
+>>> run = fk.Simulator(fk.FedAvg(rounds=1), model=lambda: fk.models.for_data(data),
+...                    clients=parts, test=data.test).run(progress=False)
+>>> run.status
+'done'
+"""
+
+from . import aggregate, data, models, plots, weights
+from .client import Client
+from .data import ClientData, Dataset, Partition
+from .errors import ConfigError, UpdateError
+from .exchange import DXO, Aborted, ClientContext, DataKind, Executor, FilterContext, MetaKey, Signal, Task, Weights
+from .history import History, RoundRecord
+from .server import Controller, Reply, Server, ServerContext
+from .simulator import Run, Simulator
+from .train import Evaluator, TrainConfig, Trainer, evaluate
+from .workflows import FedAvg
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "aggregate", "data", "models", "plots", "weights",
+    "Client", "ClientData", "Dataset", "Partition", "ConfigError", "UpdateError",
+    "DXO", "Aborted", "ClientContext", "DataKind", "Executor", "FilterContext", "MetaKey", "Signal", "Task", "Weights",
+    "History", "RoundRecord", "Controller", "Reply", "Server", "ServerContext", "Run", "Simulator",
+    "Evaluator", "TrainConfig", "Trainer", "evaluate", "FedAvg",
+]

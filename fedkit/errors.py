@@ -1,0 +1,9 @@
+"""The errors fedkit raises on bad input. Each message says what is wrong, the value given, and what is allowed."""
+
+
+class ConfigError(ValueError):
+    """A setting, dataset name or partition parameter that cannot work."""
+
+
+class UpdateError(ValueError):
+    """A client result that does not fit the global model (keys, shapes, dtype) or is not finite."""

@@ -1,0 +1,187 @@
+"""The vocabulary that crosses between server and clients: DXO, Task, Signal, Executor, Filter.
+
+Names follow NVIDIA FLARE so that what a student learns here carries over: the server sends a
+`Task` whose data is a `DXO` (data exchange object: a kind, a dict of named arrays, and meta);
+a client runs it with an `Executor` and answers with another `DXO`. `Filter`s may rewrite a DXO on
+its way out of or into either side (encryption, clipping, noise...).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Any, Callable, Mapping, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+Weights = dict[str, torch.Tensor]
+"""A model's parameters by name, as in ``model.state_dict()``."""
+
+
+class DataKind(str, Enum):
+    """What the data of a DXO means."""
+
+    WEIGHTS = "WEIGHTS"  # full model parameters
+    WEIGHT_DIFF = "WEIGHT_DIFF"  # local parameters minus the global ones received
+    METRICS = "METRICS"  # scalars such as loss and accuracy
+    STATISTICS = "STATISTICS"  # counts, sums, histograms (federated statistics)
+    COLLECTION = "COLLECTION"  # anything else: a dict of named values
+
+
+class MetaKey:
+    """Well-known keys of `DXO.meta`; any other key may be used too."""
+
+    NUM_SAMPLES = "num_samples"  # samples the client trained on this task
+    NUM_STEPS = "num_steps"  # optimizer steps the client took this task
+    ROUND = "round"
+    METRICS = "metrics"  # dict[str, float] the client reports alongside its result
+
+
+@dataclass
+class DXO:
+    """Data exchange object: ``kind`` + named ``data`` + ``meta``.
+
+    >>> d = DXO(DataKind.METRICS, {"accuracy": 0.9})
+    >>> d.kind
+    <DataKind.METRICS: 'METRICS'>
+    """
+
+    kind: DataKind
+    data: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, DataKind):
+            try:
+                self.kind = DataKind(self.kind)
+            except ValueError:
+                allowed = ", ".join(k.value for k in DataKind)
+                raise ValueError(f"DXO kind {self.kind!r} is not known; use one of: {allowed}") from None
+        if not isinstance(self.data, Mapping):
+            raise TypeError(f"DXO data must be a dict of named values, got {type(self.data).__name__}")
+
+    def with_data(self, data: dict[str, Any], **meta: Any) -> "DXO":
+        """A copy with other data (and extra meta): what a filter returns."""
+        return replace(self, data=data, meta={**self.meta, **meta})
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the payload as it would travel: tensors, arrays and byte strings."""
+        return sum(payload_bytes(v) for v in self.data.values())
+
+
+def payload_bytes(value: Any) -> int:
+    """Size in bytes of one DXO value (0 for small Python scalars and strings)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    if isinstance(value, (list, tuple)):
+        return sum(payload_bytes(v) for v in value)
+    if isinstance(value, Mapping):
+        return sum(payload_bytes(v) for v in value.values())
+    return 0
+
+
+@dataclass(frozen=True)
+class Task:
+    """A unit of work the server posts and a client pulls: ``name`` selects the client's executor."""
+
+    name: str
+    data: DXO
+    round: int = 0
+    id: str = ""
+
+
+class Aborted(Exception):
+    """Raised inside a run when its abort `Signal` has been triggered."""
+
+
+class Signal:
+    """A thread-safe abort flag that training loops check between batches.
+
+    >>> s = Signal(); s.trigger("user pressed Stop"); s.triggered
+    True
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = ""
+
+    def trigger(self, reason: str = "aborted") -> None:
+        self.reason = reason
+        self._event.set()
+
+    @property
+    def triggered(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        """Raise `Aborted` if the signal was triggered; call it at safe points (batch boundaries)."""
+        if self._event.is_set():
+            raise Aborted(self.reason)
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Runs one kind of task on a client. A plain function ``f(task, ctx, abort) -> DXO`` works too."""
+
+    def execute(self, task: Task, ctx: "ClientContext", abort: Signal) -> DXO: ...
+
+
+ExecutorLike = Executor | Callable[[Task, "ClientContext", Signal], DXO]
+
+
+@dataclass(frozen=True)
+class FilterContext:
+    """Where a filter runs: which side, which direction, for which client and task."""
+
+    side: str  # "server" or "client"
+    direction: str  # "task" (server -> client) or "result" (client -> server)
+    client: str
+    task: Task
+
+
+Filter = Callable[[DXO, FilterContext], DXO]
+"""A filter is any callable ``(dxo, ctx) -> dxo``; return a new DXO rather than editing the one given."""
+
+
+def apply_filters(filters: list[Filter] | tuple[Filter, ...], dxo: DXO, ctx: FilterContext) -> DXO:
+    """Run ``filters`` in order, checking that each one hands on a DXO."""
+    for f in filters:
+        out = f(dxo, ctx)
+        if not isinstance(out, DXO):
+            name = getattr(f, "__name__", type(f).__name__)
+            raise TypeError(
+                f"{ctx.side} {ctx.direction} filter {name!r} returned {type(out).__name__}, not a DXO; "
+                "a filter must return the (possibly new) DXO it was given"
+            )
+        dxo = out
+    return dxo
+
+
+@dataclass
+class ClientContext:
+    """What an executor sees of its client: name, data, persistent state, device, seed for this task."""
+
+    client: str
+    data: Any  # the client's `ClientData` (train and validation splits)
+    state: dict[str, Any]  # survives rounds: models, optimizers, DP accountants, control variates
+    device: torch.device
+    seed: int  # derived from (run seed, round, client): the same run gives the same numbers
+
+
+def run_executor(executor: ExecutorLike, task: Task, ctx: ClientContext, abort: Signal) -> DXO:
+    """Call an executor object or a plain function, and check that it answered with a DXO."""
+    fn = executor.execute if isinstance(executor, Executor) else executor
+    out = fn(task, ctx, abort)
+    if not isinstance(out, DXO):
+        raise TypeError(
+            f"the executor for task {task.name!r} on client {ctx.client!r} returned "
+            f"{type(out).__name__}; an executor must return a DXO"
+        )
+    return out

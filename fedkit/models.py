@@ -1,0 +1,85 @@
+"""Models: the classic CIFAR-10 `SimpleNetwork`, and small nets sized for the offline datasets."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .data import Data
+from .errors import ConfigError
+
+
+class SimpleNetwork(nn.Module):
+    """The CIFAR-10 CNN of the PyTorch tutorial and NVFlare's examples: conv 6, conv 16, fc 120-84-10.
+
+    Takes 3x32x32 images; about 62k parameters.
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        x = torch.flatten(x, 1)
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+class MLP(nn.Module):
+    """A one-hidden-layer perceptron over flattened inputs: quick on CPU, strong enough for digits."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int = 64) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+
+
+class SmallCNN(nn.Module):
+    """Two 3x3 conv layers and a linear head for small single-channel images (digits 8x8, MNIST 28x28)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, side: int = 8, width: int = 16) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        pooled = side // 4
+        self.fc = nn.Linear(2 * width * pooled * pooled, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        return self.fc(torch.flatten(x, 1))
+
+
+def for_data(data: Data, kind: str = "auto") -> nn.Module:
+    """A sensible model for ``data``: ``"mlp"``, ``"cnn"`` (SmallCNN) or ``"simple"`` (SimpleNetwork).
+
+    ``"auto"`` picks SimpleNetwork for 3x32x32 images, SmallCNN for other images, and an MLP for vectors.
+    """
+    shape = data.input_shape
+    if kind == "auto":
+        kind = "simple" if shape == (3, 32, 32) else "cnn" if len(shape) == 3 and data.name != "digits" else "mlp"
+    if kind == "mlp":
+        return MLP(math.prod(shape), data.num_classes)
+    if kind == "cnn":
+        if len(shape) != 3:
+            raise ConfigError(f"model 'cnn' needs image data (C,H,W); {data.name!r} has shape {shape}")
+        return SmallCNN(shape[0], data.num_classes, side=shape[1])
+    if kind == "simple":
+        if shape != (3, 32, 32):
+            raise ConfigError(f"model 'simple' (SimpleNetwork) needs 3x32x32 images such as cifar10; "
+                              f"{data.name!r} has shape {shape}")
+        return SimpleNetwork(data.num_classes)
+    raise ConfigError(f"unknown model {kind!r}; choose one of: auto, mlp, cnn, simple")

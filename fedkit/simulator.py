@@ -1,0 +1,277 @@
+"""Wire a server, its clients and an engine together, and run a workflow in this process.
+
+>>> import fedkit as fk
+>>> data = fk.data.load("digits")
+>>> sim = fk.Simulator(fk.FedAvg(rounds=2), model=lambda: fk.models.for_data(data),
+...                    clients=fk.data.iid(data.train, clients=4), test=data.test)
+>>> run = sim.run(progress=False)
+>>> run.status, len(run.history)
+('done', 2)
+
+``run()`` blocks; ``start()`` runs in a background thread and returns the same `Run` at once,
+with live ``history``, ``status``, ``abort()`` and ``wait()``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from . import weights as W
+from .client import Client, derive_seed
+from .data import ClientData, Dataset
+from .engine import sequential
+from .errors import ConfigError
+from .exchange import Aborted, Filter, Signal, Weights
+from .history import History, RoundRecord
+from .server import Controller, Engine, Server, ServerContext
+from .train import Evaluator, ModelFn, TrainConfig, Trainer, evaluate, load_weights, resolve_device
+
+ClientsLike = Sequence[Dataset] | Sequence[ClientData] | Sequence[Client]
+
+
+class Run:
+    """One execution of a workflow: its status, live history and global weights.
+
+    ``status`` is one of ``"pending"``, ``"running"``, ``"done"``, ``"aborted"`` or ``"failed"``.
+    """
+
+    def __init__(self, simulator: "Simulator") -> None:
+        self.simulator = simulator
+        self.status = "pending"
+        self.history = History()
+        self.weights: Weights = {}
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        self.run_dir: Path | None = Path(simulator.out) if simulator.out else None
+        self.signal = Signal()
+        self._thread: threading.Thread | None = None
+        self._done = threading.Event()
+
+    def __repr__(self) -> str:
+        acc = self.history.last("accuracy")
+        return f"<fedkit Run {self.status}: {len(self.history)} round(s), accuracy {acc:.4f}>"
+
+    def abort(self, reason: str = "aborted by the user") -> None:
+        """Ask the run to stop at the next batch boundary; the last completed global model is kept."""
+        self.signal.trigger(reason)
+
+    def wait(self, timeout: float | None = None) -> "Run":
+        """Block until the run ends (or ``timeout`` seconds pass); re-raise its error if it failed."""
+        self._done.wait(timeout)
+        if self.status == "failed" and self.error is not None:
+            raise self.error
+        return self
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def model_sha256(self) -> str:
+        return W.sha256(self.weights)
+
+    def model(self) -> nn.Module:
+        """A fresh model instance holding the current global weights."""
+        m = self.simulator.model_fn()
+        load_weights(m, self.weights)
+        return m
+
+    def summary(self) -> dict[str, Any]:
+        """The headline numbers, as the CLI prints them with ``--json``."""
+        return {
+            "status": self.status,
+            "final_accuracy": self.history.last("accuracy"),
+            "final_loss": self.history.last("loss"),
+            "rounds": len(self.history),
+            "seconds": round(self.seconds, 3),
+            "model_sha256": self.model_sha256,
+            "run_dir": str(self.run_dir) if self.run_dir else None,
+            "error": f"{type(self.error).__name__}: {self.error}" if self.error else None,
+        }
+
+    def save(self, directory: str | Path | None = None) -> Path:
+        """Write history (JSON, CSV), final model (``model.pt``), summary and ``plot.html`` into ``directory``."""
+        from . import plots
+
+        directory = Path(directory or self.run_dir or "runs/latest")
+        directory.mkdir(parents=True, exist_ok=True)
+        self.history.save(directory)
+        torch.save(self.weights, directory / "model.pt")
+        (directory / "summary.json").write_text(json.dumps({**self.summary(), "run_dir": str(directory)}, indent=1))
+        (directory / "config.json").write_text(json.dumps(self.simulator.describe(), indent=1, default=str))
+        if len(self.history):
+            plots.curves({"run": self}).write_html(directory / "plot.html", include_plotlyjs="directory")
+        self.run_dir = directory
+        return directory
+
+
+def _as_model_fn(model: ModelFn | nn.Module) -> ModelFn:
+    if isinstance(model, nn.Module):
+        template = copy.deepcopy(model)
+        return lambda: copy.deepcopy(template)
+    if not callable(model):
+        raise ConfigError(f"model must be an nn.Module or a function that builds one, got {type(model).__name__}")
+    return model
+
+
+class Simulator:
+    """A whole federation in this process: one server running ``workflow`` and one client per data part.
+
+    ``clients`` may be a `Partition` (or any list of `Dataset`s), a list of `ClientData`, or ready
+    `Client` objects. Dataset clients get the standard `Trainer` (``train`` task) and `Evaluator`
+    (``validate`` task), and keep ``val_fraction`` of their data to validate the global model.
+    """
+
+    def __init__(self, workflow: Controller, model: ModelFn | nn.Module, clients: ClientsLike,
+                 test: Dataset | None = None, train: TrainConfig = TrainConfig(), *, seed: int = 0,
+                 device: str | torch.device = "auto", out: str | Path | None = None, val_fraction: float = 0.1,
+                 engine: Engine = sequential, server_filters: Sequence[Filter] = (),
+                 server_result_filters: Sequence[Filter] = (),
+                 on_round: Sequence[Callable[[RoundRecord], None]] = ()) -> None:
+        if not isinstance(workflow, Controller):
+            raise ConfigError(f"workflow must be a Controller such as fk.FedAvg(...), got {type(workflow).__name__}")
+        if not isinstance(train, TrainConfig):
+            raise ConfigError(f"train must be a fk.TrainConfig, got {type(train).__name__}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if len(clients) == 0:
+            raise ConfigError("a federation needs at least one client; clients is empty")
+        self.workflow = workflow
+        self.model_fn = _as_model_fn(model)
+        self.test = test
+        self.train = train
+        self.seed = int(seed)
+        self.device = resolve_device(device)
+        self.out = out
+        self.val_fraction = val_fraction
+        self.engine = engine
+        self.server_filters = list(server_filters)
+        self.server_result_filters = list(server_result_filters)
+        self.on_round = list(on_round)
+        self.clients = [self._client(i, c) for i, c in enumerate(clients)]
+        names = [c.name for c in self.clients]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"client names must be unique, got {names}")
+
+    def _client(self, i: int, c: Dataset | ClientData | Client) -> Client:
+        if isinstance(c, Client):
+            return c
+        if isinstance(c, Dataset):
+            if len(c) == 0:
+                raise ConfigError(f"client {i + 1} has no data")
+            train, val = c.split(self.val_fraction, seed=derive_seed(self.seed, i, 2)) if len(c) > 1 else (c, c.subset([]))
+            c = ClientData(train, val)
+        if not isinstance(c, ClientData):
+            raise ConfigError(f"clients[{i}] is a {type(c).__name__}; give Datasets (e.g. a fk.data partition), "
+                              "ClientData or fk.Client objects")
+        return Client(f"site-{i + 1}", c, {"train": Trainer(self.model_fn, self.train),
+                                            "validate": Evaluator(self.model_fn)})
+
+    def describe(self) -> dict[str, Any]:
+        """The settings of this simulator, as saved in ``config.json``."""
+        return {"workflow": repr(self.workflow), "train": repr(self.train), "seed": self.seed,
+                "device": str(self.device), "clients": [c.name for c in self.clients],
+                "val_fraction": self.val_fraction}
+
+    def initial_weights(self) -> Weights:
+        """The global model's starting weights: built from ``model`` under the run's seed."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            return W.clone(self.model_fn().state_dict())
+
+    def run(self, progress: bool = True) -> Run:
+        """Run the workflow to the end in this thread and return the finished `Run`.
+
+        Interrupting the kernel (Ctrl-C) stops at the next batch and returns the run as ``aborted``.
+        """
+        run = Run(self)
+        bar = _progress(self.workflow, progress)
+        try:
+            self._execute(run, extra_listeners=[bar.update_record] if bar else [])
+        finally:
+            if bar:
+                bar.close()
+        if run.status == "failed" and run.error is not None:
+            raise run.error
+        return run
+
+    def start(self) -> Run:
+        """Start the workflow in a background thread; returns the `Run` handle at once."""
+        run = Run(self)
+        run._thread = threading.Thread(target=self._execute, args=(run,), name="fedkit-run", daemon=True)
+        run.status = "running"
+        run._thread.start()
+        return run
+
+    def _execute(self, run: Run, extra_listeners: Sequence[Callable] = ()) -> None:
+        t0 = time.perf_counter()
+        run.status = "running"
+        try:
+            server = Server(self.initial_weights(), self.server_filters, self.server_result_filters)
+            run.weights = server.weights
+            clients = {c.name: c.fresh(derive_seed(self.seed, i, 1)) for i, c in enumerate(self.clients)}
+
+            def track(record: RoundRecord) -> None:
+                run.weights = server.weights
+
+            fl = ServerContext(server, clients, self.engine, self.device, run.signal, run.history, self.seed,
+                               evaluate=self._evaluator(), on_round=[track, *self.on_round, *extra_listeners])
+            self.workflow.control_flow(fl)
+            run.weights = server.weights
+            run.status = "done"
+        except (Aborted, KeyboardInterrupt) as e:
+            run.status = "aborted"
+            run.history.events.append({"round": len(run.history), "what": "aborted", "reason": str(e) or "interrupted"})
+        except Exception as e:
+            run.status, run.error = "failed", e
+            run.history.events.append({"round": len(run.history), "what": "failed", "reason": f"{type(e).__name__}: {e}",
+                                       "detail": traceback.format_exc()})
+        finally:
+            run.seconds = time.perf_counter() - t0
+            if run.run_dir is not None and run.weights:
+                run.save()
+            run._thread = None
+            run._done.set()
+
+    def _evaluator(self) -> Callable[[Weights], dict[str, float]] | None:
+        if self.test is None:
+            return None
+        model = self.model_fn().to(self.device)
+        test = Dataset(self.test.x.to(self.device), self.test.y.to(self.device), self.test.num_classes)
+
+        def score(weights: Weights) -> dict[str, float]:
+            load_weights(model, weights)
+            return evaluate(model, test, self.device)
+
+        return score
+
+
+class _Bar:
+    """A tqdm progress bar over rounds that shows the latest global accuracy."""
+
+    def __init__(self, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=total, desc="rounds", unit="round")
+
+    def update_record(self, record: RoundRecord) -> None:
+        acc = record.metrics.get("accuracy")
+        if acc is not None:
+            self._bar.set_postfix(accuracy=f"{acc:.3f}")
+        self._bar.update(1)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _progress(workflow: Controller, enabled: bool) -> _Bar | None:
+    return _Bar(getattr(workflow, "rounds", None)) if enabled else None

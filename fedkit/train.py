@@ -1,0 +1,173 @@
+"""The standard PyTorch executors: local training (SGD with momentum) and evaluation.
+
+The trainer is the client half of FedAvg: load the global weights, train ``epochs`` passes over the
+local data, return the difference (WEIGHT_DIFF) with the number of samples and steps. It checks the
+abort signal between batches, and keeps its model and on-device data in the client's state so that
+rounds after the first pay no set-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import Dataset
+from .errors import ConfigError
+from .exchange import DXO, ClientContext, DataKind, MetaKey, Signal, Task, Weights
+from .weights import subtract
+
+ModelFn = Callable[[], nn.Module]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training settings, the same on every client."""
+
+    epochs: int = 1  # local passes over the client's data per round (FedAvg's E)
+    batch_size: int = 16  # FedAvg's B (McMahan et al. used 10 and 50): small client datasets need small batches
+    lr: float = 0.05
+    momentum: float = 0.9  # the optimizer is fresh each round: no momentum leaks across rounds
+    weight_decay: float = 0.0
+    validate: bool = True  # score the received global model on the local validation split first
+
+    def __post_init__(self) -> None:
+        for name, low in (("epochs", 1), ("batch_size", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise ConfigError(f"TrainConfig.{name} must be an integer >= {low}, got {v!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ConfigError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
+        for name in ("momentum", "weight_decay"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v >= 0):
+                raise ConfigError(f"TrainConfig.{name} must be >= 0, got {v!r}")
+        if self.momentum >= 1:
+            raise ConfigError(f"TrainConfig.momentum must be < 1, got {self.momentum!r}")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` is CUDA when available, else CPU; anything else must be a device torch knows."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} was asked for but CUDA is not available here; use 'auto' or 'cpu'")
+    return dev
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset, device: torch.device | None = None,
+             batch_size: int = 1024) -> dict[str, float]:
+    """Mean cross-entropy ``loss`` and ``accuracy`` of ``model`` on ``data``."""
+    if len(data) == 0:
+        return {"loss": float("nan"), "accuracy": float("nan")}
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for i in range(0, len(data), batch_size):
+        x = data.x[i:i + batch_size].to(device, non_blocking=True)
+        y = data.y[i:i + batch_size].to(device, non_blocking=True)
+        out = model(x)
+        loss += F.cross_entropy(out, y, reduction="sum")
+        correct += (out.argmax(1) == y).sum()
+    model.train(was_training)
+    return {"loss": loss.item() / len(data), "accuracy": correct.item() / len(data)}
+
+
+def local_model(ctx: ClientContext, model_fn: ModelFn) -> nn.Module:
+    """The client's model instance, built once and kept in its state."""
+    if "model" not in ctx.state:
+        ctx.state["model"] = model_fn().to(ctx.device)
+    return ctx.state["model"]
+
+
+def load_weights(model: nn.Module, weights: Weights) -> None:
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            v.copy_(weights[k])
+
+
+def on_device(ctx: ClientContext, key: str, data: Dataset) -> Dataset:
+    """``data`` moved to the client's device once and cached in its state."""
+    if key not in ctx.state:
+        ctx.state[key] = Dataset(data.x.to(ctx.device), data.y.to(ctx.device), data.num_classes, data.name)
+    return ctx.state[key]
+
+
+def sgd_epochs(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int, abort: Signal) -> dict[str, float]:
+    """Train ``model`` in place for ``cfg.epochs`` with SGD; returns loss, accuracy, steps, samples.
+
+    Batches are drawn from a generator seeded with ``seed`` (so runs repeat exactly), and the abort
+    signal is checked before every batch.
+    """
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    device = data.x.device
+    n = len(data)
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    steps = 0
+    for _ in range(cfg.epochs):
+        order = torch.randperm(n, generator=gen).to(device)
+        for i in range(0, n, cfg.batch_size):
+            abort.check()
+            idx = order[i:i + cfg.batch_size]
+            x, y = data.x[idx], data.y[idx]
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            loss_sum += loss.detach() * len(idx)
+            correct += (out.detach().argmax(1) == y).sum()
+    seen = n * cfg.epochs
+    return {"train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen,
+            "steps": steps, "samples": n}
+
+
+class Trainer:
+    """Executor for the ``train`` task: global WEIGHTS in, WEIGHT_DIFF out, with samples and steps in meta."""
+
+    def __init__(self, model_fn: ModelFn, config: TrainConfig = TrainConfig()) -> None:
+        self.model_fn = model_fn
+        self.config = config
+
+    def execute(self, task: Task, ctx: ClientContext, abort: Signal) -> DXO:
+        if task.data.kind != DataKind.WEIGHTS:
+            raise ValueError(f"the train task needs WEIGHTS, got {task.data.kind.value}")
+        model = local_model(ctx, self.model_fn)
+        received = {k: v.to(ctx.device) for k, v in task.data.data.items()}
+        load_weights(model, received)
+        metrics: dict[str, float] = {}
+        if self.config.validate and len(ctx.data.val):
+            val = evaluate(model, on_device(ctx, "val_on_device", ctx.data.val), ctx.device)
+            metrics.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+        stats = sgd_epochs(model, on_device(ctx, "train_on_device", ctx.data.train), self.config, ctx.seed, abort)
+        metrics.update(train_loss=stats["train_loss"], train_accuracy=stats["train_accuracy"])
+        diff = {k: v.detach().cpu() for k, v in subtract(model.state_dict(), received).items()}
+        return DXO(DataKind.WEIGHT_DIFF, diff, {MetaKey.NUM_SAMPLES: stats["samples"],
+                                                 MetaKey.NUM_STEPS: stats["steps"], MetaKey.METRICS: metrics})
+
+
+class Evaluator:
+    """Executor for the ``validate`` task: scores the WEIGHTS it receives on the local validation split."""
+
+    def __init__(self, model_fn: ModelFn) -> None:
+        self.model_fn = model_fn
+
+    def execute(self, task: Task, ctx: ClientContext, abort: Signal) -> DXO:
+        model = local_model(ctx, self.model_fn)
+        load_weights(model, {k: v.to(ctx.device) for k, v in task.data.data.items()})
+        scores = evaluate(model, on_device(ctx, "val_on_device", ctx.data.val), ctx.device)
+        return DXO(DataKind.METRICS, scores, {MetaKey.NUM_SAMPLES: len(ctx.data.val)})

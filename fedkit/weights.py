@@ -1,0 +1,70 @@
+"""Operations on `Weights` (named tensors): arithmetic, checks against the global model, hashing."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from .errors import UpdateError
+from .exchange import Weights
+
+
+def clone(w: Weights, device: torch.device | str = "cpu") -> Weights:
+    """A detached copy of ``w`` on ``device``."""
+    return {k: v.detach().to(device, copy=True) for k, v in w.items()}
+
+
+def add(a: Weights, b: Weights) -> Weights:
+    """``a + b`` key by key, keeping ``a``'s dtypes (integer buffers stay integers)."""
+    return {k: (a[k] + b[k]).to(a[k].dtype) for k in a}
+
+
+def subtract(a: Weights, b: Weights) -> Weights:
+    """``a - b`` key by key."""
+    return {k: a[k] - b[k] for k in a}
+
+
+def check_update(update: Weights, reference: Weights, source: str = "an update") -> None:
+    """Raise `UpdateError` unless ``update`` has exactly ``reference``'s keys and shapes and is finite.
+
+    ``source`` names where the update came from in the message, e.g. ``"client 'site-3'"``.
+    """
+    missing = sorted(set(reference) - set(update))
+    extra = sorted(set(update) - set(reference))
+    if missing or extra:
+        raise UpdateError(
+            f"{source} gave an update whose keys do not match the global model "
+            f"(missing: {missing or 'none'}; unexpected: {extra or 'none'}). Every client must build the "
+            "same model as the server."
+        )
+    for k, ref in reference.items():
+        v = update[k]
+        if not isinstance(v, torch.Tensor):
+            raise UpdateError(f"{source} gave {type(v).__name__} for {k!r}; expected a tensor "
+                              f"of shape {tuple(ref.shape)}")
+        if v.shape != ref.shape:
+            raise UpdateError(
+                f"{source} gave {k!r} with shape {tuple(v.shape)}; the global model has "
+                f"{tuple(ref.shape)}. Every client must build the same model as the server."
+            )
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            bad = int((~torch.isfinite(v)).sum())
+            raise UpdateError(
+                f"{source} gave {bad} non-finite value(s) (NaN or Inf) in {k!r}; its local training "
+                "diverged or its data holds NaN. Lower the learning rate or check that client's data."
+            )
+
+
+def sha256(w: Weights) -> str:
+    """A hash of the values of ``w`` (names, dtypes, shapes and bytes, in key order)."""
+    h = hashlib.sha256()
+    for k in sorted(w):
+        t = w[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def nbytes(w: Weights) -> int:
+    return sum(v.numel() * v.element_size() for v in w.values())

@@ -1,0 +1,5 @@
+"""Workflows (controllers): how tasks are scheduled over the federation."""
+
+from .scatter_gather import FedAvg
+
+__all__ = ["FedAvg"]

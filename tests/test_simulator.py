@@ -1,0 +1,305 @@
+"""The in-process federation: FedAvg end to end, pull semantics, filters, threads and aborts."""
+
+import gc
+import math
+import threading
+import time
+import weakref
+
+import pytest
+import torch
+
+import fedkit as fk
+from fedkit.data import ClientData
+
+
+def fixed_diff(value: float, samples: int, steps: int = 1):
+    """A plain-function executor that always answers the same WEIGHT_DIFF."""
+    def execute(task, ctx, abort):
+        return fk.DXO(fk.DataKind.WEIGHT_DIFF, {k: torch.full_like(v, value) for k, v in task.data.data.items()},
+                      {fk.MetaKey.NUM_SAMPLES: samples, fk.MetaKey.NUM_STEPS: steps})
+    return execute
+
+
+def toy_clients(*executors, extra=None):
+    d = fk.Dataset(torch.zeros(4, 1), torch.zeros(4, dtype=torch.long), 2)
+    return [fk.Client(f"c{i}", ClientData(d, d), {"train": ex, **(extra or {})}) for i, ex in enumerate(executors)]
+
+
+def fedavg_digits(digits, rounds=10, seed=0, **kw):
+    parts = fk.data.iid(digits.train, clients=8, seed=seed)
+    return fk.Simulator(fk.FedAvg(rounds=rounds, **kw), model=lambda: fk.models.for_data(digits),
+                        clients=parts, test=digits.test, seed=seed)
+
+
+def test_fedavg_learns_digits(digits):
+    run = fedavg_digits(digits).run(progress=False)
+    acc = run.history.series("accuracy")
+    assert run.status == "done" and len(acc) == 10
+    assert acc[-1] >= 0.93, acc  # the headline band the CLI acceptance promises
+    assert acc[-1] > acc[0]
+
+
+def test_same_seed_same_weights_other_seed_other_weights(digits):
+    a = fedavg_digits(digits, rounds=3).run(progress=False)
+    b = fedavg_digits(digits, rounds=3).run(progress=False)
+    c = fedavg_digits(digits, rounds=3, seed=1).run(progress=False)
+    assert a.model_sha256 == b.model_sha256
+    assert a.model_sha256 != c.model_sha256
+
+
+def test_aggregation_matches_hand_computed_weighted_mean(tiny_model):
+    # global weight 1.0; client diffs +1 (1 sample) and +4 (3 samples): 1 + (1*1 + 3*4)/4 = 4.25
+    sim = fk.Simulator(fk.FedAvg(rounds=1), model=tiny_model, clients=toy_clients(fixed_diff(1.0, 1), fixed_diff(4.0, 3)))
+    run = sim.run(progress=False)
+    assert run.weights["weight"].item() == pytest.approx(4.25)
+
+
+def test_weigh_by_steps_and_uniform(tiny_model):
+    clients = toy_clients(fixed_diff(1.0, samples=1, steps=3), fixed_diff(4.0, samples=3, steps=1))
+    by_steps = fk.Simulator(fk.FedAvg(rounds=1, weigh=fk.aggregate.by_steps), model=tiny_model, clients=clients).run(progress=False)
+    assert by_steps.weights["weight"].item() == pytest.approx(1 + (3 * 1 + 1 * 4) / 4)
+    uniform = fk.Simulator(fk.FedAvg(rounds=1, weigh=fk.aggregate.uniform), model=tiny_model, clients=clients).run(progress=False)
+    assert uniform.weights["weight"].item() == pytest.approx(1 + 2.5)
+
+
+def test_two_rounds_accumulate(tiny_model):
+    run = fk.Simulator(fk.FedAvg(rounds=2), model=tiny_model, clients=toy_clients(fixed_diff(0.5, 1))).run(progress=False)
+    assert run.weights["weight"].item() == pytest.approx(2.0)
+    assert [r.round for r in run.history] == [0, 1]
+
+
+def test_user_rule_plugs_in_without_subclassing(tiny_model):
+    def take_max(updates):
+        return {k: torch.stack([u[k] for u, _ in updates]).max(0).values for k in updates[0][0]}
+    clients = toy_clients(fixed_diff(1.0, 1), fixed_diff(4.0, 3))
+    run = fk.Simulator(fk.FedAvg(rounds=1, aggregate=take_max), model=tiny_model, clients=clients).run(progress=False)
+    assert run.weights["weight"].item() == pytest.approx(5.0)
+
+
+def test_rule_returning_wrong_keys_is_named(tiny_model):
+    bad_rule = lambda updates: {"nope": torch.zeros(1)}  # noqa: E731
+    sim = fk.Simulator(fk.FedAvg(rounds=1, aggregate=bad_rule), model=tiny_model, clients=toy_clients(fixed_diff(1.0, 1)))
+    with pytest.raises(fk.UpdateError, match="aggregation rule.*missing: \\['weight'\\]"):
+        sim.run(progress=False)
+
+
+def test_update_with_wrong_shape_says_which_client_and_key(tiny_model):
+    def wrong(task, ctx, abort):
+        return fk.DXO("WEIGHT_DIFF", {"weight": torch.zeros(2, 2)}, {"num_samples": 1})
+    sim = fk.Simulator(fk.FedAvg(rounds=1), model=tiny_model, clients=toy_clients(fixed_diff(1.0, 1), wrong))
+    with pytest.raises(fk.UpdateError, match=r"client 'c1'.*'weight' with shape \(2, 2\).*\(1, 1\)"):
+        sim.run(progress=False)
+
+
+def test_nan_update_is_rejected_with_reason(tiny_model):
+    sim = fk.Simulator(fk.FedAvg(rounds=1), model=tiny_model, clients=toy_clients(fixed_diff(math.nan, 1)))
+    with pytest.raises(fk.UpdateError, match="non-finite.*NaN"):
+        sim.run(progress=False)
+    run = fk.Simulator(fk.FedAvg(rounds=1), model=tiny_model, clients=toy_clients(fixed_diff(math.nan, 1))).start()
+    run._done.wait(10)
+    assert run.status == "failed" and "non-finite" in run.history.events[-1]["reason"]
+    assert run.weights["weight"].item() == 1.0  # the global model is left untouched
+
+
+def test_failing_executor_is_reported_with_client_and_reason(tiny_model):
+    def boom(task, ctx, abort):
+        raise RuntimeError("disk full")
+    sim = fk.Simulator(fk.FedAvg(rounds=1), model=tiny_model, clients=toy_clients(fixed_diff(1.0, 1), boom))
+    with pytest.raises(fk.UpdateError, match="c1: RuntimeError: disk full"):
+        sim.run(progress=False)
+
+
+def test_missing_executor_names_the_task(tiny_model):
+    d = fk.Dataset(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long), 2)
+    clients = [fk.Client("lonely", ClientData(d, d), {"validate": fixed_diff(1.0, 1)})]
+    with pytest.raises(fk.UpdateError, match="no executor for task 'train'"):
+        fk.Simulator(fk.FedAvg(rounds=1), model=tiny_model, clients=clients).run(progress=False)
+
+
+def test_filters_run_on_both_sides_in_order(tiny_model):
+    seen = []
+
+    def spy(name, scale=1.0):
+        def f(dxo, ctx):
+            seen.append((name, ctx.side, ctx.direction, ctx.client))
+            return dxo.with_data({k: v * scale for k, v in dxo.data.items()})
+        return f
+
+    d = fk.Dataset(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long), 2)
+    client = fk.Client("c0", ClientData(d, d), {"train": fixed_diff(1.0, 1)},
+                       task_data_filters=[spy("client-in")], result_filters=[spy("client-out", 2.0)])
+    sim = fk.Simulator(fk.FedAvg(rounds=1), model=tiny_model, clients=[client],
+                       server_filters=[spy("server-out")], server_result_filters=[spy("server-in", 3.0)])
+    run = sim.run(progress=False)
+    assert seen == [("server-out", "server", "task", "c0"), ("client-in", "client", "task", "c0"),
+                    ("client-out", "client", "result", "c0"), ("server-in", "server", "result", "c0")]
+    assert run.weights["weight"].item() == pytest.approx(1.0 + 1.0 * 2 * 3)
+
+
+def test_client_state_survives_rounds_but_not_runs(tiny_model):
+    counts = []
+
+    def counting(task, ctx, abort):
+        ctx.state["n"] = ctx.state.get("n", 0) + 1
+        counts.append(ctx.state["n"])
+        return fixed_diff(0.0, 1)(task, ctx, abort)
+
+    sim = fk.Simulator(fk.FedAvg(rounds=3), model=tiny_model, clients=toy_clients(counting))
+    sim.run(progress=False)
+    sim.run(progress=False)
+    assert counts == [1, 2, 3, 1, 2, 3]
+
+
+def test_history_records_every_client_with_costs(digits):
+    run = fedavg_digits(digits, rounds=2).run(progress=False)
+    df = run.history.client_dataframe()
+    assert len(df) == 16 and set(df["client"]) == {f"site-{i}" for i in range(1, 9)}
+    model_bytes = fk.weights.nbytes(run.weights)
+    assert (df["bytes_down"] == model_bytes).all() and (df["bytes_up"] == model_bytes).all()
+    assert (df["samples"] > 0).all() and (df["steps"] == (df["samples"] / 16).apply(math.ceil)).all()
+    assert {"train_loss", "val_accuracy", "seconds"} <= set(df.columns)
+    rounds = run.history.to_dataframe()
+    assert list(rounds["bytes_down"]) == [8 * model_bytes] * 2
+    assert {"accuracy", "loss"} <= set(rounds.columns)
+
+
+def test_clients_per_round_samples_deterministically(digits):
+    a = fedavg_digits(digits, rounds=3, clients_per_round=3).run(progress=False)
+    b = fedavg_digits(digits, rounds=3, clients_per_round=3).run(progress=False)
+    picked = [sorted(r.clients) for r in a.history]
+    assert all(len(p) == 3 for p in picked)
+    assert picked == [sorted(r.clients) for r in b.history]
+    assert len({tuple(p) for p in picked}) > 1  # not the same three every round
+
+
+def slow_executor(delay=0.02):
+    def execute(task, ctx, abort):
+        for _ in range(200):
+            abort.check()
+            time.sleep(delay)
+        return fixed_diff(1.0, 1)(task, ctx, abort)
+    return execute
+
+
+def test_start_returns_at_once_and_abort_stops_cleanly(tiny_model):
+    before = threading.active_count()
+    run = fk.Simulator(fk.FedAvg(rounds=50), model=tiny_model, clients=toy_clients(slow_executor())).start()
+    assert run.status == "running"
+    time.sleep(0.1)
+    run.abort("stop button")
+    run.wait(timeout=10)
+    assert run.status == "aborted" and run.done
+    assert run.history.events[-1]["reason"] == "stop button"
+    assert run.weights["weight"].item() == 1.0  # no half-finished round leaked into the global model
+    time.sleep(0.05)
+    assert threading.active_count() == before
+
+
+def test_background_run_equals_blocking_run(digits):
+    a = fedavg_digits(digits, rounds=2).start().wait(timeout=60)
+    b = fedavg_digits(digits, rounds=2).run(progress=False)
+    assert a.status == "done" and a.model_sha256 == b.model_sha256
+
+
+def test_history_is_live_while_running(tiny_model):
+    def slowish(task, ctx, abort):
+        time.sleep(0.05)
+        return fixed_diff(1.0, 1)(task, ctx, abort)
+    run = fk.Simulator(fk.FedAvg(rounds=40), model=tiny_model, clients=toy_clients(slowish)).start()
+    deadline = time.time() + 10
+    while len(run.history) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    assert 2 <= len(run.history) < 40
+    run.abort()
+    run.wait(10)
+
+
+def test_keyboard_interrupt_stops_as_aborted(tiny_model):
+    def interrupted(task, ctx, abort):
+        if task.round == 1:
+            raise KeyboardInterrupt
+        return fixed_diff(1.0, 1)(task, ctx, abort)
+    run = fk.Simulator(fk.FedAvg(rounds=5), model=tiny_model, clients=toy_clients(interrupted)).run(progress=False)
+    assert run.status == "aborted" and len(run.history) == 1
+    assert run.weights["weight"].item() == 2.0
+
+
+def test_finished_runs_are_released(tiny_model):
+    """Re-running a cell must not pile up runs, threads or models: nothing global holds them."""
+    sim = fk.Simulator(fk.FedAvg(rounds=2), model=tiny_model, clients=toy_clients(fixed_diff(1.0, 1)))
+    refs = []
+    for _ in range(3):
+        run = sim.start().wait(10)
+        refs.append(weakref.ref(run))
+        del run
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert not [t for t in threading.enumerate() if t.name == "fedkit-run"]
+
+
+def test_run_dir_holds_history_model_and_plot(digits, tmp_path):
+    parts = fk.data.iid(digits.train, clients=3, seed=0)
+    run = fk.Simulator(fk.FedAvg(rounds=2), model=lambda: fk.models.for_data(digits), clients=parts,
+                       test=digits.test, out=tmp_path / "r").run(progress=False)
+    for name in ("history.json", "rounds.csv", "clients.csv", "model.pt", "summary.json", "config.json", "plot.html"):
+        assert (tmp_path / "r" / name).exists(), name
+    loaded = torch.load(tmp_path / "r" / "model.pt", weights_only=True)
+    assert fk.weights.sha256(loaded) == run.model_sha256
+    assert fk.History.load(tmp_path / "r").series("accuracy") == run.history.series("accuracy")
+
+
+def test_custom_controller_with_send_and_wait(tiny_model):
+    class AskEach(fk.Controller):
+        rounds = 1
+
+        def control_flow(self, fl):
+            for name in fl.client_names:
+                reply = fl.send_and_wait(fk.Task("train", fk.DXO("WEIGHTS", fl.server.weights)), name)
+                fl.history.events.append({"client": name, "value": reply.result.data["weight"].item()})
+
+    run = fk.Simulator(AskEach(), model=tiny_model, clients=toy_clients(fixed_diff(1.0, 1), fixed_diff(2.0, 1))).run(progress=False)
+    assert [e["value"] for e in run.history.events] == [1.0, 2.0]
+
+
+def test_executor_object_and_model_instance_are_accepted(digits):
+    class Stats(fk.Executor):
+        def execute(self, task, ctx, abort):
+            return fk.DXO(fk.DataKind.STATISTICS, {"mean": ctx.data.train.x.mean(0)}, {"count": len(ctx.data.train)})
+
+    class Gather(fk.Controller):
+        rounds = 1
+
+        def control_flow(self, fl):
+            replies = fl.broadcast_and_wait(fk.Task("stats", fk.DXO("WEIGHTS", {})))
+            fl.history.events.append({"counts": sorted(r.result.meta["count"] for r in replies.values())})
+
+    parts = fk.data.iid(digits.train, clients=2, seed=0)
+    clients = [fk.Client(f"s{i}", ClientData(p, p), {"stats": Stats()}) for i, p in enumerate(parts)]
+    run = fk.Simulator(Gather(), model=fk.models.MLP(64, 10), clients=clients).run(progress=False)
+    assert run.history.events[0]["counts"] == [718, 719]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(workflow="fedavg"), "workflow must be a Controller"),
+    (dict(val_fraction=1.5), "val_fraction"),
+    (dict(clients=[]), "at least one client"),
+    (dict(device="tpu9"), "unknown device"),
+    (dict(model=42), "model must be"),
+])
+def test_bad_simulator_input_is_explained(digits, kwargs, match):
+    args = dict(workflow=fk.FedAvg(rounds=1), model=lambda: fk.models.for_data(digits),
+                clients=fk.data.iid(digits.train, 2), test=digits.test)
+    args.update(kwargs)
+    with pytest.raises(fk.ConfigError, match=match):
+        fk.Simulator(**args)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(rounds=0), "rounds must be an integer >= 1"),
+    (dict(rounds=2.5), "rounds"),
+    (dict(clients_per_round=0), "clients_per_round"),
+])
+def test_bad_fedavg_settings(kwargs, match):
+    with pytest.raises(fk.ConfigError, match=match):
+        fk.FedAvg(**kwargs)
