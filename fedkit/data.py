@@ -12,6 +12,7 @@ Partitioners are deterministic by seed and return a `Partition`: one index array
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -96,6 +97,10 @@ def load(name: str = "digits", *, root: str | Path = "data", download: bool = Fa
         _no_options(key, options)
         return _digits()
     if key == "synthetic":
+        allowed = [p for p in inspect.signature(synthetic).parameters]
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise ConfigError(f"dataset 'synthetic' takes the options {', '.join(allowed)}; got unknown: {', '.join(unknown)}")
         return synthetic(**options)
     if key in ("mnist", "cifar10"):
         _no_options(key, options)
@@ -129,7 +134,7 @@ def synthetic(samples: int = 2000, features: int = 20, classes: int = 4, seed: i
               separation: float = 2.0) -> Data:
     """Gaussian blobs, one per class, in ``features`` dimensions; 20% of samples are the test set."""
     for what, value, low in (("samples", samples, 10), ("features", features, 1), ("classes", classes, 2)):
-        if int(value) != value or value < low:
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
             raise ConfigError(f"synthetic data: {what} must be an integer >= {low}, got {value!r}")
     rng = np.random.default_rng(seed)
     centers = rng.normal(0.0, separation / np.sqrt(features), size=(classes, features)) * np.sqrt(features)

@@ -81,6 +81,6 @@ class History:
 
 def _plain(v: Any) -> Any:
     """JSON for numpy and torch scalars."""
-    if hasattr(v, "item"):
-        return v.item()
+    if hasattr(v, "tolist"):  # numpy arrays and scalars, torch tensors
+        return v.tolist()
     return str(v)

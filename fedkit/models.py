@@ -49,13 +49,16 @@ class MLP(nn.Module):
 class SmallCNN(nn.Module):
     """Two 3x3 conv layers and a linear head for small single-channel images (digits 8x8, MNIST 28x28)."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, side: int = 8, width: int = 16) -> None:
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, side: int | tuple[int, int] = 8,
+                 width: int = 16) -> None:
         super().__init__()
+        h, w = (side, side) if isinstance(side, int) else side
+        if h < 4 or w < 4:
+            raise ConfigError(f"SmallCNN needs images of at least 4x4 pixels, got {h}x{w}")
         self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1)
         self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
         self.pool = nn.MaxPool2d(2)
-        pooled = side // 4
-        self.fc = nn.Linear(2 * width * pooled * pooled, num_classes)
+        self.fc = nn.Linear(2 * width * (h // 4) * (w // 4), num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(F.relu(self.conv1(x)))
@@ -76,7 +79,7 @@ def for_data(data: Data, kind: str = "auto") -> nn.Module:
     if kind == "cnn":
         if len(shape) != 3:
             raise ConfigError(f"model 'cnn' needs image data (C,H,W); {data.name!r} has shape {shape}")
-        return SmallCNN(shape[0], data.num_classes, side=shape[1])
+        return SmallCNN(shape[0], data.num_classes, side=(shape[1], shape[2]))
     if kind == "simple":
         if shape != (3, 32, 32):
             raise ConfigError(f"model 'simple' (SimpleNetwork) needs 3x32x32 images such as cifar10; "

@@ -1,0 +1,111 @@
+"""Plotly figures: the data in their traces, not their look."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+import torch
+
+import fedkit as fk
+from fedkit import plots
+from fedkit.data import Dataset
+from fedkit.history import History, RoundRecord
+
+
+def make_history(acc, clients=None) -> History:
+    h = History()
+    for i, a in enumerate(acc):
+        h.append(RoundRecord(i, 1.0, {"accuracy": a, "loss": 1 - a}, (clients or {}).get(i, {})))
+    return h
+
+
+def test_curves_single_history():
+    h = make_history([0.25, 0.5, 0.75])
+    fig = plots.curves(h)
+    assert isinstance(fig, go.Figure) and len(fig.data) == 1
+    tr = fig.data[0]
+    assert list(tr.x) == [1, 2, 3]  # rounds 0, 1, 2 plotted 1-based
+    assert list(tr.y) == h.series("accuracy")
+    assert tr.name == "run"
+    assert fig.layout.yaxis.title.text == "accuracy"
+    assert "accuracy" in fig.layout.title.text
+
+
+def test_curves_dict_of_histories_and_other_metric():
+    runs = {"iid": make_history([0.5, 0.6]), "alpha=0.1": make_history([0.1, 0.2, 0.3, 0.4])}
+    fig = plots.curves(runs, metric="loss", title="compare")
+    assert len(fig.data) == 2
+    assert [t.name for t in fig.data] == ["iid", "alpha=0.1"]
+    assert list(fig.data[0].x) == [1, 2] and list(fig.data[1].x) == [1, 2, 3, 4]
+    np.testing.assert_allclose(fig.data[1].y, [0.9, 0.8, 0.7, 0.6])
+    assert list(fig.data[0].y) == runs["iid"].series("loss")
+    assert fig.layout.title.text == "compare"
+
+
+def test_curves_missing_metric_is_nan():
+    fig = plots.curves(make_history([0.5, 0.6]), metric="f1")
+    assert len(fig.data[0].y) == 2 and all(math.isnan(v) for v in fig.data[0].y)
+
+
+def test_curves_of_a_real_run():
+    data = fk.data.synthetic(samples=200, features=4, classes=2, seed=0)
+    parts = fk.data.iid(data.train, clients=2, seed=0)
+    run = fk.Simulator(fk.FedAvg(rounds=2), model=lambda: fk.models.for_data(data), clients=parts,
+                       test=data.test).run(progress=False)
+    fig = plots.curves({"fedavg": run, "same history": run.history})
+    assert len(fig.data) == 2
+    assert list(fig.data[0].x) == [1, 2]
+    assert list(fig.data[0].y) == run.history.series("accuracy") == list(fig.data[1].y)
+    assert all(0.0 <= v <= 1.0 for v in fig.data[0].y)
+
+
+def test_client_curves():
+    clients = {0: {"site-1": {"train_loss": 2.0}, "site-2": {"train_loss": 3.0}},
+               1: {"site-1": {"train_loss": 1.0}, "site-2": {"train_loss": 1.5}},
+               2: {"site-2": {"train_loss": 0.5}}}
+    fig = plots.client_curves(make_history([0.1, 0.2, 0.3], clients))
+    assert [t.name for t in fig.data] == ["site-1", "site-2"]
+    assert list(fig.data[0].x) == [1, 2] and list(fig.data[0].y) == [2.0, 1.0]
+    assert list(fig.data[1].x) == [1, 2, 3] and list(fig.data[1].y) == [3.0, 1.5, 0.5]
+    assert fig.layout.yaxis.title.text == "train_loss"
+
+
+def test_client_curves_unknown_metric_is_empty():
+    clients = {0: {"site-1": {"train_loss": 2.0}}}
+    fig = plots.client_curves(make_history([0.1], clients), metric="val_accuracy")
+    assert isinstance(fig, go.Figure) and len(fig.data) == 0
+    assert len(plots.client_curves(History()).data) == 0
+
+
+@pytest.fixture
+def parts():
+    y = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 0, 1, 2])
+    ds = Dataset(torch.zeros(12, 2), y, 3, "toy")
+    return fk.data.shards(ds, clients=3, shards_per_client=1, seed=0)
+
+
+def test_partition_stacked_bars(parts):
+    fig = plots.partition(parts)
+    counts = parts.counts()
+    assert fig.layout.barmode == "stack"
+    assert len(fig.data) == 3  # one trace per class
+    assert [t.name for t in fig.data] == ["class 0", "class 1", "class 2"]
+    for k, t in enumerate(fig.data):
+        assert isinstance(t, go.Bar)
+        assert list(t.x) == ["site-1", "site-2", "site-3"]
+        assert list(t.y) == counts[:, k].tolist()
+    stacked = np.sum([np.asarray(t.y) for t in fig.data], axis=0)
+    assert stacked.tolist() == [len(i) for i in parts.indices] == counts.sum(axis=1).tolist()
+    assert stacked.sum() == 12
+    assert parts.scheme in fig.layout.title.text
+
+
+def test_partition_on_synthetic_dirichlet():
+    data = fk.data.synthetic(samples=500, features=3, classes=5, seed=1)
+    p = fk.data.dirichlet(data.train, clients=4, alpha=0.2, seed=0)
+    fig = plots.partition(p, title="skew")
+    assert len(fig.data) == 5 and fig.layout.title.text == "skew"
+    assert np.sum([np.asarray(t.y) for t in fig.data], axis=0).tolist() == p.counts().sum(axis=1).tolist()
