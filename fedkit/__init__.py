@@ -12,7 +12,9 @@
 from . import aggregate, data, models, plots, weights
 from .client import Client
 from .data import ClientData, Dataset, Partition
-from .errors import ConfigError, UpdateError
+from .checkpoint import CheckpointError
+from .errors import ConfigError, RoundFailed, UpdateError
+from .faults import Faults
 from .exchange import DXO, Aborted, ClientContext, DataKind, Executor, FilterContext, MetaKey, Signal, Task, Weights
 from .history import History, RoundRecord
 from .server import Controller, Reply, Server, ServerContext
@@ -24,7 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "aggregate", "data", "models", "plots", "weights",
-    "Client", "ClientData", "Dataset", "Partition", "ConfigError", "UpdateError",
+    "Client", "ClientData", "Dataset", "Partition", "CheckpointError", "ConfigError", "RoundFailed", "UpdateError", "Faults",
     "DXO", "Aborted", "ClientContext", "DataKind", "Executor", "FilterContext", "MetaKey", "Signal", "Task", "Weights",
     "History", "RoundRecord", "Controller", "Reply", "Server", "ServerContext", "Run", "Simulator",
     "Evaluator", "TrainConfig", "Trainer", "evaluate", "FedAvg",

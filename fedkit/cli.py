@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Sequence
 
 from . import aggregate, data as fkdata, models
+from .checkpoint import CheckpointError
 from .errors import ConfigError
+from .faults import Faults
 from .simulator import Simulator
 from .train import TrainConfig
 from .workflows import FedAvg
@@ -67,10 +69,21 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=_positive_float, default=TrainConfig.lr)
     t.add_argument("--momentum", type=float, default=TrainConfig.momentum)
     t.add_argument("--batch-size", type=_positive_int, default=TrainConfig.batch_size)
+    ft = r.add_argument_group("faults and fault tolerance")
+    ft.add_argument("--min-clients", type=_positive_int, default=None, help="valid results a round needs (default: all sampled)")
+    ft.add_argument("--max-retries", type=int, default=2, help="retries of a round short of --min-clients")
+    ft.add_argument("--task-timeout", type=_positive_float, default=None, help="seconds a client may take per round")
+    ft.add_argument("--dropout", type=float, default=0.0, help="probability a client drops out of a round")
+    ft.add_argument("--crash", type=float, default=0.0, help="probability a client's training raises")
+    ft.add_argument("--straggle", type=float, default=0.0, help="probability a client answers after --task-timeout")
+    ft.add_argument("--corrupt", type=float, default=0.0, help="probability a client sends a corrupt update")
+    ft.add_argument("--fault-seed", type=int, default=0)
     o = r.add_argument_group("run")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     o.add_argument("--out", default=None, help="run directory (default: runs/<dataset>-<partition>-<time>)")
+    o.add_argument("--resume", metavar="DIR", default=None,
+                   help="continue the interrupted run in DIR with the settings it was started with")
     o.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     o.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
@@ -88,38 +101,78 @@ def build(args: argparse.Namespace) -> Simulator:
     else:
         parts = fkdata.quantity_skew(data.train, args.clients, alpha=args.alpha, seed=args.seed)
     models.for_data(data, args.model)  # fail now, not in the middle of the run, if model and data disagree
-    workflow = FedAvg(rounds=args.rounds, clients_per_round=args.clients_per_round, weigh=WEIGHINGS[args.weigh_by])
+    if args.straggle > 0 and args.task_timeout is None:
+        raise ConfigError("--straggle needs --task-timeout SECONDS: a straggler is a client that answers after the deadline")
+    faults = Faults(dropout=args.dropout, crash=args.crash, straggle=args.straggle, corrupt=args.corrupt, seed=args.fault_seed)
+    workflow = FedAvg(rounds=args.rounds, clients_per_round=args.clients_per_round, weigh=WEIGHINGS[args.weigh_by],
+                      min_clients=args.min_clients, max_retries=args.max_retries, task_timeout=args.task_timeout)
     train = TrainConfig(epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum)
-    out = args.out or f"runs/{args.dataset}-{args.partition}-{time.strftime('%Y%m%d-%H%M%S')}"
     return Simulator(workflow, model=lambda: models.for_data(data, args.model), clients=parts, test=data.test,
-                     train=train, seed=args.seed, device=args.device, out=Path(out))
+                     train=train, seed=args.seed, device=args.device, out=Path(args.out),
+                     faults=faults if faults.any else None)
+
+
+RESUME_MAY_CHANGE = {"resume", "json", "no_progress", "device", "out", "command"}
+
+
+def resumed_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """The arguments a run in ``args.resume`` was started with, plus this call's output options."""
+    run_dir = Path(args.resume)
+    saved = run_dir / "cli.json"
+    if not saved.exists():
+        raise ConfigError(f"{run_dir} has no cli.json: it is not a run directory written by `fedkit run`")
+    defaults = vars(p.parse_args(["run"]))
+    changed = [k for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE and v != defaults.get(k)]
+    if changed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+        raise ConfigError(f"--resume continues {run_dir} with the settings it was started with; drop {flags}")
+    try:
+        stored = json.loads(saved.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{saved} is not valid JSON ({e}); it cannot be resumed") from None
+    return argparse.Namespace(**{**defaults, **stored, "resume": str(run_dir), "out": str(run_dir), "json": args.json,
+                                 "no_progress": args.no_progress, "device": args.device})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
     try:
+        if args.resume:
+            args = resumed_args(p, args)
+        else:
+            args.out = args.out or f"runs/{args.dataset}-{args.partition}-{time.strftime('%Y%m%d-%H%M%S')}"
         sim = build(args)
+        if not args.resume:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            saved = {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE - {"device"}}
+            (Path(args.out) / "cli.json").write_text(json.dumps(saved, indent=1))
     except ConfigError as e:
         p.error(str(e))  # exits with code 2
-    run = None
+    progress = not args.no_progress
     try:
-        run = sim.run(progress=not args.no_progress)
-    except ConfigError as e:
-        p.error(str(e))
+        run = sim.resume(args.out, progress=progress) if args.resume else sim.run(progress=progress)
+    except (ConfigError, CheckpointError) as e:
+        print(f"fedkit: {e}", file=sys.stderr)
+        return 2
     except Exception as e:
         print(f"fedkit: the run failed: {type(e).__name__}: {e}", file=sys.stderr)
         if args.json:
-            print(json.dumps({"status": "failed", "error": f"{type(e).__name__}: {e}", "run_dir": str(sim.out)}))
+            print(json.dumps({"status": "failed", "error": f"{type(e).__name__}: {e}", "run_dir": str(args.out)}))
         return 1
     summary = run.summary()
     if args.json:
         print(json.dumps(summary))
     else:
         print(f"{summary['status']}: {summary['rounds']} rounds in {summary['seconds']:.1f}s, "
-              f"accuracy {summary['final_accuracy']:.4f}, loss {summary['final_loss']:.4f}")
+              f"accuracy {summary['final_accuracy']:.4f}, loss {summary['final_loss']:.4f}, "
+              f"{summary['failures']} client failure(s)")
         print(f"run directory: {summary['run_dir']} (plot.html, history.json, rounds.csv, clients.csv, model.pt)")
-    return 0 if run.status == "done" else 130
+    if run.status == "aborted":
+        print(f"fedkit: interrupted after {summary['rounds']} round(s); continue with: fedkit run --resume {args.out}",
+              file=sys.stderr)
+        return 130
+    return 0
 
 
 if __name__ == "__main__":

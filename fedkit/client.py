@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from .data import ClientData
-from .exchange import (DXO, Aborted, ClientContext, ExecutorLike, Filter, FilterContext, Signal, Task,
-                       apply_filters, run_executor)
+from .exchange import (DXO, Aborted, ClientContext, DeadlineExceeded, ExecutorLike, Filter, FilterContext, Signal,
+                       Task, apply_filters, run_executor)
+from .faults import Faults
 
 if TYPE_CHECKING:
     from .server import Server
@@ -39,13 +40,18 @@ class Client:
     result_filters: list[Filter] = field(default_factory=list)
     seed: int = 0
     state: dict[str, Any] = field(default_factory=dict)
+    faults: Faults | None = None
 
-    def fresh(self, seed: int) -> "Client":
+    def fresh(self, seed: int, faults: Faults | None = None) -> "Client":
         """A copy with empty state, for a new run."""
-        return replace(self, seed=seed, state={})
+        return replace(self, seed=seed, state={}, faults=faults if faults is not None else self.faults)
 
     def handle(self, task: Task, device: torch.device, abort: Signal) -> DXO:
-        """Filter the task's data, run the executor for ``task.name``, filter the result."""
+        """Filter the task's data, run the executor for ``task.name``, filter the result.
+
+        The executor runs with torch's global RNG seeded from (run seed, client, round) and restored
+        afterwards, so models with dropout repeat exactly, also after a resume.
+        """
         executor = self.executors.get(task.name)
         if executor is None:
             raise LookupError(f"client {self.name!r} has no executor for task {task.name!r}; "
@@ -53,17 +59,35 @@ class Client:
         task = replace(task, data=apply_filters(self.task_data_filters, task.data,
                                                 FilterContext("client", "task", self.name, task)))
         ctx = ClientContext(self.name, self.data, self.state, device, derive_seed(self.seed, task.round))
-        result = run_executor(executor, task, ctx, abort)
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(ctx.seed)
+            result = run_executor(executor, task, ctx, abort)
         return apply_filters(self.result_filters, result, FilterContext("client", "result", self.name, task))
 
     def work(self, server: "Server", device: torch.device, abort: Signal) -> None:
-        """Pull tasks until the server has none for this client; answer each, or report its failure."""
+        """Pull tasks until the server has none for this client; answer each, or report its failure.
+
+        With ``faults`` set (for teaching and testing) this client may drop out, crash, straggle or
+        corrupt its result, as drawn for each task's round and attempt.
+        """
+        faults = self.faults
         while (task := server.pull(self.name)) is not None:
+            fault = faults.draw(task.round, self.name, task.attempt) if faults is not None else None
+            if fault == "dropout":
+                continue  # took the task and vanished: the server hears nothing
             try:
-                result = self.handle(task, device, abort)
+                if fault == "crash":
+                    raise RuntimeError("injected crash (fault injection)")
+                result = self.handle(task, device, abort.child(task.deadline))
             except Aborted:
                 raise
+            except DeadlineExceeded as e:
+                server.fail(self.name, task, f"late: {e}", status="late")
+                continue
             except Exception as e:  # a failing client must not take the server down: report it
                 server.fail(self.name, task, f"{type(e).__name__}: {e}", traceback.format_exc())
                 continue
-            server.submit(self.name, task, result)
+            if fault == "corrupt":
+                result = faults.damage(result, task.round, self.name, task.attempt)
+            server.submit(self.name, task, result, delay=faults.delay if fault == "straggle" else 0.0)

@@ -7,3 +7,7 @@ class ConfigError(ValueError):
 
 class UpdateError(ValueError):
     """A client result that does not fit the global model (keys, shapes, dtype) or is not finite."""
+
+
+class RoundFailed(RuntimeError):
+    """Too few valid client results arrived for a round, even after retries; the global model is unchanged."""

@@ -9,6 +9,7 @@ its way out of or into either side (encryption, clipping, noise...).
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Callable, Mapping, Protocol, runtime_checkable
@@ -89,41 +90,67 @@ def payload_bytes(value: Any) -> int:
 
 @dataclass(frozen=True)
 class Task:
-    """A unit of work the server posts and a client pulls: ``name`` selects the client's executor."""
+    """A unit of work the server posts and a client pulls: ``name`` selects the client's executor.
+
+    ``deadline`` (seconds) is how long the client may take; ``attempt`` counts retries of a round.
+    """
 
     name: str
     data: DXO
     round: int = 0
     id: str = ""
+    deadline: float | None = None
+    attempt: int = 0
 
 
 class Aborted(Exception):
     """Raised inside a run when its abort `Signal` has been triggered."""
 
 
+class DeadlineExceeded(Exception):
+    """Raised inside an executor whose task ran past its deadline; the client's answer is dropped."""
+
+
 class Signal:
     """A thread-safe abort flag that training loops check between batches.
+
+    A child signal (`Signal.child`) also fires when its parent does, and can carry a deadline.
 
     >>> s = Signal(); s.trigger("user pressed Stop"); s.triggered
     True
     """
 
-    def __init__(self) -> None:
+    def __init__(self, parent: "Signal | None" = None, deadline: float | None = None) -> None:
         self._event = threading.Event()
         self.reason = ""
+        self.parent = parent
+        self.seconds = deadline
+        self._expires = None if deadline is None else time.perf_counter() + deadline
+
+    def child(self, deadline: float | None = None) -> "Signal":
+        """A signal for one task: triggered by this one, or when ``deadline`` seconds have passed."""
+        return Signal(self, deadline)
 
     def trigger(self, reason: str = "aborted") -> None:
         self.reason = reason
         self._event.set()
 
     @property
+    def expired(self) -> bool:
+        return self._expires is not None and time.perf_counter() > self._expires
+
+    @property
     def triggered(self) -> bool:
-        return self._event.is_set()
+        return self._event.is_set() or self.expired or (self.parent is not None and self.parent.triggered)
 
     def check(self) -> None:
-        """Raise `Aborted` if the signal was triggered; call it at safe points (batch boundaries)."""
+        """Raise `Aborted` (or `DeadlineExceeded`) if it is time to stop; call it at batch boundaries."""
+        if self.parent is not None:
+            self.parent.check()
         if self._event.is_set():
             raise Aborted(self.reason)
+        if self.expired:
+            raise DeadlineExceeded(f"ran past its {self.seconds:g} s deadline")
 
 
 @runtime_checkable
@@ -166,11 +193,16 @@ def apply_filters(filters: list[Filter] | tuple[Filter, ...], dxo: DXO, ctx: Fil
 
 @dataclass
 class ClientContext:
-    """What an executor sees of its client: name, data, persistent state, device, seed for this task."""
+    """What an executor sees of its client: name, data, persistent state, device, seed for this task.
+
+    ``state`` survives rounds and is checkpointed: keep tensors and plain values there (control
+    variates, accountant history). Keys that start with ``_`` are caches (a model instance, data
+    already on the GPU): they are never checkpointed, so an executor must be able to rebuild them.
+    """
 
     client: str
     data: Any  # the client's `ClientData` (train and validation splits)
-    state: dict[str, Any]  # survives rounds: models, optimizers, DP accountants, control variates
+    state: dict[str, Any]
     device: torch.device
     seed: int  # derived from (run seed, round, client): the same run gives the same numbers
 

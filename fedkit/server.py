@@ -38,10 +38,15 @@ class Reply:
     seconds: float = 0.0
     bytes_down: int = 0  # task data as sent, after the server's task-data filters
     bytes_up: int = 0  # result as sent, after the client's result filters
+    status: str = "pending"  # ok, failed (raised), dropped (no answer), late (past the deadline), rejected (screened out)
 
     @property
     def ok(self) -> bool:
         return self.result is not None
+
+    def reject(self, status: str, reason: str) -> None:
+        """Discard this reply's result, recording why."""
+        self.result, self.status, self.error = None, status, reason
 
 
 class Server:
@@ -50,6 +55,7 @@ class Server:
     def __init__(self, weights: Weights, task_data_filters: Sequence[Filter] = (),
                  result_filters: Sequence[Filter] = ()) -> None:
         self.weights = weights
+        self.state: dict = {}  # what the workflow keeps across rounds (e.g. server-optimizer moments); checkpointed
         self.task_data_filters = list(task_data_filters)
         self.result_filters = list(result_filters)
         self._queues: dict[str, deque[Task]] = {}
@@ -75,21 +81,29 @@ class Server:
                 return None
             task = queue.popleft()
         data = apply_filters(self.task_data_filters, task.data, FilterContext("server", "task", client, task))
-        self._started[(task.id, client)] = time.perf_counter()
-        sent = replace(task, data=data)
-        self._replies[task.id][client] = Reply(client, task, bytes_down=data.nbytes)
-        return sent
+        with self._lock:
+            self._replies[task.id][client] = Reply(client, task, bytes_down=data.nbytes)
+            self._started[(task.id, client)] = time.perf_counter()
+        return replace(task, data=data)
 
-    def submit(self, client: str, task: Task, result: DXO) -> None:
-        """Accept ``client``'s result for ``task`` through the server's result filters."""
+    def submit(self, client: str, task: Task, result: DXO, delay: float = 0.0) -> None:
+        """Accept ``client``'s result for ``task`` through the server's result filters.
+
+        ``delay`` adds simulated seconds to the reply's time (fault injection's stragglers).
+        """
         reply = self._reply(client, task)
+        reply.seconds += delay
         reply.bytes_up = result.nbytes
+        if task.deadline is not None and reply.seconds > task.deadline:
+            reply.reject("late", f"late: answered after {reply.seconds:.3g} s, the deadline is {task.deadline:g} s")
+            return
         reply.result = apply_filters(self.result_filters, result, FilterContext("server", "result", client, task))
+        reply.status = "ok"
 
-    def fail(self, client: str, task: Task, error: str, detail: str = "") -> None:
+    def fail(self, client: str, task: Task, error: str, detail: str = "", status: str = "failed") -> None:
         """Record that ``client`` could not complete ``task``."""
         reply = self._reply(client, task)
-        reply.error, reply.detail = error, detail
+        reply.error, reply.detail, reply.status = error, detail, status
 
     def _reply(self, client: str, task: Task) -> Reply:
         replies = self._replies.get(task.id)
@@ -100,9 +114,17 @@ class Server:
         return reply
 
     def collect(self, task: Task) -> dict[str, Reply]:
-        """The replies to ``task`` (one per client that pulled it), removing them from the board."""
+        """The replies to ``task`` (one per client that pulled it), removing them from the board.
+
+        A client that pulled the task and never answered is marked ``dropped``.
+        """
         with self._lock:
-            return self._replies.pop(task.id, {})
+            replies = self._replies.pop(task.id, {})
+        for reply in replies.values():
+            if reply.status == "pending":
+                reply.status, reply.error = "dropped", "no answer: the client dropped out"
+                self._started.pop((task.id, reply.client), None)
+        return replies
 
 
 Engine = Callable[[Sequence["Client"], Server, torch.device, Signal], None]
@@ -153,6 +175,13 @@ class ServerContext:
         rng = np.random.default_rng([self.seed, round, 1])
         return [names[i] for i in sorted(rng.choice(len(names), size=k, replace=False))]
 
+    def record_failures(self, replies: dict[str, Reply]) -> None:
+        """Add every reply that is not ok to the history's events, with its reason."""
+        for name, r in replies.items():
+            if not r.ok:
+                self.history.events.append({"round": r.task.round, "attempt": r.task.attempt, "client": name,
+                                            "what": r.status, "reason": r.error})
+
     def end_round(self, round: int, replies: dict[str, Reply], started: float, **metrics: float) -> "RoundRecord":
         """Evaluate the global model, record the round in the history, and tell the listeners."""
         from .history import RoundRecord
@@ -161,7 +190,8 @@ class ServerContext:
             metrics = {**self.evaluate(self.server.weights), **metrics}
         clients = {}
         for name, r in replies.items():
-            row = {"samples": 0, "steps": 0, "seconds": r.seconds, "bytes_down": r.bytes_down, "bytes_up": r.bytes_up}
+            row = {"status": r.status, "samples": 0, "steps": 0, "seconds": r.seconds, "bytes_down": r.bytes_down,
+                   "bytes_up": r.bytes_up}
             if r.ok:
                 row.update(samples=r.result.meta.get(MetaKey.NUM_SAMPLES, 0),
                            steps=r.result.meta.get(MetaKey.NUM_STEPS, 0),
@@ -169,6 +199,8 @@ class ServerContext:
             else:
                 row["error"] = r.error
             clients[name] = row
+        metrics.setdefault("clients_ok", sum(r.ok for r in replies.values()))
+        metrics.setdefault("clients_failed", sum(not r.ok for r in replies.values()))
         metrics.setdefault("bytes_down", sum(r.bytes_down for r in replies.values()))
         metrics.setdefault("bytes_up", sum(r.bytes_up for r in replies.values()))
         record = RoundRecord(round=round, seconds=time.perf_counter() - started, metrics=metrics, clients=clients)

@@ -15,6 +15,10 @@ with live ``history``, ``status``, ``abort()`` and ``wait()``.
 from __future__ import annotations
 
 import copy
+from collections import Counter
+import dataclasses
+import functools
+import hashlib
 import json
 import threading
 import time
@@ -25,12 +29,15 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from . import checkpoint
 from . import weights as W
+from .checkpoint import CheckpointError
 from .client import Client, derive_seed
 from .data import ClientData, Dataset
 from .engine import sequential
 from .errors import ConfigError
 from .exchange import Aborted, Filter, Signal, Weights
+from .faults import Faults
 from .history import History, RoundRecord
 from .server import Controller, Engine, Server, ServerContext
 from .train import Evaluator, ModelFn, TrainConfig, Trainer, evaluate, load_weights, resolve_device
@@ -87,6 +94,7 @@ class Run:
 
     def summary(self) -> dict[str, Any]:
         """The headline numbers, as the CLI prints them with ``--json``."""
+        failures = [e for e in self.history.events if "client" in e]
         return {
             "status": self.status,
             "final_accuracy": self.history.last("accuracy"),
@@ -95,6 +103,8 @@ class Run:
             "seconds": round(self.seconds, 3),
             "model_sha256": self.model_sha256,
             "run_dir": str(self.run_dir) if self.run_dir else None,
+            "failures": len(failures),
+            "failures_by_kind": dict(Counter(e["what"] for e in failures)),
             "error": f"{type(self.error).__name__}: {self.error}" if self.error else None,
         }
 
@@ -135,8 +145,8 @@ class Simulator:
                  test: Dataset | None = None, train: TrainConfig = TrainConfig(), *, seed: int = 0,
                  device: str | torch.device = "auto", out: str | Path | None = None, val_fraction: float = 0.1,
                  engine: Engine = sequential, server_filters: Sequence[Filter] = (),
-                 server_result_filters: Sequence[Filter] = (),
-                 on_round: Sequence[Callable[[RoundRecord], None]] = ()) -> None:
+                 server_result_filters: Sequence[Filter] = (), faults: Faults | None = None,
+                 checkpoint_every: int = 1, on_round: Sequence[Callable[[RoundRecord], None]] = ()) -> None:
         if not isinstance(workflow, Controller):
             raise ConfigError(f"workflow must be a Controller such as fk.FedAvg(...), got {type(workflow).__name__}")
         if not isinstance(train, TrainConfig):
@@ -145,6 +155,10 @@ class Simulator:
             raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if len(clients) == 0:
             raise ConfigError("a federation needs at least one client; clients is empty")
+        if faults is not None and not isinstance(faults, Faults):
+            raise ConfigError(f"faults must be a fk.Faults(...), got {type(faults).__name__}")
+        if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise ConfigError(f"checkpoint_every must be an integer >= 1 (rounds), got {checkpoint_every!r}")
         self.workflow = workflow
         self.model_fn = _as_model_fn(model)
         self.test = test
@@ -156,6 +170,8 @@ class Simulator:
         self.engine = engine
         self.server_filters = list(server_filters)
         self.server_result_filters = list(server_result_filters)
+        self.faults = faults
+        self.checkpoint_every = checkpoint_every
         self.on_round = list(on_round)
         self.clients = [self._client(i, c) for i, c in enumerate(clients)]
         names = [c.name for c in self.clients]
@@ -177,10 +193,15 @@ class Simulator:
                                             "validate": Evaluator(self.model_fn)})
 
     def describe(self) -> dict[str, Any]:
-        """The settings of this simulator, as saved in ``config.json``."""
-        return {"workflow": repr(self.workflow), "train": repr(self.train), "seed": self.seed,
-                "device": str(self.device), "clients": [c.name for c in self.clients],
-                "val_fraction": self.val_fraction}
+        """The settings of this simulator, as saved in ``config.json`` (the same in every process)."""
+        return {"workflow": _describe(self.workflow), "train": _describe(self.train), "seed": self.seed,
+                "clients": {c.name: [_data_digest(c.data.train), _data_digest(c.data.val)] for c in self.clients},
+                "val_fraction": self.val_fraction, "faults": _describe(self.faults)}
+
+    def fingerprint(self) -> str:
+        """A hash of the settings and initial weights: a checkpoint resumes only under the same fingerprint."""
+        blob = json.dumps(self.describe(), sort_keys=True, default=str) + W.sha256(self.initial_weights())
+        return hashlib.sha256(blob.encode()).hexdigest()
 
     def initial_weights(self) -> Weights:
         """The global model's starting weights: built from ``model`` under the run's seed."""
@@ -191,18 +212,10 @@ class Simulator:
     def run(self, progress: bool = True) -> Run:
         """Run the workflow to the end in this thread and return the finished `Run`.
 
-        Interrupting the kernel (Ctrl-C) stops at the next batch and returns the run as ``aborted``.
+        Interrupting the kernel (Ctrl-C) stops at the next batch and returns the run as ``aborted``;
+        with ``out`` set, its last completed round is checkpointed and `resume` continues it.
         """
-        run = Run(self)
-        bar = _progress(self.workflow, progress)
-        try:
-            self._execute(run, extra_listeners=[bar.update_record] if bar else [])
-        finally:
-            if bar:
-                bar.close()
-        if run.status == "failed" and run.error is not None:
-            raise run.error
-        return run
+        return self._blocking(Run(self), None, progress)
 
     def start(self) -> Run:
         """Start the workflow in a background thread; returns the `Run` handle at once."""
@@ -212,19 +225,68 @@ class Simulator:
         run._thread.start()
         return run
 
-    def _execute(self, run: Run, extra_listeners: Sequence[Callable] = ()) -> None:
+    def resume(self, run_dir: str | Path | None = None, progress: bool = True) -> Run:
+        """Continue the run checkpointed in ``run_dir`` (default: ``out``) to the end, in this thread.
+
+        The simulator must have the settings the run was started with (same workflow, data, model and
+        seed); otherwise `CheckpointError` says so. The resumed run ends with the same weights as a run
+        that was never interrupted. A checkpoint holds no code, so it is resumed by a simulator you
+        build again (in the notebook, or by ``fedkit run --resume DIR`` from the saved arguments).
+        """
+        run_dir = Path(run_dir or self.out or "")
+        ckpt = checkpoint.load(run_dir)
+        if ckpt.fingerprint != self.fingerprint():
+            saved = run_dir / "config.json"
+            raise CheckpointError(
+                f"the checkpoint in {run_dir} was written by a run with other settings (workflow, training, data "
+                f"split, model or seed differ; see {saved}); build the Simulator as it was, or start a new run"
+            )
+        run = Run(self)
+        run.run_dir = run_dir
+        return self._blocking(run, ckpt, progress)
+
+    def _blocking(self, run: Run, ckpt: checkpoint.Checkpoint | None, progress: bool) -> Run:
+        bar = _progress(self.workflow, progress, done=ckpt.round + 1 if ckpt else 0)
+        try:
+            self._execute(run, ckpt, extra_listeners=[bar.update_record] if bar else [])
+        finally:
+            if bar:
+                bar.close()
+        if run.status == "failed" and run.error is not None:
+            raise run.error
+        return run
+
+    def _execute(self, run: Run, ckpt: checkpoint.Checkpoint | None = None,
+                 extra_listeners: Sequence[Callable] = ()) -> None:
         t0 = time.perf_counter()
         run.status = "running"
         try:
             server = Server(self.initial_weights(), self.server_filters, self.server_result_filters)
+            clients = {c.name: c.fresh(derive_seed(self.seed, i, 1), self.faults) for i, c in enumerate(self.clients)}
+            start_round = 0
+            if ckpt is not None:
+                W.check_update(ckpt.weights, server.weights, "the checkpoint's model")
+                server.weights, server.state = ckpt.weights, ckpt.server_state
+                for name, state in ckpt.client_states.items():
+                    clients[name].state.update(state)
+                run.history = ckpt.history
+                start_round = ckpt.round + 1
             run.weights = server.weights
-            clients = {c.name: c.fresh(derive_seed(self.seed, i, 1)) for i, c in enumerate(self.clients)}
+            fingerprint = self.fingerprint() if run.run_dir is not None else ""
 
             def track(record: RoundRecord) -> None:
                 run.weights = server.weights
+                last = record.round + 1 >= getattr(self.workflow, "rounds", 0)
+                if run.run_dir is not None and ((record.round + 1) % self.checkpoint_every == 0 or last):
+                    checkpoint.save(run.run_dir, record.round, server.weights, server.state,
+                                    {n: c.state for n, c in clients.items()}, run.history, fingerprint)
 
+            if run.run_dir is not None:
+                run.run_dir.mkdir(parents=True, exist_ok=True)
+                (run.run_dir / "config.json").write_text(json.dumps(self.describe(), indent=1, default=str))
             fl = ServerContext(server, clients, self.engine, self.device, run.signal, run.history, self.seed,
-                               evaluate=self._evaluator(), on_round=[track, *self.on_round, *extra_listeners])
+                               evaluate=self._evaluator(), on_round=[track, *self.on_round, *extra_listeners],
+                               start_round=start_round)
             self.workflow.control_flow(fl)
             run.weights = server.weights
             run.status = "done"
@@ -255,13 +317,38 @@ class Simulator:
         return score
 
 
+def _data_digest(d: Dataset) -> str:
+    """Size plus a hash of the labels and a sample of the features: tells two client splits apart cheaply."""
+    flat = d.x.reshape(-1)
+    sample = flat[:: max(1, flat.numel() // 4096)]
+    h = hashlib.sha256(d.y.cpu().numpy().tobytes() + sample.cpu().numpy().tobytes()).hexdigest()
+    return f"{len(d)}:{h[:16]}"
+
+
+def _describe(obj: Any) -> Any:
+    """A JSON-able description of a config that is the same in every process (no memory addresses)."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {"type": type(obj).__name__, **{f.name: _describe(getattr(obj, f.name)) for f in dataclasses.fields(obj)}}
+    if isinstance(obj, (list, tuple)):
+        return [_describe(x) for x in obj]
+    if isinstance(obj, dict):
+        return {str(k): _describe(v) for k, v in obj.items()}
+    if isinstance(obj, functools.partial):
+        return {"partial": _describe(obj.func), "args": _describe(obj.args), "kwargs": _describe(obj.keywords)}
+    if callable(obj) and hasattr(obj, "__qualname__"):
+        return f"{getattr(obj, '__module__', '?')}.{obj.__qualname__}"
+    return type(obj).__name__
+
+
 class _Bar:
     """A tqdm progress bar over rounds that shows the latest global accuracy."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, done: int = 0) -> None:
         from tqdm.auto import tqdm
 
-        self._bar = tqdm(total=total, desc="rounds", unit="round")
+        self._bar = tqdm(total=total, initial=done, desc="rounds", unit="round")
 
     def update_record(self, record: RoundRecord) -> None:
         acc = record.metrics.get("accuracy")
@@ -273,5 +360,5 @@ class _Bar:
         self._bar.close()
 
 
-def _progress(workflow: Controller, enabled: bool) -> _Bar | None:
-    return _Bar(getattr(workflow, "rounds", None)) if enabled else None
+def _progress(workflow: Controller, enabled: bool, done: int = 0) -> _Bar | None:
+    return _Bar(getattr(workflow, "rounds", None), done) if enabled else None

@@ -18,7 +18,7 @@ from torch import nn
 from .data import Dataset
 from .errors import ConfigError
 from .exchange import DXO, ClientContext, DataKind, MetaKey, Signal, Task, Weights
-from .weights import subtract
+from .weights import check_update, subtract
 
 ModelFn = Callable[[], nn.Module]
 
@@ -85,12 +85,14 @@ def evaluate(model: nn.Module, data: Dataset, device: torch.device | None = None
 
 def local_model(ctx: ClientContext, model_fn: ModelFn) -> nn.Module:
     """The client's model instance, built once and kept in its state."""
-    if "model" not in ctx.state:
-        ctx.state["model"] = model_fn().to(ctx.device)
-    return ctx.state["model"]
+    if "_model" not in ctx.state:
+        ctx.state["_model"] = model_fn().to(ctx.device)
+    return ctx.state["_model"]
 
 
 def load_weights(model: nn.Module, weights: Weights) -> None:
+    """Copy ``weights`` into ``model``; `UpdateError` if their names or shapes do not fit it."""
+    check_update(weights, model.state_dict(), f"the weights given to {type(model).__name__}", finite=False)
     with torch.no_grad():
         for k, v in model.state_dict().items():
             v.copy_(weights[k])
@@ -151,9 +153,9 @@ class Trainer:
         load_weights(model, received)
         metrics: dict[str, float] = {}
         if self.config.validate and len(ctx.data.val):
-            val = evaluate(model, on_device(ctx, "val_on_device", ctx.data.val), ctx.device)
+            val = evaluate(model, on_device(ctx, "_val_on_device", ctx.data.val), ctx.device)
             metrics.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-        stats = sgd_epochs(model, on_device(ctx, "train_on_device", ctx.data.train), self.config, ctx.seed, abort)
+        stats = sgd_epochs(model, on_device(ctx, "_train_on_device", ctx.data.train), self.config, ctx.seed, abort)
         metrics.update(train_loss=stats["train_loss"], train_accuracy=stats["train_accuracy"])
         diff = {k: v.detach().cpu() for k, v in subtract(model.state_dict(), received).items()}
         return DXO(DataKind.WEIGHT_DIFF, diff, {MetaKey.NUM_SAMPLES: stats["samples"],
@@ -169,5 +171,5 @@ class Evaluator:
     def execute(self, task: Task, ctx: ClientContext, abort: Signal) -> DXO:
         model = local_model(ctx, self.model_fn)
         load_weights(model, {k: v.to(ctx.device) for k, v in task.data.data.items()})
-        scores = evaluate(model, on_device(ctx, "val_on_device", ctx.data.val), ctx.device)
+        scores = evaluate(model, on_device(ctx, "_val_on_device", ctx.data.val), ctx.device)
         return DXO(DataKind.METRICS, scores, {MetaKey.NUM_SAMPLES: len(ctx.data.val)})

@@ -88,13 +88,13 @@ def test_update_with_wrong_shape_says_which_client_and_key(tiny_model):
     def wrong(task, ctx, abort):
         return fk.DXO("WEIGHT_DIFF", {"weight": torch.zeros(2, 2)}, {"num_samples": 1})
     sim = fk.Simulator(fk.FedAvg(rounds=1), model=tiny_model, clients=toy_clients(fixed_diff(1.0, 1), wrong))
-    with pytest.raises(fk.UpdateError, match=r"client 'c1'.*'weight' with shape \(2, 2\).*\(1, 1\)"):
+    with pytest.raises(fk.RoundFailed, match=r"client 'c1'.*'weight' with shape \(2, 2\).*\(1, 1\)"):
         sim.run(progress=False)
 
 
 def test_nan_update_is_rejected_with_reason(tiny_model):
     sim = fk.Simulator(fk.FedAvg(rounds=1), model=tiny_model, clients=toy_clients(fixed_diff(math.nan, 1)))
-    with pytest.raises(fk.UpdateError, match="non-finite.*NaN"):
+    with pytest.raises(fk.RoundFailed, match="non-finite.*NaN"):
         sim.run(progress=False)
     run = fk.Simulator(fk.FedAvg(rounds=1), model=tiny_model, clients=toy_clients(fixed_diff(math.nan, 1))).start()
     run._done.wait(10)
@@ -106,14 +106,14 @@ def test_failing_executor_is_reported_with_client_and_reason(tiny_model):
     def boom(task, ctx, abort):
         raise RuntimeError("disk full")
     sim = fk.Simulator(fk.FedAvg(rounds=1), model=tiny_model, clients=toy_clients(fixed_diff(1.0, 1), boom))
-    with pytest.raises(fk.UpdateError, match="c1: RuntimeError: disk full"):
+    with pytest.raises(fk.RoundFailed, match="c1: RuntimeError: disk full"):
         sim.run(progress=False)
 
 
 def test_missing_executor_names_the_task(tiny_model):
     d = fk.Dataset(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long), 2)
     clients = [fk.Client("lonely", ClientData(d, d), {"validate": fixed_diff(1.0, 1)})]
-    with pytest.raises(fk.UpdateError, match="no executor for task 'train'"):
+    with pytest.raises(fk.RoundFailed, match="no executor for task 'train'"):
         fk.Simulator(fk.FedAvg(rounds=1), model=tiny_model, clients=clients).run(progress=False)
 
 

@@ -107,3 +107,10 @@ def test_fedavg_on_cuda_matches_accuracy_band(digits):
     run = fk.Simulator(fk.FedAvg(rounds=10), model=lambda: fk.models.for_data(digits), clients=parts,
                        test=digits.test, device="cuda").run(progress=False)
     assert run.history.last("accuracy") >= 0.93
+
+
+def test_weights_that_do_not_fit_the_model_are_explained():
+    from fedkit.train import load_weights
+    with pytest.raises(fk.UpdateError, match=r"given to MLP.*'fc1.weight' with shape \(64, 10\).*\(64, 64\)"):
+        load_weights(fk.models.MLP(64, 10), {"fc1.weight": torch.zeros(64, 10), "fc1.bias": torch.zeros(64),
+                                             "fc2.weight": torch.zeros(10, 64), "fc2.bias": torch.zeros(10)})

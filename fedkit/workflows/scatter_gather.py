@@ -3,19 +3,72 @@
 FedAvg (McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from Decentralized
 Data") is this loop with the weighted mean of the clients' weight differences, each client weighed
 by its number of training samples. Use it as the baseline for every other algorithm.
+
+Faults are expected: a round goes ahead with the valid results that arrived, if there are at least
+``min_clients`` of them; replies that failed, came late, or do not fit the global model are
+screened out with their reason in the history; a round that falls short is retried, and after
+``max_retries`` the run stops with `RoundFailed`, leaving the global model as the last good round made it.
 """
 
 from __future__ import annotations
 
+import functools
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 from ..aggregate import Rule, by_samples, weighted_mean
-from ..errors import ConfigError, UpdateError
-from ..exchange import DXO, DataKind, Task
-from ..server import Controller, ServerContext, require_ok
+from ..errors import ConfigError, RoundFailed, UpdateError
+from ..exchange import DXO, DataKind, Task, Weights
+from ..server import Controller, Reply, ServerContext
 from ..weights import add, check_update
+
+
+def rule_name(fn: Callable) -> str:
+    """A readable name for an aggregation rule, also for ``functools.partial`` and lambdas."""
+    if isinstance(fn, functools.partial):
+        return f"{rule_name(fn.func)}({', '.join(f'{k}={v!r}' for k, v in fn.keywords.items())})"
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+def update_norm(update: Weights) -> float:
+    """The L2 norm of all floating-point entries of an update, taken together."""
+    return float(torch.sqrt(sum((v.double() ** 2).sum() for v in update.values() if v.is_floating_point())))
+
+
+def screen(replies: dict[str, Reply], weights: Weights, max_norm_ratio: float | None) -> dict[str, DXO]:
+    """Keep the replies whose result is a finite WEIGHT_DIFF shaped like ``weights``; reject the rest in place.
+
+    With ``max_norm_ratio``, an update whose norm is more than that multiple of the median norm of
+    the round's other valid updates is rejected too (a heuristic against scaled garbage; it needs at
+    least three valid updates to say what is typical).
+    """
+    valid: dict[str, DXO] = {}
+    for name, reply in replies.items():
+        if not reply.ok:
+            continue
+        result = reply.result
+        try:
+            if result.kind != DataKind.WEIGHT_DIFF:
+                raise UpdateError(f"client {name!r} answered {result.kind.value}; expected WEIGHT_DIFF "
+                                  "(local weights minus the global weights it received)")
+            check_update(result.data, weights, f"client {name!r}")
+        except UpdateError as e:
+            reply.reject("rejected", str(e))
+            continue
+        valid[name] = result
+    if max_norm_ratio is not None and len(valid) >= 3:
+        norms = {n: update_norm(r.data) for n, r in valid.items()}
+        median = statistics.median(norms.values())
+        for name, norm in norms.items():
+            if median > 0 and norm > max_norm_ratio * median:
+                replies[name].reject("rejected", f"client {name!r} sent an update of norm {norm:.3g}, {norm / median:.0f}x "
+                                                 f"the round's median {median:.3g} (the limit is {max_norm_ratio:g}x)")
+                del valid[name]
+    return valid
 
 
 @dataclass(frozen=True)
@@ -26,39 +79,72 @@ class FedAvg(Controller):
     ``weigh`` turns a client's result into its aggregation weight (`by_samples` by default,
     `by_steps` as NVFlare offers, or `uniform`).
 
-    >>> FedAvg(rounds=5, clients_per_round=4).rounds
+    >>> FedAvg(rounds=5, clients_per_round=4, min_clients=3).rounds
     5
     """
 
     rounds: int = 10
     clients_per_round: int | None = None  # None: every client, every round
+    min_clients: int | None = None  # valid results a round needs; None: every sampled client
+    max_retries: int = 2  # a round short of min_clients is tried again this often before the run stops
+    task_timeout: float | None = None  # seconds a client may take; a later answer is dropped as 'late'
+    max_norm_ratio: float | None = 10.0  # reject updates this many times larger than the round's median
     aggregate: Rule = weighted_mean
     weigh: Callable[[DXO], float] = by_samples
     task_name: str = "train"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rounds, int) or isinstance(self.rounds, bool) or self.rounds < 1:
-            raise ConfigError(f"FedAvg.rounds must be an integer >= 1, got {self.rounds!r}")
-        k = self.clients_per_round
-        if k is not None and (not isinstance(k, int) or k < 1):
-            raise ConfigError(f"FedAvg.clients_per_round must be an integer >= 1 or None (all), got {k!r}")
+        def whole(name: str, low: int, allow_none: bool) -> None:
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                extra = " or None" if allow_none else ""
+                raise ConfigError(f"{type(self).__name__}.{name} must be an integer >= {low}{extra}, got {v!r}")
+
+        whole("rounds", 1, False)
+        whole("clients_per_round", 1, True)
+        whole("min_clients", 1, True)
+        whole("max_retries", 0, False)
+        if self.task_timeout is not None and not (isinstance(self.task_timeout, (int, float)) and self.task_timeout > 0):
+            raise ConfigError(f"{type(self).__name__}.task_timeout must be > 0 seconds or None, got {self.task_timeout!r}")
+        if self.max_norm_ratio is not None and not (isinstance(self.max_norm_ratio, (int, float)) and self.max_norm_ratio > 1):
+            raise ConfigError(f"{type(self).__name__}.max_norm_ratio must be > 1 or None (no norm screen), "
+                              f"got {self.max_norm_ratio!r}")
+        k, m = self.clients_per_round, self.min_clients
+        if k is not None and m is not None and m > k:
+            raise ConfigError(f"min_clients={m} can never be met with clients_per_round={k}; lower min_clients")
+        if not callable(self.aggregate) or not callable(self.weigh):
+            raise ConfigError("aggregate and weigh must be functions (see fedkit.aggregate)")
 
     def control_flow(self, fl: ServerContext) -> None:
+        if self.min_clients is not None and self.min_clients > len(fl.clients):
+            raise ConfigError(f"min_clients={self.min_clients} but the federation has only {len(fl.clients)} clients")
         for rnd in range(fl.start_round, self.rounds):
             started = time.perf_counter()
             targets = fl.sample_clients(self.clients_per_round, rnd)
-            task = Task(self.task_name, DXO(DataKind.WEIGHTS, fl.server.weights), round=rnd)
-            replies = fl.broadcast_and_wait(task, targets)
-            fl.server.weights = self.step(fl.server.weights, require_ok(replies, rnd))
-            fl.end_round(rnd, replies, started)
+            need = len(targets) if self.min_clients is None else min(self.min_clients, len(targets))
+            for attempt in range(self.max_retries + 1):
+                task = Task(self.task_name, DXO(DataKind.WEIGHTS, fl.server.weights), round=rnd,
+                            deadline=self.task_timeout, attempt=attempt)
+                replies = fl.broadcast_and_wait(task, targets)
+                results = screen(replies, fl.server.weights, self.max_norm_ratio)
+                fl.record_failures(replies)
+                if len(results) >= need:
+                    break
+            else:
+                failures = "; ".join(f"{n}: {r.error}" for n, r in replies.items() if not r.ok)
+                raise RoundFailed(
+                    f"round {rnd}: only {len(results)} valid result(s) from {len(targets)} client(s) after "
+                    f"{self.max_retries + 1} attempt(s), and min_clients is {need}; the global model is left as the "
+                    "last completed round made it. Lower min_clients, raise max_retries or task_timeout, or fix the "
+                    f"failing clients. Failures in the last attempt: {failures}"
+                )
+            fl.server.weights = self.step(fl.server.weights, results)
+            fl.end_round(rnd, replies, started, attempts=attempt + 1)
 
-    def step(self, weights, results: dict[str, DXO]):
-        """One server update: check each WEIGHT_DIFF, aggregate them, add the result to ``weights``."""
-        for name, r in results.items():
-            if r.kind != DataKind.WEIGHT_DIFF:
-                raise UpdateError(f"client {name!r} answered {r.kind.value}; {type(self).__name__} expects "
-                                  "WEIGHT_DIFF (local weights minus the global weights it received)")
-            check_update(r.data, weights, f"client {name!r}")
+    def step(self, weights: Weights, results: dict[str, DXO]) -> Weights:
+        """One server update: aggregate the screened WEIGHT_DIFFs and add the result to ``weights``."""
         diff = self.aggregate([(r.data, self.weigh(r)) for r in results.values()])
-        check_update(diff, weights, f"aggregation rule {getattr(self.aggregate, '__name__', '?')!r}")
+        check_update(diff, weights, f"aggregation rule {rule_name(self.aggregate)!r}")
         return add(weights, diff)

@@ -1,0 +1,100 @@
+"""Fault injection, for teaching and testing: clients that drop out, crash, straggle or send garbage.
+
+>>> f = Faults(dropout=0.1, crash=0.05, corrupt=0.1, seed=0)
+>>> [f.draw(round=0, client="site-1", attempt=a) for a in range(3)]  # doctest: +SKIP
+[None, 'corrupt', None]
+
+Each client, in each round (and each retry of a round), fails with the given probabilities, drawn
+from a generator seeded by (seed, round, attempt, client): the same faults every time you run.
+Stragglers are simulated without sleeping: their reply is stamped ``delay`` seconds late, so a task
+deadline (``FedAvg(task_timeout=...)``) rejects them exactly as it would a really slow client.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+from .exchange import DXO
+
+KINDS = ("dropout", "crash", "straggle", "corrupt")
+CORRUPTIONS = ("nan", "inf", "keys", "shape", "scale")
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Per-client, per-round fault probabilities (they must sum to at most 1)."""
+
+    dropout: float = 0.0  # the client takes the task and never answers
+    crash: float = 0.0  # the executor raises an exception
+    straggle: float = 0.0  # the client answers `delay` seconds late
+    corrupt: float = 0.0  # the result is damaged in one of `corruptions`
+    delay: float = 3600.0  # how late a straggler is, in (simulated) seconds
+    corruptions: tuple[str, ...] = CORRUPTIONS  # NaN, Inf, wrong keys, wrong shapes, scaled garbage
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for kind in KINDS:
+            p = getattr(self, kind)
+            if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+                raise ConfigError(f"Faults.{kind} is a probability and must be in [0, 1], got {p!r}")
+        total = sum(getattr(self, k) for k in KINDS)
+        if total > 1.0 + 1e-9:
+            raise ConfigError(f"the fault probabilities sum to {total:g}; a client can fail only one way per round, "
+                              "so they must sum to at most 1")
+        if not self.delay > 0:
+            raise ConfigError(f"Faults.delay must be > 0 seconds, got {self.delay!r}")
+        bad = [c for c in self.corruptions if c not in CORRUPTIONS]
+        if bad or not self.corruptions:
+            raise ConfigError(f"Faults.corruptions must be a non-empty subset of {CORRUPTIONS}, got {self.corruptions!r}")
+
+    @property
+    def any(self) -> bool:
+        return any(getattr(self, k) > 0 for k in KINDS)
+
+    def rng(self, round: int, client: str, attempt: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, round, attempt, zlib.crc32(client.encode())])
+
+    def draw(self, round: int, client: str, attempt: int = 0) -> str | None:
+        """Which fault (one of `KINDS`) strikes ``client`` in this round and attempt, or None."""
+        u = self.rng(round, client, attempt).random()
+        edge = 0.0
+        for kind in KINDS:
+            edge += getattr(self, kind)
+            if u < edge:
+                return kind
+        return None
+
+    def damage(self, result: DXO, round: int, client: str, attempt: int = 0) -> DXO:
+        """``result`` with its data damaged in one of ``corruptions``, chosen by the same seeded draw."""
+        rng = self.rng(round, client, attempt)
+        rng.random()  # the draw that chose 'corrupt'
+        how = self.corruptions[int(rng.integers(len(self.corruptions)))]
+        return corrupt(result, how, seed=int(rng.integers(2**31)))
+
+
+def corrupt(result: DXO, how: str, seed: int = 0) -> DXO:
+    """A copy of ``result`` damaged one way: ``nan``, ``inf``, ``keys``, ``shape`` or ``scale``."""
+    data = dict(result.data)
+    if not data:
+        return result
+    key = sorted(data)[0]
+    gen = torch.Generator().manual_seed(seed)
+    if how == "nan":
+        data[key] = data[key].clone().fill_(float("nan"))
+    elif how == "inf":
+        data[key] = data[key].clone().fill_(float("inf"))
+    elif how == "keys":
+        data[key + ".renamed"] = data.pop(key)
+    elif how == "shape":
+        data[key] = data[key].reshape(-1)[:-1].clone() if data[key].numel() > 1 else torch.zeros(2)
+    elif how == "scale":  # finite, right shape, absurd size: only a norm screen or a robust rule stops it
+        data = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) * 1e4 if v.is_floating_point() else v
+                for k, v in data.items()}
+    else:
+        raise ConfigError(f"unknown corruption {how!r}; use one of {CORRUPTIONS}")
+    return result.with_data(data, corrupted=how)

@@ -1,0 +1,212 @@
+"""Checkpoints and resume: a run killed after round k and resumed ends with the same weights."""
+
+import hashlib
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import fedkit as fk
+from fedkit import checkpoint
+from fedkit.data import ClientData
+
+
+def digits_sim(digits, out, rounds=6, lr=0.05, faults=None, on_round=()):
+    parts = fk.data.dirichlet(digits.train, clients=4, alpha=0.5, seed=0)
+    return fk.Simulator(fk.FedAvg(rounds=rounds, min_clients=2), model=lambda: fk.models.for_data(digits), clients=parts,
+                        test=digits.test, train=fk.TrainConfig(lr=lr), seed=0, out=out, faults=faults,
+                        on_round=list(on_round))
+
+
+def stop_after(round_index):
+    """A listener that aborts the run once ``round_index`` has been recorded (as a kernel interrupt would)."""
+    def listener(record):
+        if record.round == round_index:
+            raise KeyboardInterrupt
+    return listener
+
+
+def test_every_round_leaves_a_verified_checkpoint(digits, tmp_path):
+    run = digits_sim(digits, tmp_path / "r", rounds=3).run(progress=False)
+    manifest = json.loads((tmp_path / "r" / "checkpoints" / "latest.json").read_text())
+    assert manifest["round"] == 2 and manifest["dir"] == "round-00002"
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == ["latest.json", "round-00002"]
+    ckpt = checkpoint.load(tmp_path / "r")
+    assert fk.weights.sha256(ckpt.weights) == run.model_sha256
+    assert ckpt.history.series("accuracy") == run.history.series("accuracy")
+
+
+@pytest.mark.parametrize("faults", [None, fk.Faults(crash=0.2, corrupt=0.2, seed=5)], ids=["clean", "faulty"])
+def test_interrupted_and_resumed_equals_uninterrupted(digits, tmp_path, faults):
+    whole = digits_sim(digits, tmp_path / "whole", faults=faults).run(progress=False)
+    cut = digits_sim(digits, tmp_path / "cut", faults=faults, on_round=[stop_after(2)]).run(progress=False)
+    assert cut.status == "aborted" and len(cut.history) == 3
+    assert checkpoint.load(tmp_path / "cut").round == 2
+    resumed = digits_sim(digits, tmp_path / "cut", faults=faults).resume(progress=False)
+    assert resumed.status == "done" and len(resumed.history) == 6
+    assert resumed.model_sha256 == whole.model_sha256
+    assert resumed.history.series("accuracy") == pytest.approx(whole.history.series("accuracy"))
+
+
+def test_abort_keeps_the_last_completed_round_checkpointed(digits, tmp_path):
+    sim = digits_sim(digits, tmp_path / "r", rounds=50)
+    run = sim.start()
+    while len(run.history) < 2:
+        time.sleep(0.01)
+    run.abort()
+    run.wait(30)
+    assert run.status == "aborted"
+    ckpt = checkpoint.load(tmp_path / "r")
+    assert ckpt.round == len(run.history) - 1
+    assert fk.weights.sha256(ckpt.weights) == run.model_sha256
+
+
+def test_client_state_survives_a_resume(tmp_path, tiny_model):
+    seen = []
+
+    def counting(task, ctx, abort):
+        ctx.state["calls"] = ctx.state.get("calls", 0) + 1
+        ctx.state["_cache"] = object()  # a cache: never checkpointed
+        seen.append(ctx.state["calls"])
+        return fk.DXO("WEIGHT_DIFF", {k: torch.zeros_like(v) for k, v in task.data.data.items()}, {"num_samples": 1})
+
+    d = fk.Dataset(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long), 2)
+
+    def sim(on_round=()):
+        return fk.Simulator(fk.FedAvg(rounds=4), model=tiny_model, clients=[fk.Client("a", ClientData(d, d), {"train": counting})],
+                            out=tmp_path, on_round=list(on_round))
+
+    sim([stop_after(1)]).run(progress=False)
+    sim().resume(progress=False)
+    assert seen == [1, 2, 3, 4]
+
+
+def test_state_that_cannot_be_checkpointed_is_named(tmp_path, tiny_model):
+    def messy(task, ctx, abort):
+        ctx.state["optimizer"] = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        return fk.DXO("WEIGHT_DIFF", {k: torch.zeros_like(v) for k, v in task.data.data.items()}, {"num_samples": 1})
+    d = fk.Dataset(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long), 2)
+    sim = fk.Simulator(fk.FedAvg(rounds=1), model=tiny_model, clients=[fk.Client("a", ClientData(d, d), {"train": messy})],
+                       out=tmp_path)
+    with pytest.raises(fk.CheckpointError, match="client 'a' keeps a SGD in its state at 'optimizer'.*leading '_'"):
+        sim.run(progress=False)
+
+
+def test_resume_refuses_other_settings(digits, tmp_path):
+    digits_sim(digits, tmp_path, rounds=2).run(progress=False)
+    with pytest.raises(fk.CheckpointError, match="other settings"):
+        digits_sim(digits, tmp_path, rounds=2, lr=0.1).resume(progress=False)
+
+
+def test_missing_checkpoint_never_starts_from_scratch(digits, tmp_path):
+    with pytest.raises(fk.CheckpointError, match="no checkpoint in .*nothing to resume"):
+        digits_sim(digits, tmp_path / "nowhere").resume(progress=False)
+    assert not (tmp_path / "nowhere" / "model.pt").exists()
+
+
+@pytest.fixture
+def finished(digits, tmp_path):
+    digits_sim(digits, tmp_path, rounds=2).run(progress=False)
+    return tmp_path, tmp_path / "checkpoints" / "round-00001"
+
+
+def test_flipped_bytes_are_detected(finished):
+    run_dir, folder = finished
+    data = bytearray((folder / "model.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (folder / "model.pt").write_bytes(bytes(data))
+    with pytest.raises(fk.CheckpointError, match="model.pt is corrupted or truncated"):
+        checkpoint.load(run_dir)
+
+
+def test_truncated_files_are_detected(finished):
+    run_dir, folder = finished
+    (folder / "clients.pt").write_bytes((folder / "clients.pt").read_bytes()[:10])
+    with pytest.raises(fk.CheckpointError, match="clients.pt is corrupted or truncated"):
+        checkpoint.load(run_dir)
+    latest = run_dir / "checkpoints" / "latest.json"
+    latest.write_text(latest.read_text()[:25])
+    with pytest.raises(fk.CheckpointError, match="latest.json is corrupted or truncated"):
+        checkpoint.load(run_dir)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_a_checkpoint_cannot_run_code(finished, monkeypatch):
+    run_dir, folder = finished
+    monkeypatch.chdir(run_dir)
+    evil = pickle.dumps(_Exploit())
+    (folder / "model.pt").write_bytes(evil)
+    latest = run_dir / "checkpoints" / "latest.json"
+    manifest = json.loads(latest.read_text())
+    manifest["files"]["model.pt"] = hashlib.sha256(evil).hexdigest()  # even with a matching hash
+    latest.write_text(json.dumps(manifest))
+    with pytest.raises(fk.CheckpointError, match="could not be read safely"):
+        checkpoint.load(run_dir)
+    assert not (run_dir / "pwned").exists()
+
+
+def _cli(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "fedkit", "run", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_sigkill_mid_run_then_resume_gives_the_same_model(tmp_path):
+    args = ["--partition", "dirichlet", "--alpha", "0.5", "--rounds", "40", "--local-epochs", "2",
+            "--dropout", "0.1", "--crash", "0.05", "--min-clients", "4", "--json", "--no-progress"]
+    victim = _cli(*args, "--out", str(tmp_path / "killed"))
+    latest = tmp_path / "killed" / "checkpoints" / "latest.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if json.loads(latest.read_text())["round"] >= 3:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate(timeout=60)
+    assert victim.returncode == -signal.SIGKILL
+    killed_at = json.loads(latest.read_text())["round"]
+    assert 3 <= killed_at < 39, "the run must really have been cut short"
+
+    resumed = subprocess.run([sys.executable, "-m", "fedkit", "run", "--resume", str(tmp_path / "killed"), "--json",
+                              "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    reference = subprocess.run([sys.executable, "-m", "fedkit", "run", *args, "--out", str(tmp_path / "whole")],
+                               capture_output=True, text=True, timeout=300)
+    a = json.loads(resumed.stdout.strip().splitlines()[-1])
+    b = json.loads(reference.stdout.strip().splitlines()[-1])
+    assert a["rounds"] == b["rounds"] == 40
+    assert a["model_sha256"] == b["model_sha256"]
+    assert a["failures"] == b["failures"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--resume", "/nonexistent/run"], "has no cli.json"),
+    (["--straggle", "0.1"], "--straggle needs --task-timeout"),
+    (["--dropout", "1.5"], "dropout is a probability"),
+])
+def test_cli_fault_and_resume_errors(args, message, capsys):
+    from fedkit.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--no-progress", *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_resume_of_a_corrupted_run_exits_2(tmp_path, capsys):
+    from fedkit.cli import main
+    assert main(["run", "--rounds", "2", "--clients", "2", "--no-progress", "--out", str(tmp_path)]) == 0
+    (tmp_path / "checkpoints" / "round-00001" / "model.pt").write_bytes(b"junk")
+    assert main(["run", "--resume", str(tmp_path), "--no-progress"]) == 2
+    assert "corrupted or truncated" in capsys.readouterr().err

@@ -1,0 +1,186 @@
+"""Fault injection and fault tolerance: dropouts, crashes, stragglers, corrupt updates, retries."""
+
+import time
+
+import pytest
+import torch
+
+import fedkit as fk
+from fedkit.data import ClientData
+from fedkit.faults import CORRUPTIONS, corrupt
+from fedkit.server import Reply
+from fedkit.workflows.scatter_gather import screen
+
+
+def diff_of(value, samples=1):
+    def execute(task, ctx, abort):
+        return fk.DXO(fk.DataKind.WEIGHT_DIFF, {k: torch.full_like(v, value) for k, v in task.data.data.items()},
+                      {fk.MetaKey.NUM_SAMPLES: samples, fk.MetaKey.NUM_STEPS: 1})
+    return execute
+
+
+def clients_of(*executors):
+    d = fk.Dataset(torch.zeros(4, 1), torch.zeros(4, dtype=torch.long), 2)
+    return [fk.Client(f"c{i}", ClientData(d, d), {"train": ex}) for i, ex in enumerate(executors)]
+
+
+def test_draws_are_seeded_and_follow_the_probabilities():
+    f = fk.Faults(dropout=0.1, crash=0.1, straggle=0.1, corrupt=0.1, seed=3)
+    draws = [f.draw(r, f"site-{c}", 0) for r in range(200) for c in range(10)]
+    assert draws == [f.draw(r, f"site-{c}", 0) for r in range(200) for c in range(10)]
+    assert draws != [fk.Faults(dropout=0.1, crash=0.1, straggle=0.1, corrupt=0.1, seed=4).draw(r, f"site-{c}", 0)
+                     for r in range(200) for c in range(10)]
+    for kind in ("dropout", "crash", "straggle", "corrupt"):
+        assert 0.07 < draws.count(kind) / len(draws) < 0.13, kind  # 2000 draws: about 7 standard deviations wide
+    assert 0.55 < draws.count(None) / len(draws) < 0.65
+    # a retry of the same round is a new draw
+    assert [f.draw(0, "site-1", a) for a in range(20)] != [f.draw(0, "site-1", 0)] * 20
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(dropout=1.5), "dropout is a probability"), (dict(crash=-0.1), "crash is a probability"),
+    (dict(dropout=0.6, corrupt=0.6), "sum to 1.2"), (dict(corruptions=("nan", "fire")), "corruptions"),
+    (dict(delay=0), "delay must be > 0"),
+])
+def test_bad_fault_settings(kwargs, match):
+    with pytest.raises(fk.ConfigError, match=match):
+        fk.Faults(**kwargs)
+
+
+@pytest.mark.parametrize("how, reason", [("nan", "non-finite"), ("inf", "non-finite"), ("keys", "keys do not match"),
+                                         ("shape", "with shape")])
+def test_each_corruption_is_caught_by_the_screen(how, reason):
+    weights = {"w": torch.zeros(3), "b": torch.zeros(2)}
+    good = fk.DXO("WEIGHT_DIFF", {"w": torch.ones(3), "b": torch.ones(2)}, {"num_samples": 1})
+    task = fk.Task("train", fk.DXO("WEIGHTS", weights))
+    replies = {"ok": Reply("ok", task, good, status="ok"), "bad": Reply("bad", task, corrupt(good, how), status="ok")}
+    valid = screen(replies, weights, max_norm_ratio=None)
+    assert list(valid) == ["ok"]
+    assert replies["bad"].status == "rejected" and reason in replies["bad"].error
+
+
+def test_scaled_garbage_is_caught_by_the_norm_screen_only_with_enough_peers():
+    weights = {"w": torch.zeros(4)}
+    task = fk.Task("train", fk.DXO("WEIGHTS", weights))
+
+    def replies(n):
+        r = {f"c{i}": Reply(f"c{i}", task, fk.DXO("WEIGHT_DIFF", {"w": torch.full((4,), 0.1 * (i + 1))}), status="ok")
+             for i in range(n)}
+        r["evil"] = Reply("evil", task, corrupt(fk.DXO("WEIGHT_DIFF", {"w": torch.ones(4)}), "scale"), status="ok")
+        return r
+
+    many = replies(3)
+    assert sorted(screen(many, weights, max_norm_ratio=10.0)) == ["c0", "c1", "c2"]
+    assert "median" in many["evil"].error
+    assert "evil" in screen(replies(1), weights, max_norm_ratio=10.0)  # two updates: no notion of typical
+    assert "evil" in screen(replies(3), weights, max_norm_ratio=None)
+
+
+def test_quarter_of_clients_failing_each_round_still_learns(digits):
+    faults = fk.Faults(dropout=0.07, crash=0.06, straggle=0.06, corrupt=0.06, seed=1)
+    parts = fk.data.iid(digits.train, clients=8, seed=0)
+    run = fk.Simulator(fk.FedAvg(rounds=10, min_clients=4, task_timeout=60), model=lambda: fk.models.for_data(digits),
+                       clients=parts, test=digits.test, faults=faults).run(progress=False)
+    assert run.status == "done"
+    assert run.history.last("accuracy") >= 0.9
+    failures = [e for e in run.history.events if "client" in e]
+    kinds = {e["what"] for e in failures}
+    assert kinds == {"dropped", "failed", "late", "rejected"}
+    assert all(e["reason"] for e in failures)
+    # every failure of a completed round shows in that round's client rows too, with its reason
+    rows = run.history.client_dataframe()
+    bad_rows = rows[rows["status"] != "ok"]
+    last_attempt = {r.round: r.metrics["attempts"] - 1 for r in run.history}
+    assert len(bad_rows) == sum(1 for e in failures if e["attempt"] == last_attempt[e["round"]])
+    assert bad_rows["error"].str.len().min() > 0
+    assert run.summary()["failures"] == len(failures)
+    assert sum(run.history.to_dataframe()["clients_failed"]) == len(bad_rows)
+
+
+def test_same_faults_same_weights(digits):
+    def once():
+        return fk.Simulator(fk.FedAvg(rounds=3, min_clients=2), model=lambda: fk.models.for_data(digits),
+                            clients=fk.data.iid(digits.train, 4), faults=fk.Faults(crash=0.3, corrupt=0.2)).run(progress=False)
+    assert once().model_sha256 == once().model_sha256
+
+
+def test_round_retries_then_stops_and_leaves_the_model(tiny_model):
+    def broken(task, ctx, abort):
+        raise OSError("GPU fell off")
+    sim = fk.Simulator(fk.FedAvg(rounds=3, max_retries=2), model=tiny_model, clients=clients_of(diff_of(1.0), broken))
+    handle = sim.start()
+    handle._done.wait(10)
+    assert handle.status == "failed" and isinstance(handle.error, fk.RoundFailed)
+    assert "3 attempt(s)" in str(handle.error) and "OSError: GPU fell off" in str(handle.error)
+    assert handle.weights["weight"].item() == 1.0 and len(handle.history) == 0
+    attempts = [e["attempt"] for e in handle.history.events if e.get("client") == "c1"]
+    assert attempts == [0, 1, 2]
+
+
+def test_a_retry_can_save_the_round(tiny_model):
+    def flaky(task, ctx, abort):
+        if task.attempt == 0:
+            raise RuntimeError("transient")
+        return diff_of(3.0)(task, ctx, abort)
+    run = fk.Simulator(fk.FedAvg(rounds=1), model=tiny_model, clients=clients_of(diff_of(1.0), flaky)).run(progress=False)
+    assert run.weights["weight"].item() == pytest.approx(1.0 + 2.0)
+    assert run.history.rounds[0].metrics["attempts"] == 2
+
+
+def test_min_clients_lets_a_round_go_on_without_the_failed(tiny_model):
+    def broken(task, ctx, abort):
+        raise RuntimeError("no")
+    run = fk.Simulator(fk.FedAvg(rounds=2, min_clients=1), model=tiny_model,
+                       clients=clients_of(diff_of(1.0), broken)).run(progress=False)
+    assert run.weights["weight"].item() == pytest.approx(3.0)
+    assert [r.clients["c1"]["status"] for r in run.history] == ["failed", "failed"]
+
+
+def test_a_real_straggler_is_cut_at_the_deadline(tiny_model):
+    def slow(task, ctx, abort):
+        while True:
+            abort.check()
+            time.sleep(0.01)
+    started = time.perf_counter()
+    run = fk.Simulator(fk.FedAvg(rounds=1, min_clients=1, task_timeout=0.2), model=tiny_model,
+                       clients=clients_of(diff_of(1.0), slow)).run(progress=False)
+    assert time.perf_counter() - started < 5
+    assert run.history.rounds[0].clients["c1"]["status"] == "late"
+    assert "deadline" in run.history.rounds[0].clients["c1"]["error"]
+    assert run.weights["weight"].item() == pytest.approx(2.0)
+
+
+def test_simulated_stragglers_are_late_only_with_a_deadline(tiny_model):
+    clients = clients_of(diff_of(1.0))
+    strict = fk.Simulator(fk.FedAvg(rounds=1, task_timeout=10, max_retries=0), model=tiny_model, clients=clients,
+                          faults=fk.Faults(straggle=1.0))
+    with pytest.raises(fk.RoundFailed, match="late: answered after 3.6e\\+03 s, the deadline is 10 s"):
+        strict.run(progress=False)
+    patient = fk.Simulator(fk.FedAvg(rounds=1), model=tiny_model, clients=clients, faults=fk.Faults(straggle=1.0))
+    assert patient.run(progress=False).history.rounds[0].clients["c0"]["seconds"] >= 3600
+
+
+def test_dropouts_are_reported_as_no_answer(tiny_model):
+    run = fk.Simulator(fk.FedAvg(rounds=1, min_clients=1), model=tiny_model, clients=clients_of(diff_of(1.0), diff_of(2.0)),
+                       faults=fk.Faults(dropout=0.5, seed=0)).start()
+    run._done.wait(10)
+    statuses = {e["what"] for e in run.history.events if "client" in e}
+    assert statuses <= {"dropped"}
+    if statuses:
+        assert any("no answer" in e["reason"] for e in run.history.events)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(min_clients=0), "min_clients"), (dict(max_retries=-1), "max_retries"),
+    (dict(task_timeout=0), "task_timeout"), (dict(max_norm_ratio=0.5), "max_norm_ratio"),
+    (dict(clients_per_round=2, min_clients=3), "can never be met"),
+])
+def test_bad_fault_tolerance_settings(kwargs, match):
+    with pytest.raises(fk.ConfigError, match=match):
+        fk.FedAvg(**kwargs)
+
+
+def test_min_clients_above_federation_size(tiny_model):
+    sim = fk.Simulator(fk.FedAvg(rounds=1, min_clients=5), model=tiny_model, clients=clients_of(diff_of(1.0)))
+    with pytest.raises(fk.ConfigError, match="min_clients=5 but the federation has only 1"):
+        sim.run(progress=False)
