@@ -20,7 +20,7 @@ from .history import History, RoundRecord
 from .server import Controller, Reply, Server, ServerContext
 from .simulator import Run, Simulator
 from .train import Evaluator, TrainConfig, Trainer, evaluate
-from .workflows import FedAvg
+from .workflows import SCAFFOLD, FedAvg, FedProx
 
 __version__ = "0.1.0"
 
@@ -29,5 +29,5 @@ __all__ = [
     "Client", "ClientData", "Dataset", "Partition", "CheckpointError", "ConfigError", "RoundFailed", "UpdateError", "Faults",
     "DXO", "Aborted", "ClientContext", "DataKind", "Executor", "FilterContext", "MetaKey", "Signal", "Task", "Weights",
     "History", "RoundRecord", "Controller", "Reply", "Server", "ServerContext", "Run", "Simulator",
-    "Evaluator", "TrainConfig", "Trainer", "evaluate", "FedAvg",
+    "Evaluator", "TrainConfig", "Trainer", "evaluate", "FedAvg", "FedProx", "SCAFFOLD",
 ]

@@ -69,8 +69,8 @@ class DXO:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the payload as it would travel: tensors, arrays and byte strings."""
-        return sum(payload_bytes(v) for v in self.data.values())
+        """Bytes of what would travel: tensors, arrays and byte strings in data and meta (e.g. control variates)."""
+        return payload_bytes(self.data) + payload_bytes(self.meta)
 
 
 def payload_bytes(value: Any) -> int:

@@ -9,7 +9,7 @@ rounds after the first pay no set-up.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -105,11 +105,43 @@ def on_device(ctx: ClientContext, key: str, data: Dataset) -> Dataset:
     return ctx.state[key]
 
 
-def sgd_epochs(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int, abort: Signal) -> dict[str, float]:
+GradHook = Callable[[], None]
+
+
+def proximal_hook(model: nn.Module, anchor: Weights, mu: float) -> GradHook:
+    """FedProx's proximal term (Li et al. 2020): add mu * (w - w_global) to each gradient.
+
+    That is the gradient of (mu/2) * ||w - w_global||^2, added directly rather than through the loss.
+    """
+    pairs = [(p, anchor[name]) for name, p in model.named_parameters()]
+
+    def hook() -> None:
+        with torch.no_grad():
+            for p, a in pairs:
+                p.grad.add_(p - a, alpha=mu)
+
+    return hook
+
+
+def correction_hook(model: nn.Module, correction: Weights) -> GradHook:
+    """SCAFFOLD's drift correction (Karimireddy et al. 2020): add (c - c_i) to each gradient."""
+    pairs = [(p, correction[name]) for name, p in model.named_parameters()]
+
+    def hook() -> None:
+        with torch.no_grad():
+            for p, c in pairs:
+                p.grad.add_(c)
+
+    return hook
+
+
+def sgd_epochs(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int, abort: Signal,
+               grad_hooks: Sequence[GradHook] = ()) -> dict[str, float]:
     """Train ``model`` in place for ``cfg.epochs`` with SGD; returns loss, accuracy, steps, samples.
 
     Batches are drawn from a generator seeded with ``seed`` (so runs repeat exactly), and the abort
-    signal is checked before every batch.
+    signal is checked before every batch. ``grad_hooks`` run after each backward pass, before the
+    optimizer step: that is where FedProx and SCAFFOLD change the local update.
     """
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
@@ -129,6 +161,8 @@ def sgd_epochs(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int, abo
             loss = F.cross_entropy(out, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            for hook in grad_hooks:
+                hook()
             opt.step()
             steps += 1
             loss_sum += loss.detach() * len(idx)
@@ -139,7 +173,13 @@ def sgd_epochs(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int, abo
 
 
 class Trainer:
-    """Executor for the ``train`` task: global WEIGHTS in, WEIGHT_DIFF out, with samples and steps in meta."""
+    """Executor for the ``train`` task: global WEIGHTS in, WEIGHT_DIFF out, with samples and steps in meta.
+
+    The server chooses the algorithm through the task's meta, so the same clients serve them all:
+    ``prox_mu`` turns on FedProx's proximal term; ``scaffold_c`` (the server's control variate) turns
+    on SCAFFOLD: the client corrects its gradients by c - c_i, keeps its own c_i in its state, and
+    returns the change of c_i as ``scaffold_dc`` (option II of the paper: c_i+ = c_i - c + (x - y) / (K lr)).
+    """
 
     def __init__(self, model_fn: ModelFn, config: TrainConfig = TrainConfig()) -> None:
         self.model_fn = model_fn
@@ -155,11 +195,30 @@ class Trainer:
         if self.config.validate and len(ctx.data.val):
             val = evaluate(model, on_device(ctx, "_val_on_device", ctx.data.val), ctx.device)
             metrics.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-        stats = sgd_epochs(model, on_device(ctx, "_train_on_device", ctx.data.train), self.config, ctx.seed, abort)
+        hooks: list[GradHook] = []
+        mu = float(task.data.meta.get("prox_mu", 0.0))
+        if mu > 0:
+            hooks.append(proximal_hook(model, received, mu))
+        c = task.data.meta.get("scaffold_c")
+        if c is not None:
+            params = dict(model.named_parameters())
+            c = {k: c[k].to(ctx.device) for k in params}
+            c_i = ctx.state.setdefault("scaffold_ci", {k: torch.zeros_like(v, device="cpu") for k, v in params.items()})
+            c_i = {k: v.to(ctx.device) for k, v in c_i.items()}
+            hooks.append(correction_hook(model, {k: c[k] - c_i[k] for k in params}))
+        stats = sgd_epochs(model, on_device(ctx, "_train_on_device", ctx.data.train), self.config, ctx.seed, abort, hooks)
         metrics.update(train_loss=stats["train_loss"], train_accuracy=stats["train_accuracy"])
         diff = {k: v.detach().cpu() for k, v in subtract(model.state_dict(), received).items()}
-        return DXO(DataKind.WEIGHT_DIFF, diff, {MetaKey.NUM_SAMPLES: stats["samples"],
-                                                 MetaKey.NUM_STEPS: stats["steps"], MetaKey.METRICS: metrics})
+        meta = {MetaKey.NUM_SAMPLES: stats["samples"], MetaKey.NUM_STEPS: stats["steps"], MetaKey.METRICS: metrics}
+        if c is not None:
+            # Option II assumes plain SGD steps of size lr; with momentum beta a step is about lr / (1 - beta)
+            # long, and without this correction c_i overshoots by 1 / (1 - beta) and the run diverges.
+            step_size = self.config.lr / (1.0 - self.config.momentum)
+            scale = 1.0 / (max(stats["steps"], 1) * step_size)
+            new_ci = {k: (c_i[k] - c[k] - diff[k].to(ctx.device) * scale).cpu() for k in c_i}
+            meta["scaffold_dc"] = {k: new_ci[k] - c_i[k].cpu() for k in new_ci}
+            ctx.state["scaffold_ci"] = new_ci
+        return DXO(DataKind.WEIGHT_DIFF, diff, meta)
 
 
 class Evaluator:

@@ -25,6 +25,7 @@ from ..errors import ConfigError, RoundFailed, UpdateError
 from ..exchange import DXO, DataKind, Task, Weights
 from ..server import Controller, Reply, ServerContext
 from ..weights import add, check_update
+from .extensions import Extension, Proximal, Scaffold
 
 
 def rule_name(fn: Callable) -> str:
@@ -91,6 +92,7 @@ class FedAvg(Controller):
     max_norm_ratio: float | None = 10.0  # reject updates this many times larger than the round's median
     aggregate: Rule = weighted_mean
     weigh: Callable[[DXO], float] = by_samples
+    extensions: tuple[Extension, ...] = ()  # e.g. Proximal(mu) for FedProx, Scaffold() for SCAFFOLD
     task_name: str = "train"
 
     def __post_init__(self) -> None:
@@ -116,6 +118,8 @@ class FedAvg(Controller):
             raise ConfigError(f"min_clients={m} can never be met with clients_per_round={k}; lower min_clients")
         if not callable(self.aggregate) or not callable(self.weigh):
             raise ConfigError("aggregate and weigh must be functions (see fedkit.aggregate)")
+        if not isinstance(self.extensions, tuple) or not all(hasattr(e, "task_meta") for e in self.extensions):
+            raise ConfigError(f"extensions must be a tuple such as (Proximal(0.01),), got {self.extensions!r}")
 
     def control_flow(self, fl: ServerContext) -> None:
         if self.min_clients is not None and self.min_clients > len(fl.clients):
@@ -125,7 +129,8 @@ class FedAvg(Controller):
             targets = fl.sample_clients(self.clients_per_round, rnd)
             need = len(targets) if self.min_clients is None else min(self.min_clients, len(targets))
             for attempt in range(self.max_retries + 1):
-                task = Task(self.task_name, DXO(DataKind.WEIGHTS, fl.server.weights), round=rnd,
+                meta = {k: v for ext in self.extensions for k, v in ext.task_meta(fl).items()}
+                task = Task(self.task_name, DXO(DataKind.WEIGHTS, fl.server.weights, meta), round=rnd,
                             deadline=self.task_timeout, attempt=attempt)
                 replies = fl.broadcast_and_wait(task, targets)
                 results = screen(replies, fl.server.weights, self.max_norm_ratio)
@@ -141,6 +146,8 @@ class FedAvg(Controller):
                     f"failing clients. Failures in the last attempt: {failures}"
                 )
             fl.server.weights = self.step(fl.server.weights, results)
+            for ext in self.extensions:
+                ext.after_aggregate(fl, results)
             fl.end_round(rnd, replies, started, attempts=attempt + 1)
 
     def step(self, weights: Weights, results: dict[str, DXO]) -> Weights:
@@ -148,3 +155,20 @@ class FedAvg(Controller):
         diff = self.aggregate([(r.data, self.weigh(r)) for r in results.values()])
         check_update(diff, weights, f"aggregation rule {rule_name(self.aggregate)!r}")
         return add(weights, diff)
+
+
+def FedProx(rounds: int = 10, mu: float = 0.01, **options) -> FedAvg:
+    """FedAvg whose clients add the proximal term mu/2 * ||w - w_global||^2 (Li et al. 2020).
+
+    >>> FedProx(rounds=3, mu=0.1).extensions
+    (Proximal(mu=0.1),)
+    """
+    return FedAvg(rounds=rounds, **{**options, "extensions": (Proximal(mu), *options.get("extensions", ()))})
+
+
+def SCAFFOLD(rounds: int = 10, **options) -> FedAvg:
+    """FedAvg with SCAFFOLD's control variates on both sides (Karimireddy et al. 2020).
+
+    Use it on strongly non-IID data with several local steps, where FedAvg's clients drift apart.
+    """
+    return FedAvg(rounds=rounds, **{**options, "extensions": (Scaffold(), *options.get("extensions", ()))})
