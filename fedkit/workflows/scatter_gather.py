@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from ..aggregate import Rule, by_samples, weighted_mean
+from ..aggregate import Rule, by_samples, rule_name, weighted_mean
 from ..errors import ConfigError, UpdateError
 from ..exchange import DXO, DataKind, Task
 from ..server import Controller, ServerContext, require_ok
@@ -22,7 +22,8 @@ from ..weights import add, check_update
 class FedAvg(Controller):
     """Federated averaging over ``rounds`` rounds.
 
-    ``aggregate`` is any rule ``[(update, weight), ...] -> update`` (see `fedkit.aggregate`);
+    ``aggregate`` is any rule ``[(update, weight), ...] -> update`` (see `fedkit.aggregate`; a rule
+    with settings goes in as ``functools.partial(trimmed_mean, beta=0.2)`` or a lambda);
     ``weigh`` turns a client's result into its aggregation weight (`by_samples` by default,
     `by_steps` as NVFlare offers, or `uniform`).
 
@@ -42,6 +43,9 @@ class FedAvg(Controller):
         k = self.clients_per_round
         if k is not None and (not isinstance(k, int) or k < 1):
             raise ConfigError(f"FedAvg.clients_per_round must be an integer >= 1 or None (all), got {k!r}")
+        if not callable(self.aggregate):
+            raise ConfigError(f"FedAvg.aggregate must be a rule [(update, weight), ...] -> update such as "
+                              f"fedkit.aggregate.weighted_mean, got {self.aggregate!r}")
 
     def control_flow(self, fl: ServerContext) -> None:
         for rnd in range(fl.start_round, self.rounds):
@@ -60,5 +64,5 @@ class FedAvg(Controller):
                                   "WEIGHT_DIFF (local weights minus the global weights it received)")
             check_update(r.data, weights, f"client {name!r}")
         diff = self.aggregate([(r.data, self.weigh(r)) for r in results.values()])
-        check_update(diff, weights, f"aggregation rule {getattr(self.aggregate, '__name__', '?')!r}")
+        check_update(diff, weights, f"aggregation rule {rule_name(self.aggregate)!r}")
         return add(weights, diff)
