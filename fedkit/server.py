@@ -50,6 +50,7 @@ class Server:
     def __init__(self, weights: Weights, task_data_filters: Sequence[Filter] = (),
                  result_filters: Sequence[Filter] = ()) -> None:
         self.weights = weights
+        self.state: dict = {}  # workflows keep run-time state here (e.g. "server_opt"), not in their frozen settings
         self.task_data_filters = list(task_data_filters)
         self.result_filters = list(result_filters)
         self._queues: dict[str, deque[Task]] = {}
