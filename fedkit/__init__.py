@@ -9,7 +9,7 @@
 'done'
 """
 
-from . import aggregate, data, models, plots, weights
+from . import aggregate, data, models, plots, server_opt, weights
 from .client import Client
 from .data import ClientData, Dataset, Partition
 from .checkpoint import CheckpointError
@@ -20,14 +20,14 @@ from .history import History, RoundRecord
 from .server import Controller, Reply, Server, ServerContext
 from .simulator import Run, Simulator
 from .train import Evaluator, TrainConfig, Trainer, evaluate
-from .workflows import SCAFFOLD, FedAvg, FedProx
+from .workflows import SCAFFOLD, FedAvg, FedOpt, FedProx
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "aggregate", "data", "models", "plots", "weights",
+    "aggregate", "data", "models", "plots", "server_opt", "weights",
     "Client", "ClientData", "Dataset", "Partition", "CheckpointError", "ConfigError", "RoundFailed", "UpdateError", "Faults",
     "DXO", "Aborted", "ClientContext", "DataKind", "Executor", "FilterContext", "MetaKey", "Signal", "Task", "Weights",
     "History", "RoundRecord", "Controller", "Reply", "Server", "ServerContext", "Run", "Simulator",
-    "Evaluator", "TrainConfig", "Trainer", "evaluate", "FedAvg", "FedProx", "SCAFFOLD",
+    "Evaluator", "TrainConfig", "Trainer", "evaluate", "FedAvg", "FedOpt", "FedProx", "SCAFFOLD",
 ]

@@ -55,7 +55,7 @@ class Server:
     def __init__(self, weights: Weights, task_data_filters: Sequence[Filter] = (),
                  result_filters: Sequence[Filter] = ()) -> None:
         self.weights = weights
-        self.state: dict = {}  # what the workflow keeps across rounds (e.g. server-optimizer moments); checkpointed
+        self.state: dict = {}  # run-time state of the workflow (e.g. "server_opt" moments), checkpointed each round
         self.task_data_filters = list(task_data_filters)
         self.result_filters = list(result_filters)
         self._queues: dict[str, deque[Task]] = {}

@@ -28,6 +28,9 @@ def subtract(a: Weights, b: Weights) -> Weights:
 def check_update(update: Weights, reference: Weights, source: str = "an update", finite: bool = True) -> None:
     """Raise `UpdateError` unless ``update`` has exactly ``reference``'s keys and shapes and is finite.
 
+    A tensor that is floating-point in ``reference`` must have the same dtype in ``update``; integer
+    buffers (e.g. BatchNorm's ``num_batches_tracked``) may come back in any dtype, as `add` casts them.
+
     ``source`` names where the update came from in the message, e.g. ``"client 'site-3'"``.
     """
     missing = sorted(set(reference) - set(update))
@@ -47,6 +50,11 @@ def check_update(update: Weights, reference: Weights, source: str = "an update",
             raise UpdateError(
                 f"{source} gave {k!r} with shape {tuple(v.shape)}; the global model has "
                 f"{tuple(ref.shape)}. Every client must build the same model as the server."
+            )
+        if ref.is_floating_point() and v.dtype != ref.dtype:
+            raise UpdateError(
+                f"{source} gave {k!r} as {v.dtype}; the global model holds {ref.dtype}. A floating-point "
+                f"update must keep the model's dtype (cast it back with .to({ref.dtype}))."
             )
         if finite and v.is_floating_point() and not torch.isfinite(v).all():
             bad = int((~torch.isfinite(v)).sum())

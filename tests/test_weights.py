@@ -68,8 +68,21 @@ def test_clone_is_detached_and_independent():
 
 def test_check_update_accepts_a_matching_update(ref):
     assert W.check_update(like(ref), ref, "client 'site-1'") is None
-    # integer buffers are not checked for finiteness, and dtypes may differ
-    W.check_update(like(ref, **{"fc.bias": torch.ones(3, dtype=torch.float64)}), ref)
+    # integer buffers are not checked for finiteness, and may come back in another dtype (add casts them)
+    W.check_update(like(ref, **{"bn.num_batches_tracked": torch.tensor(2.0)}), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16, torch.int64])
+def test_floating_tensor_must_keep_its_dtype(ref, dtype):
+    # Prepare: fc.bias is float32 in the global model
+    upd = like(ref, **{"fc.bias": torch.ones(3, dtype=dtype)})
+    # Execute
+    with pytest.raises(UpdateError) as e:
+        W.check_update(upd, ref, "aggregation rule 'mine'")
+    # Assert: the message names the source, the key and both dtypes
+    msg = str(e.value)
+    assert "aggregation rule 'mine'" in msg and "'fc.bias'" in msg
+    assert str(dtype) in msg and "torch.float32" in msg
 
 
 def test_missing_key(ref):

@@ -8,31 +8,29 @@ Faults are expected: a round goes ahead with the valid results that arrived, if 
 ``min_clients`` of them; replies that failed, came late, or do not fit the global model are
 screened out with their reason in the history; a round that falls short is retried, and after
 ``max_retries`` the run stops with `RoundFailed`, leaving the global model as the last good round made it.
+
+FedOpt (Reddi et al. 2021, "Adaptive Federated Optimization") is the same loop with a server
+optimizer (`fedkit.server_opt`) applied to the aggregated difference; `FedOpt(...)` is a `FedAvg`
+with ``server_opt`` set. Use it when FedAvg's progress stalls on non-IID clients. FedProx and
+SCAFFOLD are `FedAvg` with an extension (`fedkit.workflows.extensions`).
 """
 
 from __future__ import annotations
 
-import functools
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
-from ..aggregate import Rule, by_samples, weighted_mean
+from ..aggregate import Rule, by_samples, rule_name, weighted_mean
 from ..errors import ConfigError, RoundFailed, UpdateError
 from ..exchange import DXO, DataKind, Task, Weights
 from ..server import Controller, Reply, ServerContext
+from ..server_opt import SGD, ServerOptimizer
 from ..weights import add, check_update
 from .extensions import Extension, Proximal, Scaffold
-
-
-def rule_name(fn: Callable) -> str:
-    """A readable name for an aggregation rule, also for ``functools.partial`` and lambdas."""
-    if isinstance(fn, functools.partial):
-        return f"{rule_name(fn.func)}({', '.join(f'{k}={v!r}' for k, v in fn.keywords.items())})"
-    return getattr(fn, "__name__", type(fn).__name__)
 
 
 def update_norm(update: Weights) -> float:
@@ -76,9 +74,11 @@ def screen(replies: dict[str, Reply], weights: Weights, max_norm_ratio: float | 
 class FedAvg(Controller):
     """Federated averaging over ``rounds`` rounds.
 
-    ``aggregate`` is any rule ``[(update, weight), ...] -> update`` (see `fedkit.aggregate`);
+    ``aggregate`` is any rule ``[(update, weight), ...] -> update`` (see `fedkit.aggregate`; a rule
+    with settings goes in as ``functools.partial(trimmed_mean, beta=0.2)`` or a lambda);
     ``weigh`` turns a client's result into its aggregation weight (`by_samples` by default,
-    `by_steps` as NVFlare offers, or `uniform`).
+    `by_steps` as NVFlare offers, or `uniform`); ``server_opt`` (see `fedkit.server_opt`) moves the
+    global model along the aggregate, None adds it as it is.
 
     >>> FedAvg(rounds=5, clients_per_round=4, min_clients=3).rounds
     5
@@ -93,6 +93,7 @@ class FedAvg(Controller):
     aggregate: Rule = weighted_mean
     weigh: Callable[[DXO], float] = by_samples
     extensions: tuple[Extension, ...] = ()  # e.g. Proximal(mu) for FedProx, Scaffold() for SCAFFOLD
+    server_opt: ServerOptimizer | None = None  # None: plain FedAvg, global + aggregate
     task_name: str = "train"
 
     def __post_init__(self) -> None:
@@ -116,8 +117,15 @@ class FedAvg(Controller):
         k, m = self.clients_per_round, self.min_clients
         if k is not None and m is not None and m > k:
             raise ConfigError(f"min_clients={m} can never be met with clients_per_round={k}; lower min_clients")
-        if not callable(self.aggregate) or not callable(self.weigh):
-            raise ConfigError("aggregate and weigh must be functions (see fedkit.aggregate)")
+        if not callable(self.aggregate):
+            raise ConfigError(f"{type(self).__name__}.aggregate must be a rule [(update, weight), ...] -> update such as "
+                              f"fedkit.aggregate.weighted_mean, got {self.aggregate!r}")
+        if not callable(self.weigh):
+            raise ConfigError(f"{type(self).__name__}.weigh must be a function of a result such as "
+                              f"fedkit.aggregate.by_samples, got {self.weigh!r}")
+        if self.server_opt is not None and not isinstance(self.server_opt, ServerOptimizer):
+            raise ConfigError(f"FedAvg.server_opt must be a server optimizer (with init and step) such as "
+                              f"fedkit.server_opt.SGD(momentum=0.6), or None for plain FedAvg; got {self.server_opt!r}")
         if not isinstance(self.extensions, tuple) or not all(hasattr(e, "task_meta") for e in self.extensions):
             raise ConfigError(f"extensions must be a tuple such as (Proximal(0.01),), got {self.extensions!r}")
 
@@ -145,16 +153,28 @@ class FedAvg(Controller):
                     "last completed round made it. Lower min_clients, raise max_retries or task_timeout, or fix the "
                     f"failing clients. Failures in the last attempt: {failures}"
                 )
-            fl.server.weights = self.step(fl.server.weights, results)
+            fl.server.weights = self.step(fl.server.weights, results, fl.server.state, rnd)
             for ext in self.extensions:
                 ext.after_aggregate(fl, results)
             fl.end_round(rnd, replies, started, attempts=attempt + 1)
 
-    def step(self, weights: Weights, results: dict[str, DXO]) -> Weights:
-        """One server update: aggregate the screened WEIGHT_DIFFs and add the result to ``weights``."""
+    def step(self, weights: Weights, results: dict[str, DXO], state: dict[str, Any] | None = None,
+             round: int = 0) -> Weights:
+        """One server update: aggregate the screened WEIGHT_DIFFs and apply the result to ``weights``.
+
+        ``state`` is the run's state (``fl.server.state``, checkpointed); the server optimizer keeps
+        its own under ``"server_opt"``, made by ``server_opt.init`` on the first step.
+        """
         diff = self.aggregate([(r.data, self.weigh(r)) for r in results.values()])
         check_update(diff, weights, f"aggregation rule {rule_name(self.aggregate)!r}")
-        return add(weights, diff)
+        if self.server_opt is None:
+            return add(weights, diff)
+        state = {} if state is None else state
+        if "server_opt" not in state:
+            state["server_opt"] = self.server_opt.init(weights)
+        new, state["server_opt"] = self.server_opt.step(weights, diff, state["server_opt"], round)
+        check_update(new, weights, f"server optimizer {self.server_opt!r}")
+        return new
 
 
 def FedProx(rounds: int = 10, mu: float = 0.01, **options) -> FedAvg:
@@ -172,3 +192,19 @@ def SCAFFOLD(rounds: int = 10, **options) -> FedAvg:
     Use it on strongly non-IID data with several local steps, where FedAvg's clients drift apart.
     """
     return FedAvg(rounds=rounds, **{**options, "extensions": (Scaffold(), *options.get("extensions", ()))})
+
+
+def FedOpt(rounds: int = 10, server_opt: ServerOptimizer = SGD(lr=1.0, momentum=0.6), **settings: Any) -> FedAvg:
+    """FedAvg whose server moves the global model with ``server_opt`` (default: NVFlare's FedOpt, FedAvgM).
+
+    Reddi et al. 2021, "Adaptive Federated Optimization". ``settings`` are the other `FedAvg`
+    fields (``clients_per_round``, ``aggregate``, ``weigh``, ...).
+
+    >>> from fedkit.server_opt import Yogi
+    >>> FedOpt(rounds=20, server_opt=Yogi(lr=0.03)).server_opt
+    Yogi(lr=0.03, beta1=0.9, beta2=0.99, tau=0.001, lr_schedule=None)
+    """
+    if server_opt is None:
+        raise ConfigError("FedOpt needs a server optimizer such as fedkit.server_opt.Adam(); "
+                          "for none, use FedAvg")
+    return FedAvg(rounds=rounds, server_opt=server_opt, **settings)
