@@ -52,7 +52,9 @@ class Client:
                               f"it has: {', '.join(self.executors) or 'none'}")
         task = replace(task, data=apply_filters(self.task_data_filters, task.data,
                                                 FilterContext("client", "task", self.name, task)))
-        ctx = ClientContext(self.name, self.data, self.state, device, derive_seed(self.seed, task.round))
+        # a preprocessing executor (e.g. Standardize) may replace the data for later tasks via state["data"]
+        data = self.state.get("data", self.data)
+        ctx = ClientContext(self.name, data, self.state, device, derive_seed(self.seed, task.round))
         result = run_executor(executor, task, ctx, abort)
         return apply_filters(self.result_filters, result, FilterContext("client", "result", self.name, task))
 

@@ -1,5 +1,10 @@
 """Workflows (controllers): how tasks are scheduled over the federation."""
 
+from .chain import Chain
+from .cross_site_eval import CrossSiteEval, cross_site_dataframe
+from .cyclic import Cyclic
 from .scatter_gather import FedAvg
+from .statistics import FederatedScaling, FedStats, statistics_arrays
 
-__all__ = ["FedAvg"]
+__all__ = ["FedAvg", "Cyclic", "CrossSiteEval", "cross_site_dataframe", "Chain", "FedStats", "FederatedScaling",
+           "statistics_arrays"]
