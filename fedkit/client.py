@@ -13,6 +13,7 @@ from .data import ClientData
 from .exchange import (DXO, Aborted, ClientContext, DeadlineExceeded, ExecutorLike, Filter, FilterContext, Signal,
                        Task, apply_filters, run_executor)
 from .faults import Faults
+from .preprocess import current_data
 
 if TYPE_CHECKING:
     from .server import Server
@@ -58,7 +59,8 @@ class Client:
                               f"it has: {', '.join(self.executors) or 'none'}")
         task = replace(task, data=apply_filters(self.task_data_filters, task.data,
                                                 FilterContext("client", "task", self.name, task)))
-        ctx = ClientContext(self.name, self.data, self.state, device, derive_seed(self.seed, task.round))
+        data = current_data(self.data, self.state)  # after any preprocessing task (e.g. Standardize)
+        ctx = ClientContext(self.name, data, self.state, device, derive_seed(self.seed, task.round))
         cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(ctx.seed)

@@ -22,9 +22,12 @@ class RoundRecord:
 class History:
     """The records of a run. Appended to while the run goes, so it can be read live from another thread."""
 
-    def __init__(self, rounds: list[RoundRecord] | None = None, events: list[dict] | None = None) -> None:
+    def __init__(self, rounds: list[RoundRecord] | None = None, events: list[dict] | None = None,
+                 results: dict[str, Any] | None = None) -> None:
         self.rounds: list[RoundRecord] = list(rounds or [])
         self.events: list[dict] = list(events or [])  # failures, warnings, aborts: {"round", "client", "what"}
+        # whole-run outcomes of analysis workflows, JSON-friendly: "cross_site", "statistics", "scaling"
+        self.results: dict[str, Any] = dict(results or {})
 
     def append(self, record: RoundRecord) -> None:
         self.rounds.append(record)
@@ -60,11 +63,12 @@ class History:
                              for r in list(self.rounds) for c, row in r.clients.items()])
 
     def to_dict(self) -> dict:
-        return {"rounds": [asdict(r) for r in list(self.rounds)], "events": list(self.events)}
+        return {"rounds": [asdict(r) for r in list(self.rounds)], "events": list(self.events),
+                "results": dict(self.results)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "History":
-        return cls([RoundRecord(**r) for r in d.get("rounds", [])], d.get("events", []))
+        return cls([RoundRecord(**r) for r in d.get("rounds", [])], d.get("events", []), d.get("results", {}))
 
     def save(self, directory: str | Path) -> None:
         """Write ``history.json``, ``rounds.csv`` and ``clients.csv`` into ``directory``."""

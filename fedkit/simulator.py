@@ -40,7 +40,9 @@ from .exchange import Aborted, Filter, Signal, Weights
 from .faults import Faults
 from .history import History, RoundRecord
 from .server import Controller, Engine, Server, ServerContext
-from .train import Evaluator, ModelFn, TrainConfig, Trainer, evaluate, load_weights, resolve_device
+from .preprocess import Standardize
+from .stats import StatsExecutor
+from .train import Evaluator, ModelFn, SubmitModel, TrainConfig, Trainer, evaluate, load_weights, resolve_device
 
 ClientsLike = Sequence[Dataset] | Sequence[ClientData] | Sequence[Client]
 
@@ -138,7 +140,8 @@ class Simulator:
 
     ``clients`` may be a `Partition` (or any list of `Dataset`s), a list of `ClientData`, or ready
     `Client` objects. Dataset clients get the standard `Trainer` (``train`` task) and `Evaluator`
-    (``validate`` task), and keep ``val_fraction`` of their data to validate the global model.
+    (``validate`` task), `SubmitModel` (``submit_model``), `StatsExecutor` (``stats_range``, ``stats``)
+    and `Standardize` (``standardize``), and keep ``val_fraction`` of their data to validate the global model.
     """
 
     def __init__(self, workflow: Controller, model: ModelFn | nn.Module, clients: ClientsLike,
@@ -189,8 +192,10 @@ class Simulator:
         if not isinstance(c, ClientData):
             raise ConfigError(f"clients[{i}] is a {type(c).__name__}; give Datasets (e.g. a fk.data partition), "
                               "ClientData or fk.Client objects")
+        stats = StatsExecutor()
         return Client(f"site-{i + 1}", c, {"train": Trainer(self.model_fn, self.train),
-                                            "validate": Evaluator(self.model_fn)})
+                                            "validate": Evaluator(self.model_fn), "submit_model": SubmitModel(),
+                                            "stats_range": stats, "stats": stats, "standardize": Standardize()})
 
     def describe(self) -> dict[str, Any]:
         """The settings of this simulator, as saved in ``config.json`` (the same in every process)."""

@@ -83,11 +83,11 @@ def evaluate(model: nn.Module, data: Dataset, device: torch.device | None = None
     return {"loss": loss.item() / len(data), "accuracy": correct.item() / len(data)}
 
 
-def local_model(ctx: ClientContext, model_fn: ModelFn) -> nn.Module:
-    """The client's model instance, built once and kept in its state."""
-    if "_model" not in ctx.state:
-        ctx.state["_model"] = model_fn().to(ctx.device)
-    return ctx.state["_model"]
+def local_model(ctx: ClientContext, model_fn: ModelFn, key: str = "_model") -> nn.Module:
+    """The client's model instance under ``key`` (a cache key, starting with ``_``), built once per run."""
+    if key not in ctx.state:
+        ctx.state[key] = model_fn().to(ctx.device)
+    return ctx.state[key]
 
 
 def load_weights(model: nn.Module, weights: Weights) -> None:
@@ -228,7 +228,29 @@ class Evaluator:
         self.model_fn = model_fn
 
     def execute(self, task: Task, ctx: ClientContext, abort: Signal) -> DXO:
-        model = local_model(ctx, self.model_fn)
+        # its own instance: scoring another model must not overwrite the locally trained one ("_model"),
+        # which `SubmitModel` hands in for cross-site evaluation
+        model = local_model(ctx, self.model_fn, key="_eval_model")
         load_weights(model, {k: v.to(ctx.device) for k, v in task.data.data.items()})
         scores = evaluate(model, on_device(ctx, "_val_on_device", ctx.data.val), ctx.device)
         return DXO(DataKind.METRICS, scores, {MetaKey.NUM_SAMPLES: len(ctx.data.val)})
+
+
+class SubmitModel:
+    """Executor for the ``submit_model`` task: the client's local model as WEIGHTS (cross-site evaluation).
+
+    The local model is the one the `Trainer` left in ``ctx.state["_model"]`` after the client's last
+    training task; a client that never trained (in this process: the model is a cache, not part of a
+    checkpoint) submits the WEIGHTS it received. ``meta["trained"]`` says which of the two it was.
+    """
+
+    def execute(self, task: Task, ctx: ClientContext, abort: Signal) -> DXO:
+        model = ctx.state.get("_model")
+        if model is not None:
+            weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        elif task.data.kind == DataKind.WEIGHTS:
+            weights = {k: v.detach().cpu().clone() for k, v in task.data.data.items()}
+        else:
+            raise ValueError(f"client {ctx.client!r} never trained, so it can only submit the WEIGHTS it is sent; "
+                             f"the submit_model task carried {task.data.kind.value}")
+        return DXO(DataKind.WEIGHTS, weights, {MetaKey.NUM_SAMPLES: len(ctx.data.train), "trained": model is not None})

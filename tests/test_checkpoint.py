@@ -210,3 +210,35 @@ def test_cli_resume_of_a_corrupted_run_exits_2(tmp_path, capsys):
     (tmp_path / "checkpoints" / "round-00001" / "model.pt").write_bytes(b"junk")
     assert main(["run", "--resume", str(tmp_path), "--no-progress"]) == 2
     assert "corrupted or truncated" in capsys.readouterr().err
+
+
+WORKFLOWS = {
+    "fedopt-adam": lambda: fk.FedOpt(rounds=5, server_opt=fk.server_opt.Adam(lr=0.01)),
+    "scaffold": lambda: fk.SCAFFOLD(rounds=5),
+    "fedprox": lambda: fk.FedProx(rounds=5, mu=0.1),
+    "scaling-then-fedavg": lambda: fk.workflows.Chain(fk.workflows.FederatedScaling(), fk.FedAvg(rounds=5)),
+    "cyclic": lambda: fk.workflows.Cyclic(rounds=5, order="shuffled"),
+}
+
+
+@pytest.mark.parametrize("name", list(WORKFLOWS))
+def test_stateful_workflows_resume_exactly(digits, tmp_path, name):
+    """Server state (optimizer moments, SCAFFOLD's c), client state (c_i, scaling) all survive a resume."""
+    parts = fk.data.dirichlet(digits.train, clients=4, alpha=0.3, seed=0)
+
+    def sim(out, on_round=()):
+        return fk.Simulator(WORKFLOWS[name](), model=lambda: fk.models.for_data(digits), clients=parts,
+                            train=fk.TrainConfig(epochs=2), seed=0, out=out, on_round=list(on_round))
+
+    whole = sim(tmp_path / "whole").run(progress=False)
+    cut = sim(tmp_path / "cut", [stop_after(1)]).run(progress=False)
+    assert cut.status == "aborted"
+    ckpt = checkpoint.load(tmp_path / "cut")
+    if name == "fedopt-adam":
+        assert any(k.startswith("m/") for k in ckpt.server_state["server_opt"])
+    if name == "scaffold":
+        assert "scaffold_c" in ckpt.server_state and all("scaffold_ci" in s for s in ckpt.client_states.values())
+    if name == "scaling-then-fedavg":
+        assert all("standardize" in s for s in ckpt.client_states.values())
+    resumed = sim(tmp_path / "cut").resume(progress=False)
+    assert resumed.model_sha256 == whole.model_sha256

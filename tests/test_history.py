@@ -88,7 +88,7 @@ def test_dict_round_trip(history):
     again = History.from_dict(d)
     assert again.to_dict() == d
     assert isinstance(again.rounds[0], RoundRecord)
-    assert History.from_dict({}).to_dict() == {"rounds": [], "events": []}
+    assert History.from_dict({}).to_dict() == {"rounds": [], "events": [], "results": {}}
 
 
 def test_save_and_load(tmp_path, history):
