@@ -9,22 +9,27 @@ model_sha256, run_dir). Bad arguments exit with code 2 and a message that says w
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
-from . import aggregate, data as fkdata, models
+from . import aggregate, data as fkdata, models, plots, server_opt
 from .checkpoint import CheckpointError
 from .errors import ConfigError
 from .faults import Faults
 from .simulator import Simulator
 from .train import TrainConfig
-from .workflows import FedAvg
+from .server import Controller
+from .workflows import SCAFFOLD, Cyclic, FedAvg, FedOpt, FedProx
 
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity")
+ALGORITHMS = ("fedavg", "fedprox", "fedopt", "scaffold", "cyclic")
 WEIGHINGS = {"samples": aggregate.by_samples, "steps": aggregate.by_steps, "uniform": aggregate.uniform}
+SERVER_OPTS = {"sgd": server_opt.SGD, "adam": server_opt.Adam, "yogi": server_opt.Yogi, "adagrad": server_opt.Adagrad}
+RULES = ("mean", "median", "trimmed-mean", "krum", "multi-krum")
 
 
 def _positive_int(text: str) -> int:
@@ -47,10 +52,15 @@ def _positive_float(text: str) -> float:
     return v
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedkit", description="Federated learning experiments in one process.")
-    sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run one federated experiment", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _algorithm_list(text: str) -> list[str]:
+    names = [a.strip().lower() for a in text.split(",") if a.strip()]
+    bad = [a for a in names if a not in ALGORITHMS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown algorithm(s) {bad or text!r}; choose from {', '.join(ALGORITHMS)}")
+    return names
+
+
+def _add_common(r: argparse.ArgumentParser) -> None:
     d = r.add_argument_group("data")
     d.add_argument("--dataset", default="digits", choices=fkdata.DATASETS, help="digits works offline")
     d.add_argument("--data-root", default="data", help="where mnist/cifar10 live")
@@ -63,6 +73,15 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--rounds", type=_positive_int, default=10)
     f.add_argument("--clients-per-round", type=_positive_int, default=None, help="default: all")
     f.add_argument("--weigh-by", default="samples", choices=tuple(WEIGHINGS), help="aggregation weight of a client")
+    f.add_argument("--aggregate", default="mean", choices=RULES, help="aggregation rule")
+    f.add_argument("--trim", type=float, default=0.1, help="fraction trimmed at each end (trimmed-mean)")
+    f.add_argument("--byzantine", type=int, default=1, help="clients Krum assumes malicious (krum, multi-krum)")
+    a = r.add_argument_group("algorithm options")
+    a.add_argument("--mu", type=float, default=0.01, help="FedProx proximal weight")
+    a.add_argument("--server-opt", default="sgd", choices=tuple(SERVER_OPTS), help="FedOpt server optimizer")
+    a.add_argument("--server-lr", type=_positive_float, default=None, help="FedOpt server lr (default: 1.0 for sgd, 0.01 else)")
+    a.add_argument("--server-momentum", type=float, default=0.6, help="FedOpt sgd momentum (NVFlare's default)")
+    a.add_argument("--order", default="fixed", choices=("fixed", "shuffled"), help="cyclic visiting order")
     t = r.add_argument_group("local training")
     t.add_argument("--model", default="auto", choices=("auto", "mlp", "cnn", "simple"))
     t.add_argument("--local-epochs", type=_positive_int, default=TrainConfig.epochs)
@@ -81,16 +100,61 @@ def parser() -> argparse.ArgumentParser:
     o = r.add_argument_group("run")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    o.add_argument("--out", default=None, help="run directory (default: runs/<dataset>-<partition>-<time>)")
-    o.add_argument("--resume", metavar="DIR", default=None,
-                   help="continue the interrupted run in DIR with the settings it was started with")
     o.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     o.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedkit", description="Federated learning experiments in one process.")
+    sub = p.add_subparsers(dest="command", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    r = sub.add_parser("run", help="run one federated experiment", formatter_class=fmt)
+    r.add_argument("--algorithm", default="fedavg", choices=ALGORITHMS)
+    _add_common(r)
+    r.add_argument("--out", default=None, help="run directory (default: runs/<dataset>-<partition>-<time>)")
+    r.add_argument("--resume", metavar="DIR", default=None,
+                   help="continue the interrupted run in DIR with the settings it was started with")
+    c = sub.add_parser("compare", help="run several algorithms on the same data and seed; one plot", formatter_class=fmt)
+    c.add_argument("--algorithms", type=_algorithm_list, default=["fedavg", "fedprox", "fedopt", "scaffold"],
+                   help="comma-separated, from: " + ", ".join(ALGORITHMS))
+    _add_common(c)
+    c.add_argument("--out", default=None, help="directory for the runs and compare.html (default: runs/compare-<time>)")
     return p
 
 
-def build(args: argparse.Namespace) -> Simulator:
-    """The simulator that ``fedkit run`` arguments describe."""
+def _rule(args: argparse.Namespace) -> aggregate.Rule:
+    if args.aggregate == "mean":
+        return aggregate.weighted_mean
+    if args.aggregate == "median":
+        return aggregate.coordinate_median
+    if args.aggregate == "trimmed-mean":
+        return functools.partial(aggregate.trimmed_mean, beta=args.trim)
+    if args.aggregate == "krum":
+        return functools.partial(aggregate.krum, f=args.byzantine)
+    return functools.partial(aggregate.multi_krum, f=args.byzantine)
+
+
+def workflow(args: argparse.Namespace, algorithm: str) -> Controller:
+    """The workflow that ``--algorithm`` and its options describe."""
+    if algorithm == "cyclic":
+        return Cyclic(rounds=args.rounds, order=args.order)
+    common = dict(rounds=args.rounds, clients_per_round=args.clients_per_round, weigh=WEIGHINGS[args.weigh_by],
+                  aggregate=_rule(args), min_clients=args.min_clients, max_retries=args.max_retries,
+                  task_timeout=args.task_timeout)
+    if algorithm == "fedprox":
+        return FedProx(mu=args.mu, **common)
+    if algorithm == "scaffold":
+        return SCAFFOLD(**common)
+    if algorithm == "fedopt":
+        cls = SERVER_OPTS[args.server_opt]
+        lr = args.server_lr or (1.0 if args.server_opt == "sgd" else 0.01)
+        opt = cls(lr=lr, momentum=args.server_momentum) if args.server_opt == "sgd" else cls(lr=lr)
+        return FedOpt(server_opt=opt, **common)
+    return FedAvg(**common)
+
+
+def build(args: argparse.Namespace, algorithm: str | None = None, out: str | Path | None = None) -> Simulator:
+    """The simulator that ``fedkit run`` / ``compare`` arguments describe, for one ``algorithm``."""
     data = fkdata.load(args.dataset, root=args.data_root, download=args.download)
     if args.partition == "iid":
         parts = fkdata.iid(data.train, args.clients, seed=args.seed)
@@ -104,12 +168,10 @@ def build(args: argparse.Namespace) -> Simulator:
     if args.straggle > 0 and args.task_timeout is None:
         raise ConfigError("--straggle needs --task-timeout SECONDS: a straggler is a client that answers after the deadline")
     faults = Faults(dropout=args.dropout, crash=args.crash, straggle=args.straggle, corrupt=args.corrupt, seed=args.fault_seed)
-    workflow = FedAvg(rounds=args.rounds, clients_per_round=args.clients_per_round, weigh=WEIGHINGS[args.weigh_by],
-                      min_clients=args.min_clients, max_retries=args.max_retries, task_timeout=args.task_timeout)
     train = TrainConfig(epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum)
-    return Simulator(workflow, model=lambda: models.for_data(data, args.model), clients=parts, test=data.test,
-                     train=train, seed=args.seed, device=args.device, out=Path(args.out),
-                     faults=faults if faults.any else None)
+    return Simulator(workflow(args, algorithm or args.algorithm), model=lambda: models.for_data(data, args.model),
+                     clients=parts, test=data.test, train=train, seed=args.seed, device=args.device,
+                     out=Path(out) if out is not None else None, faults=faults if faults.any else None)
 
 
 RESUME_MAY_CHANGE = {"resume", "json", "no_progress", "device", "out", "command"}
@@ -137,12 +199,14 @@ def resumed_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argpar
 def main(argv: Sequence[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
+    if args.command == "compare":
+        return compare_main(p, args)
     try:
         if args.resume:
             args = resumed_args(p, args)
         else:
             args.out = args.out or f"runs/{args.dataset}-{args.partition}-{time.strftime('%Y%m%d-%H%M%S')}"
-        sim = build(args)
+        sim = build(args, out=args.out)
         if not args.resume:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             saved = {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE - {"device"}}
@@ -172,6 +236,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedkit: interrupted after {summary['rounds']} round(s); continue with: fedkit run --resume {args.out}",
               file=sys.stderr)
         return 130
+    return 0
+
+
+def compare_main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``fedkit compare``: each algorithm on the same partition, seed and initial model; one plot."""
+    out = Path(args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        sims = {name: build(args, name, out / name) for name in args.algorithms}
+    except ConfigError as e:
+        p.error(str(e))
+    runs = {}
+    for name, sim in sims.items():
+        try:
+            runs[name] = sim.run(progress=not args.no_progress, desc=name)
+        except Exception as e:
+            print(f"fedkit: {name} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
+    figure = plots.curves(runs, title=f"global model accuracy per round: {args.dataset}, {args.clients} clients, "
+                                      f"{args.partition}" + (f" alpha={args.alpha}" if args.partition != "iid" else ""))
+    figure.write_html(out / "compare.html", include_plotlyjs="directory")
+    summary = {"runs": {n: r.summary() for n, r in runs.items()}, "plot": str(out / "compare.html")}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for n, r in runs.items():
+            print(f"{n:>10}: accuracy {r.history.last('accuracy'):.4f} after {len(r.history)} rounds ({r.seconds:.1f}s)")
+        print(f"plot: {out / 'compare.html'}")
     return 0
 
 

@@ -214,13 +214,13 @@ class Simulator:
             torch.manual_seed(self.seed)
             return W.clone(self.model_fn().state_dict())
 
-    def run(self, progress: bool = True) -> Run:
+    def run(self, progress: bool = True, desc: str = "rounds") -> Run:
         """Run the workflow to the end in this thread and return the finished `Run`.
 
         Interrupting the kernel (Ctrl-C) stops at the next batch and returns the run as ``aborted``;
         with ``out`` set, its last completed round is checkpointed and `resume` continues it.
         """
-        return self._blocking(Run(self), None, progress)
+        return self._blocking(Run(self), None, progress, desc)
 
     def start(self) -> Run:
         """Start the workflow in a background thread; returns the `Run` handle at once."""
@@ -250,8 +250,8 @@ class Simulator:
         run.run_dir = run_dir
         return self._blocking(run, ckpt, progress)
 
-    def _blocking(self, run: Run, ckpt: checkpoint.Checkpoint | None, progress: bool) -> Run:
-        bar = _progress(self.workflow, progress, done=ckpt.round + 1 if ckpt else 0)
+    def _blocking(self, run: Run, ckpt: checkpoint.Checkpoint | None, progress: bool, desc: str = "rounds") -> Run:
+        bar = _progress(self.workflow, progress, done=ckpt.round + 1 if ckpt else 0, desc=desc)
         try:
             self._execute(run, ckpt, extra_listeners=[bar.update_record] if bar else [])
         finally:
@@ -350,10 +350,10 @@ def _describe(obj: Any) -> Any:
 class _Bar:
     """A tqdm progress bar over rounds that shows the latest global accuracy."""
 
-    def __init__(self, total: int, done: int = 0) -> None:
+    def __init__(self, total: int, done: int = 0, desc: str = "rounds") -> None:
         from tqdm.auto import tqdm
 
-        self._bar = tqdm(total=total, initial=done, desc="rounds", unit="round")
+        self._bar = tqdm(total=total, initial=done, desc=desc, unit="round")
 
     def update_record(self, record: RoundRecord) -> None:
         acc = record.metrics.get("accuracy")
@@ -365,5 +365,5 @@ class _Bar:
         self._bar.close()
 
 
-def _progress(workflow: Controller, enabled: bool, done: int = 0) -> _Bar | None:
-    return _Bar(getattr(workflow, "rounds", None), done) if enabled else None
+def _progress(workflow: Controller, enabled: bool, done: int = 0, desc: str = "rounds") -> _Bar | None:
+    return _Bar(getattr(workflow, "rounds", None), done, desc) if enabled else None
