@@ -9,28 +9,18 @@ model_sha256, run_dir). Bad arguments exit with code 2 and a message that says w
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
-from . import aggregate, data as fkdata, models, plots, server_opt
+from . import data as fkdata, plots
 from .checkpoint import CheckpointError
 from .errors import ConfigError
-from .faults import Faults
+from .experiment import ALGORITHMS, PARTITIONS, RULES, SERVER_OPTS, WEIGHINGS, Experiment
 from .simulator import Simulator
 from .train import TrainConfig
-from .server import Controller
-from .workflows import SCAFFOLD, Cyclic, FedAvg, FedOpt, FedProx
-
-PARTITIONS = ("iid", "dirichlet", "shards", "quantity")
-ALGORITHMS = ("fedavg", "fedprox", "fedopt", "scaffold", "cyclic")
-WEIGHINGS = {"samples": aggregate.by_samples, "steps": aggregate.by_steps, "uniform": aggregate.uniform}
-SERVER_OPTS = {"sgd": server_opt.SGD, "adam": server_opt.Adam, "yogi": server_opt.Yogi, "adagrad": server_opt.Adagrad}
-RULES = ("mean", "median", "trimmed-mean", "krum", "multi-krum")
-
 
 def _positive_int(text: str) -> int:
     try:
@@ -122,56 +112,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _rule(args: argparse.Namespace) -> aggregate.Rule:
-    if args.aggregate == "mean":
-        return aggregate.weighted_mean
-    if args.aggregate == "median":
-        return aggregate.coordinate_median
-    if args.aggregate == "trimmed-mean":
-        return functools.partial(aggregate.trimmed_mean, beta=args.trim)
-    if args.aggregate == "krum":
-        return functools.partial(aggregate.krum, f=args.byzantine)
-    return functools.partial(aggregate.multi_krum, f=args.byzantine)
-
-
-def workflow(args: argparse.Namespace, algorithm: str) -> Controller:
-    """The workflow that ``--algorithm`` and its options describe."""
-    if algorithm == "cyclic":
-        return Cyclic(rounds=args.rounds, order=args.order)
-    common = dict(rounds=args.rounds, clients_per_round=args.clients_per_round, weigh=WEIGHINGS[args.weigh_by],
-                  aggregate=_rule(args), min_clients=args.min_clients, max_retries=args.max_retries,
-                  task_timeout=args.task_timeout)
-    if algorithm == "fedprox":
-        return FedProx(mu=args.mu, **common)
-    if algorithm == "scaffold":
-        return SCAFFOLD(**common)
-    if algorithm == "fedopt":
-        cls = SERVER_OPTS[args.server_opt]
-        lr = args.server_lr or (1.0 if args.server_opt == "sgd" else 0.01)
-        opt = cls(lr=lr, momentum=args.server_momentum) if args.server_opt == "sgd" else cls(lr=lr)
-        return FedOpt(server_opt=opt, **common)
-    return FedAvg(**common)
-
-
 def build(args: argparse.Namespace, algorithm: str | None = None, out: str | Path | None = None) -> Simulator:
     """The simulator that ``fedkit run`` / ``compare`` arguments describe, for one ``algorithm``."""
-    data = fkdata.load(args.dataset, root=args.data_root, download=args.download)
-    if args.partition == "iid":
-        parts = fkdata.iid(data.train, args.clients, seed=args.seed)
-    elif args.partition == "dirichlet":
-        parts = fkdata.dirichlet(data.train, args.clients, alpha=args.alpha, seed=args.seed)
-    elif args.partition == "shards":
-        parts = fkdata.shards(data.train, args.clients, args.shards_per_client, seed=args.seed)
-    else:
-        parts = fkdata.quantity_skew(data.train, args.clients, alpha=args.alpha, seed=args.seed)
-    models.for_data(data, args.model)  # fail now, not in the middle of the run, if model and data disagree
-    if args.straggle > 0 and args.task_timeout is None:
-        raise ConfigError("--straggle needs --task-timeout SECONDS: a straggler is a client that answers after the deadline")
-    faults = Faults(dropout=args.dropout, crash=args.crash, straggle=args.straggle, corrupt=args.corrupt, seed=args.fault_seed)
-    train = TrainConfig(epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum)
-    return Simulator(workflow(args, algorithm or args.algorithm), model=lambda: models.for_data(data, args.model),
-                     clients=parts, test=data.test, train=train, seed=args.seed, device=args.device,
-                     out=Path(out) if out is not None else None, faults=faults if faults.any else None)
+    return Experiment.from_mapping(vars(args)).simulator(algorithm, out=out)
 
 
 RESUME_MAY_CHANGE = {"resume", "json", "no_progress", "device", "out", "command"}

@@ -194,7 +194,7 @@ def test_sigkill_mid_run_then_resume_gives_the_same_model(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--resume", "/nonexistent/run"], "has no cli.json"),
-    (["--straggle", "0.1"], "--straggle needs --task-timeout"),
+    (["--straggle", "0.1"], "straggle > 0 needs a task_timeout (--task-timeout SECONDS)"),
     (["--dropout", "1.5"], "dropout is a probability"),
 ])
 def test_cli_fault_and_resume_errors(args, message, capsys):
