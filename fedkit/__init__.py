@@ -12,6 +12,7 @@
 from . import aggregate, data, models, plots, server_opt, weights
 from .client import Client
 from .compare import compare
+from .experiment import Experiment
 from .data import ClientData, Dataset, Partition
 from .checkpoint import CheckpointError
 from .errors import ConfigError, RoundFailed, UpdateError
@@ -27,7 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "aggregate", "data", "models", "plots", "server_opt", "weights",
-    "Client", "compare", "ClientData", "Dataset", "Partition", "CheckpointError", "ConfigError", "RoundFailed", "UpdateError", "Faults",
+    "Client", "compare", "Experiment", "ClientData", "Dataset", "Partition", "CheckpointError", "ConfigError", "RoundFailed", "UpdateError", "Faults",
     "DXO", "Aborted", "ClientContext", "DataKind", "Executor", "FilterContext", "MetaKey", "Signal", "Task", "Weights",
     "History", "RoundRecord", "Controller", "Reply", "Server", "ServerContext", "Run", "Simulator",
     "Evaluator", "TrainConfig", "Trainer", "evaluate", "FedAvg", "FedOpt", "FedProx", "SCAFFOLD",
