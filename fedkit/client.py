@@ -57,15 +57,17 @@ class Client:
         if executor is None:
             raise LookupError(f"client {self.name!r} has no executor for task {task.name!r}; "
                               f"it has: {', '.join(self.executors) or 'none'}")
+        seed = derive_seed(self.seed, task.round)
         task = replace(task, data=apply_filters(self.task_data_filters, task.data,
-                                                FilterContext("client", "task", self.name, task)))
+                                                FilterContext("client", "task", self.name, task, seed)))
         data = current_data(self.data, self.state)  # after any preprocessing task (e.g. Standardize)
-        ctx = ClientContext(self.name, data, self.state, device, derive_seed(self.seed, task.round))
+        ctx = ClientContext(self.name, data, self.state, device, seed)
         cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(ctx.seed)
             result = run_executor(executor, task, ctx, abort)
-        return apply_filters(self.result_filters, result, FilterContext("client", "result", self.name, task))
+        # in list order: DP filters (clip, noise) must come before encryption, which makes the update opaque
+        return apply_filters(self.result_filters, result, FilterContext("client", "result", self.name, task, ctx.seed))
 
     def work(self, server: "Server", device: torch.device, abort: Signal) -> None:
         """Pull tasks until the server has none for this client; answer each, or report its failure.

@@ -171,6 +171,7 @@ class FilterContext:
     direction: str  # "task" (server -> client) or "result" (client -> server)
     client: str
     task: Task
+    seed: int = 0  # on a client: the task's seed, from (run seed, round, client), for filters that draw noise
 
 
 Filter = Callable[[DXO, FilterContext], DXO]

@@ -49,3 +49,25 @@ def partition(parts: Partition, title: str | None = None) -> go.Figure:
     fig.update_layout(barmode="stack", title=title or f"samples per client and class: {parts.scheme}",
                       xaxis_title="client", yaxis_title="samples", template="plotly_white")
     return fig
+
+
+def privacy_utility(runs: Mapping[str, Any], metric: str = "accuracy", epsilon: str | None = None) -> go.Figure:
+    """The privacy-utility trade-off: ``metric`` against the epsilon spent, one line per run, round by round.
+
+    ``epsilon`` names the round metric on the x axis: ``"epsilon"`` (DP-FedAvg, user-level) or
+    ``"client_epsilon"`` (DP-SGD, the largest client's); None takes whichever each run recorded.
+    A run with no epsilon (not private) is drawn as a dashed horizontal line at its final ``metric``.
+    """
+    fig = go.Figure()
+    for label, run in runs.items():
+        h = _history(run)
+        key = epsilon or next((k for k in ("epsilon", "client_epsilon") if any(k in r.metrics for r in h)), None)
+        if key is None or not any(key in r.metrics for r in h):
+            fig.add_hline(y=h.last(metric), line_dash="dash", annotation_text=f"{label} (not private)")
+            continue
+        rows = [r for r in h if key in r.metrics]
+        fig.add_trace(go.Scatter(x=[r.metrics[key] for r in rows], y=[r.metrics.get(metric) for r in rows],
+                                 mode="lines+markers", name=str(label)))
+    fig.update_layout(title=f"privacy-utility trade-off: {metric} against epsilon", xaxis_title=epsilon or "epsilon",
+                      yaxis_title=metric, template="plotly_white", legend_title_text="run")
+    return fig

@@ -175,6 +175,13 @@ class ServerContext:
         rng = np.random.default_rng([self.seed, round, 1])
         return [names[i] for i in sorted(rng.choice(len(names), size=k, replace=False))]
 
+    def sample_poisson(self, rate: float, round: int) -> list[str]:
+        """Each client independently with probability ``rate`` (Poisson sampling, which DP accountants
+        assume); possibly none. The same clients for the same seed and round."""
+        rng = np.random.default_rng([self.seed, round, 4])  # 4: a stream apart from sample_clients and Cyclic
+        draws = rng.random(len(self.client_names))
+        return [name for name, u in zip(self.client_names, draws) if u < rate]
+
     def record_failures(self, replies: dict[str, Reply]) -> None:
         """Add every reply that is not ok to the history's events, with its reason."""
         for name, r in replies.items():
@@ -199,6 +206,9 @@ class ServerContext:
             else:
                 row["error"] = r.error
             clients[name] = row
+        eps = [row["epsilon"] for row in clients.values() if "epsilon" in row]
+        if eps:  # DP-SGD clients report a cumulative epsilon that only grows: the federation's worst so far
+            metrics.setdefault("client_epsilon", max([*eps, self.history.last("client_epsilon", 0.0)]))
         metrics.setdefault("clients_ok", sum(r.ok for r in replies.values()))
         metrics.setdefault("clients_failed", sum(not r.ok for r in replies.values()))
         metrics.setdefault("bytes_down", sum(r.bytes_down for r in replies.values()))

@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import threading
 import time
 import traceback
@@ -95,7 +96,12 @@ class Run:
         return m
 
     def summary(self) -> dict[str, Any]:
-        """The headline numbers, as the CLI prints them with ``--json``."""
+        """The headline numbers, as the CLI prints them with ``--json``.
+
+        ``epsilon`` is DP-FedAvg's user-level epsilon, ``client_epsilon`` the largest example-level
+        (DP-SGD) epsilon of any client, ``delta`` theirs (None when the run is not private);
+        ``stopped`` says why a run ended before its last round (e.g. its privacy budget), else None.
+        """
         failures = [e for e in self.history.events if "client" in e]
         return {
             "status": self.status,
@@ -108,6 +114,8 @@ class Run:
             "failures": len(failures),
             "failures_by_kind": dict(Counter(e["what"] for e in failures)),
             "error": f"{type(self.error).__name__}: {self.error}" if self.error else None,
+            **_privacy(self.history),
+            "stopped": next((e["reason"] for e in self.history.events if e.get("what") == "stopped"), None),
         }
 
     def save(self, directory: str | Path | None = None) -> Path:
@@ -126,6 +134,19 @@ class Run:
         return directory
 
 
+def _privacy(history: History) -> dict[str, float | None]:
+    """The privacy a run has spent so far, from its history (None where it recorded none)."""
+    def last(key: str) -> float | None:
+        v = history.last(key)
+        return None if math.isnan(v) else v
+
+    delta = last("delta")
+    if delta is None:  # DP-SGD only: the clients report their delta in their rows
+        deltas = [row["delta"] for r in history for row in r.clients.values() if "delta" in row]
+        delta = max(deltas) if deltas else None
+    return {"epsilon": last("epsilon"), "client_epsilon": last("client_epsilon"), "delta": delta}
+
+
 def _as_model_fn(model: ModelFn | nn.Module) -> ModelFn:
     if isinstance(model, nn.Module):
         template = copy.deepcopy(model)
@@ -142,13 +163,16 @@ class Simulator:
     `Client` objects. Dataset clients get the standard `Trainer` (``train`` task) and `Evaluator`
     (``validate`` task), `SubmitModel` (``submit_model``), `StatsExecutor` (``stats_range``, ``stats``)
     and `Standardize` (``standardize``), and keep ``val_fraction`` of their data to validate the global model.
+    ``client_result_filters`` are attached, in order, to those clients' results (e.g. DP's
+    `fedkit.privacy.dp.ClipUpdate`, then an encryption filter: privacy first, encryption last).
     """
 
     def __init__(self, workflow: Controller, model: ModelFn | nn.Module, clients: ClientsLike,
                  test: Dataset | None = None, train: TrainConfig = TrainConfig(), *, seed: int = 0,
                  device: str | torch.device = "auto", out: str | Path | None = None, val_fraction: float = 0.1,
                  engine: Engine = sequential, server_filters: Sequence[Filter] = (),
-                 server_result_filters: Sequence[Filter] = (), faults: Faults | None = None,
+                 server_result_filters: Sequence[Filter] = (), client_result_filters: Sequence[Filter] = (),
+                 faults: Faults | None = None,
                  checkpoint_every: int = 1, on_round: Sequence[Callable[[RoundRecord], None]] = ()) -> None:
         if not isinstance(workflow, Controller):
             raise ConfigError(f"workflow must be a Controller such as fk.FedAvg(...), got {type(workflow).__name__}")
@@ -173,9 +197,12 @@ class Simulator:
         self.engine = engine
         self.server_filters = list(server_filters)
         self.server_result_filters = list(server_result_filters)
+        self.client_result_filters = list(client_result_filters)
         self.faults = faults
         self.checkpoint_every = checkpoint_every
         self.on_round = list(on_round)
+        if train.dp is not None:  # fail now, with how to fix the model, not in every client's first round
+            train.dp.check_model(self.model_fn())
         self.clients = [self._client(i, c) for i, c in enumerate(clients)]
         names = [c.name for c in self.clients]
         if len(set(names)) != len(names):
@@ -195,13 +222,15 @@ class Simulator:
         stats = StatsExecutor()
         return Client(f"site-{i + 1}", c, {"train": Trainer(self.model_fn, self.train),
                                             "validate": Evaluator(self.model_fn), "submit_model": SubmitModel(),
-                                            "stats_range": stats, "stats": stats, "standardize": Standardize()})
+                                            "stats_range": stats, "stats": stats, "standardize": Standardize()},
+                      result_filters=list(self.client_result_filters))
 
     def describe(self) -> dict[str, Any]:
         """The settings of this simulator, as saved in ``config.json`` (the same in every process)."""
         return {"workflow": _describe(self.workflow), "train": _describe(self.train), "seed": self.seed,
                 "clients": {c.name: [_data_digest(c.data.train), _data_digest(c.data.val)] for c in self.clients},
-                "val_fraction": self.val_fraction, "faults": _describe(self.faults)}
+                "val_fraction": self.val_fraction, "faults": _describe(self.faults),
+                "client_result_filters": _describe(self.client_result_filters)}
 
     def fingerprint(self) -> str:
         """A hash of the settings and initial weights: a checkpoint resumes only under the same fingerprint."""
@@ -278,13 +307,18 @@ class Simulator:
                 start_round = ckpt.round + 1
             run.weights = server.weights
             fingerprint = self.fingerprint() if run.run_dir is not None else ""
+            saved = {"round": ckpt.round if ckpt is not None else -1}
+
+            def save(round: int) -> None:
+                checkpoint.save(run.run_dir, round, server.weights, server.state,
+                                {n: c.state for n, c in clients.items()}, run.history, fingerprint)
+                saved["round"] = round
 
             def track(record: RoundRecord) -> None:
                 run.weights = server.weights
                 last = record.round + 1 >= getattr(self.workflow, "rounds", 0)
                 if run.run_dir is not None and ((record.round + 1) % self.checkpoint_every == 0 or last):
-                    checkpoint.save(run.run_dir, record.round, server.weights, server.state,
-                                    {n: c.state for n, c in clients.items()}, run.history, fingerprint)
+                    save(record.round)
 
             if run.run_dir is not None:
                 run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -294,6 +328,8 @@ class Simulator:
                                start_round=start_round)
             self.workflow.control_flow(fl)
             run.weights = server.weights
+            if run.run_dir is not None and len(run.history) and saved["round"] != run.history.rounds[-1].round:
+                save(run.history.rounds[-1].round)  # a workflow that stopped early (privacy budget) is checkpointed too
             run.status = "done"
         except (Aborted, KeyboardInterrupt) as e:
             run.status = "aborted"

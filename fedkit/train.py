@@ -8,8 +8,9 @@ rounds after the first pay no set-up.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,9 @@ from .data import Dataset
 from .errors import ConfigError
 from .exchange import DXO, ClientContext, DataKind, MetaKey, Signal, Task, Weights
 from .weights import check_update, subtract
+
+if TYPE_CHECKING:
+    from .privacy.dp import DPSGD
 
 ModelFn = Callable[[], nn.Module]
 
@@ -33,6 +37,7 @@ class TrainConfig:
     momentum: float = 0.9  # the optimizer is fresh each round: no momentum leaks across rounds
     weight_decay: float = 0.0
     validate: bool = True  # score the received global model on the local validation split first
+    dp: "DPSGD | None" = None  # example-level DP-SGD (fedkit.privacy.dp.DPSGD); None: plain SGD
 
     def __post_init__(self) -> None:
         for name, low in (("epochs", 1), ("batch_size", 1)):
@@ -47,6 +52,8 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig.{name} must be >= 0, got {v!r}")
         if self.momentum >= 1:
             raise ConfigError(f"TrainConfig.momentum must be < 1, got {self.momentum!r}")
+        if self.dp is not None and not callable(getattr(self.dp, "prepare", None)):
+            raise ConfigError(f"TrainConfig.dp must be a fedkit.privacy.dp.DPSGD(...) or None, got {self.dp!r}")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -135,39 +142,64 @@ def correction_hook(model: nn.Module, correction: Weights) -> GradHook:
     return hook
 
 
+class PrivateSteps(Protocol):
+    """What DP-SGD changes in `sgd_epochs` (made by `fedkit.privacy.dp.DPSGD.prepare`): how batches are
+    drawn (Poisson sampling) and the optimizer (Opacus' DPOptimizer: clip each example's gradient, add noise)."""
+
+    def batches(self, n: int, generator: torch.Generator, device: torch.device) -> Iterator[torch.Tensor]: ...
+
+    def optimizer(self, opt: torch.optim.Optimizer, seed: int) -> Any: ...
+
+
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device) -> Iterator[torch.Tensor]:
+    """One epoch of batch indices: a random permutation cut into ``batch_size`` pieces (the last may be smaller)."""
+    order = torch.randperm(n, generator=generator).to(device)
+    for i in range(0, n, batch_size):
+        yield order[i:i + batch_size]
+
+
 def sgd_epochs(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int, abort: Signal,
-               grad_hooks: Sequence[GradHook] = ()) -> dict[str, float]:
+               grad_hooks: Sequence[GradHook] = (), private: PrivateSteps | None = None) -> dict[str, float]:
     """Train ``model`` in place for ``cfg.epochs`` with SGD; returns loss, accuracy, steps, samples.
 
     Batches are drawn from a generator seeded with ``seed`` (so runs repeat exactly), and the abort
     signal is checked before every batch. ``grad_hooks`` run after each backward pass, before the
-    optimizer step: that is where FedProx and SCAFFOLD change the local update.
+    optimizer step: that is where FedProx and SCAFFOLD change the local update. With ``private``
+    (DP-SGD), batches are Poisson-sampled and each step clips every example's gradient and adds noise
+    before the hooks run (the hooks then see only privatized gradients).
     """
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sgd = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = sgd if private is None else private.optimizer(sgd, seed)
     gen = torch.Generator().manual_seed(seed)
     device = data.x.device
     n = len(data)
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    steps = 0
-    for _ in range(cfg.epochs):
-        order = torch.randperm(n, generator=gen).to(device)
-        for i in range(0, n, cfg.batch_size):
-            abort.check()
-            idx = order[i:i + cfg.batch_size]
-            x, y = data.x[idx], data.y[idx]
-            out = model(x)
-            loss = F.cross_entropy(out, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for hook in grad_hooks:
-                hook()
-            opt.step()
-            steps += 1
-            loss_sum += loss.detach() * len(idx)
-            correct += (out.detach().argmax(1) == y).sum()
-    seen = n * cfg.epochs
+    steps = seen = 0
+    with warnings.catch_warnings():
+        if private is not None:  # Opacus hooks the first layer too, whose input needs no gradient: torch warns each step
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for _ in range(cfg.epochs):
+            batches = shuffled_batches(n, cfg.batch_size, gen, device) if private is None else private.batches(n, gen, device)
+            for idx in batches:
+                abort.check()
+                x, y = data.x[idx], data.y[idx]
+                out = model(x)
+                loss = F.cross_entropy(out, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if private is not None:
+                    opt.pre_step()  # Opacus' named stages: clip each example's gradient, add noise, scale
+                for hook in grad_hooks:
+                    hook()
+                sgd.step()
+                steps += 1
+                if len(idx):  # a Poisson batch may be empty: it still takes a (noise-only) step
+                    loss_sum += loss.detach() * len(idx)
+                    correct += (out.detach().argmax(1) == y).sum()
+                seen += len(idx)
+    seen = max(seen, 1)
     return {"train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen,
             "steps": steps, "samples": n}
 
@@ -179,6 +211,10 @@ class Trainer:
     ``prox_mu`` turns on FedProx's proximal term; ``scaffold_c`` (the server's control variate) turns
     on SCAFFOLD: the client corrects its gradients by c - c_i, keeps its own c_i in its state, and
     returns the change of c_i as ``scaffold_dc`` (option II of the paper: c_i+ = c_i - c + (x - y) / (K lr)).
+
+    With ``config.dp`` (`fedkit.privacy.dp.DPSGD`) the training is DP-SGD: the client keeps its accountant's
+    history in its state and reports its cumulative ``epsilon`` (and ``epsilon_next``, after one more such
+    round) in its metrics; past its ``target_epsilon`` it refuses to train (`BudgetExhausted`).
     """
 
     def __init__(self, model_fn: ModelFn, config: TrainConfig = TrainConfig()) -> None:
@@ -206,8 +242,12 @@ class Trainer:
             c_i = ctx.state.setdefault("scaffold_ci", {k: torch.zeros_like(v, device="cpu") for k, v in params.items()})
             c_i = {k: v.to(ctx.device) for k, v in c_i.items()}
             hooks.append(correction_hook(model, {k: c[k] - c_i[k] for k in params}))
-        stats = sgd_epochs(model, on_device(ctx, "_train_on_device", ctx.data.train), self.config, ctx.seed, abort, hooks)
+        train = on_device(ctx, "_train_on_device", ctx.data.train)
+        private = None if self.config.dp is None else self.config.dp.prepare(ctx, model, len(train), self.config)
+        stats = sgd_epochs(model, train, self.config, ctx.seed, abort, hooks, private)
         metrics.update(train_loss=stats["train_loss"], train_accuracy=stats["train_accuracy"])
+        if private is not None:
+            metrics.update(private.account(stats["steps"]))  # cumulative over the rounds this client trained
         diff = {k: v.detach().cpu() for k, v in subtract(model.state_dict(), received).items()}
         meta = {MetaKey.NUM_SAMPLES: stats["samples"], MetaKey.NUM_STEPS: stats["steps"], MetaKey.METRICS: metrics}
         if c is not None:

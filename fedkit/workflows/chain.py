@@ -74,6 +74,9 @@ class _Shifted(ServerContext):
     def sample_clients(self, k: int | None, round: int) -> list[str]:
         return super().sample_clients(k, round + self.offset)
 
+    def sample_poisson(self, rate: float, round: int) -> list[str]:
+        return super().sample_poisson(rate, round + self.offset)
+
     def end_round(self, round: int, replies: dict[str, Reply], started: float, **metrics: float) -> RoundRecord:
         return super().end_round(round + self.offset, replies, started, **metrics)
 

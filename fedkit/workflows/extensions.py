@@ -3,6 +3,12 @@
 An extension has two hooks: ``task_meta(fl)`` adds entries to the meta of every training task (the
 standard `fedkit.Trainer` reads them), and ``after_aggregate(fl, results)`` updates server state
 once a round's valid results are in. ``FedAvg(extensions=(Proximal(0.01), Scaffold()))`` composes them.
+
+Three more hooks are optional, called only when an extension has them (in the order of ``extensions``):
+``before_round(fl, round) -> str | None`` returns a reason to stop the run before that round (a spent
+privacy budget); ``on_aggregate(fl, round, results, diff) -> diff`` changes the aggregate before it moves
+the global model (DP-FedAvg's noise on the sum); ``round_metrics(fl) -> dict`` adds numbers to the
+round's record (the privacy spent so far). `fedkit.privacy.dp.ServerDP` uses all three.
 """
 
 from __future__ import annotations
@@ -58,6 +64,8 @@ class Scaffold:
         return {"scaffold_c": c}
 
     def after_aggregate(self, fl: ServerContext, results: dict[str, DXO]) -> None:
+        if not results:  # a round that sampled nobody (Poisson sampling) leaves c as it is
+            return
         c = fl.server.state["scaffold_c"]
         changes = []
         for name, r in results.items():

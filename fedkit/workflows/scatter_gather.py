@@ -12,7 +12,9 @@ screened out with their reason in the history; a round that falls short is retri
 FedOpt (Reddi et al. 2021, "Adaptive Federated Optimization") is the same loop with a server
 optimizer (`fedkit.server_opt`) applied to the aggregated difference; `FedOpt(...)` is a `FedAvg`
 with ``server_opt`` set. Use it when FedAvg's progress stalls on non-IID clients. FedProx and
-SCAFFOLD are `FedAvg` with an extension (`fedkit.workflows.extensions`).
+SCAFFOLD are `FedAvg` with an extension (`fedkit.workflows.extensions`), and so is DP-FedAvg
+(`fedkit.privacy.dp.DPFedAvg`): Poisson sampling (``sample_rate``) plus an extension that clips,
+adds noise to the sum and keeps the privacy accountant; its budget can end a run early.
 """
 
 from __future__ import annotations
@@ -86,7 +88,8 @@ class FedAvg(Controller):
 
     rounds: int = 10
     clients_per_round: int | None = None  # None: every client, every round
-    min_clients: int | None = None  # valid results a round needs; None: every sampled client
+    sample_rate: float | None = None  # Poisson sampling: each client joins a round with this probability (DP-FedAvg)
+    min_clients: int | None = None  # valid results a round needs; None: every sampled client (0 only with sample_rate)
     max_retries: int = 2  # a round short of min_clients is tried again this often before the run stops
     task_timeout: float | None = None  # seconds a client may take; a later answer is dropped as 'late'
     max_norm_ratio: float | None = 10.0  # reject updates this many times larger than the round's median
@@ -107,7 +110,16 @@ class FedAvg(Controller):
 
         whole("rounds", 1, False)
         whole("clients_per_round", 1, True)
-        whole("min_clients", 1, True)
+        q = self.sample_rate
+        if q is not None:
+            if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 1:
+                raise ConfigError(f"{type(self).__name__}.sample_rate is the probability that a client joins a round; "
+                                  f"it must be in (0, 1] or None, got {q!r}")
+            if self.clients_per_round is not None:
+                raise ConfigError(f"give clients_per_round (a fixed number per round) or sample_rate (Poisson sampling), "
+                                  f"not both; got clients_per_round={self.clients_per_round} and sample_rate={q}")
+        # with Poisson sampling a round may draw nobody at all: min_clients=0 lets such rounds go ahead
+        whole("min_clients", 0 if q is not None else 1, True)
         whole("max_retries", 0, False)
         if self.task_timeout is not None and not (isinstance(self.task_timeout, (int, float)) and self.task_timeout > 0):
             raise ConfigError(f"{type(self).__name__}.task_timeout must be > 0 seconds or None, got {self.task_timeout!r}")
@@ -133,8 +145,15 @@ class FedAvg(Controller):
         if self.min_clients is not None and self.min_clients > len(fl.clients):
             raise ConfigError(f"min_clients={self.min_clients} but the federation has only {len(fl.clients)} clients")
         for rnd in range(fl.start_round, self.rounds):
+            reason = self.stop_reason(fl, rnd)
+            if reason is not None:  # e.g. the privacy budget: the last completed round stays the result
+                fl.history.events.append({"round": rnd, "what": "stopped", "reason": reason})
+                return
             started = time.perf_counter()
-            targets = fl.sample_clients(self.clients_per_round, rnd)
+            if self.sample_rate is not None:
+                targets = fl.sample_poisson(self.sample_rate, rnd)
+            else:
+                targets = fl.sample_clients(self.clients_per_round, rnd)
             need = len(targets) if self.min_clients is None else min(self.min_clients, len(targets))
             for attempt in range(self.max_retries + 1):
                 meta = {k: v for ext in self.extensions for k, v in ext.task_meta(fl).items()}
@@ -153,20 +172,40 @@ class FedAvg(Controller):
                     "last completed round made it. Lower min_clients, raise max_retries or task_timeout, or fix the "
                     f"failing clients. Failures in the last attempt: {failures}"
                 )
-            fl.server.weights = self.step(fl.server.weights, results, fl.server.state, rnd)
+            fl.server.weights = self.step(fl.server.weights, results, fl.server.state, rnd, fl)
             for ext in self.extensions:
                 ext.after_aggregate(fl, results)
-            fl.end_round(rnd, replies, started, attempts=attempt + 1)
+            extra = {k: v for ext in self.extensions if hasattr(ext, "round_metrics")
+                     for k, v in ext.round_metrics(fl).items()}
+            fl.end_round(rnd, replies, started, attempts=attempt + 1, **extra)
+
+    def stop_reason(self, fl: ServerContext, round: int) -> str | None:
+        """Why the run must stop before ``round`` (an extension's ``before_round``, e.g. a spent privacy budget), or None."""
+        for ext in self.extensions:
+            if hasattr(ext, "before_round"):
+                reason = ext.before_round(fl, round)
+                if reason is not None:
+                    return reason
+        return None
 
     def step(self, weights: Weights, results: dict[str, DXO], state: dict[str, Any] | None = None,
-             round: int = 0) -> Weights:
+             round: int = 0, fl: ServerContext | None = None) -> Weights:
         """One server update: aggregate the screened WEIGHT_DIFFs and apply the result to ``weights``.
 
         ``state`` is the run's state (``fl.server.state``, checkpointed); the server optimizer keeps
-        its own under ``"server_opt"``, made by ``server_opt.init`` on the first step.
+        its own under ``"server_opt"``, made by ``server_opt.init`` on the first step. With ``fl``, each
+        extension's ``on_aggregate`` may then change the aggregate (DP-FedAvg's noise on the sum). A
+        round without results (Poisson sampling drew nobody) aggregates to zero.
         """
-        diff = self.aggregate([(r.data, self.weigh(r)) for r in results.values()])
-        check_update(diff, weights, f"aggregation rule {rule_name(self.aggregate)!r}")
+        if results:
+            diff = self.aggregate([(r.data, self.weigh(r)) for r in results.values()])
+            check_update(diff, weights, f"aggregation rule {rule_name(self.aggregate)!r}")
+        else:
+            diff = {k: torch.zeros_like(v) for k, v in weights.items()}
+        for ext in self.extensions:
+            if fl is not None and hasattr(ext, "on_aggregate"):
+                diff = ext.on_aggregate(fl, round, results, diff)
+                check_update(diff, weights, f"extension {type(ext).__name__}")
         if self.server_opt is None:
             return add(weights, diff)
         state = {} if state is None else state

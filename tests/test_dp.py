@@ -1,0 +1,544 @@
+"""Differential privacy: Opacus' accountant, DP-SGD on clients, DP-FedAvg on the server, budgets, filters, CLI."""
+
+import argparse
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("opacus")  # the privacy extra: pip install "fedkit[privacy]"
+
+from opacus.accountants import PRVAccountant, RDPAccountant  # noqa: E402
+from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
+from opacus.validators import ModuleValidator  # noqa: E402
+
+import fedkit as fk  # noqa: E402
+from fedkit import checkpoint  # noqa: E402
+from fedkit.data import ClientData  # noqa: E402
+from fedkit.exchange import FilterContext  # noqa: E402
+from fedkit.privacy.dp import (DPSGD, AdaptiveClip, ClientBudget, ClipUpdate, DPFedAvg, ServerDP,  # noqa: E402
+                               account, adapt_clip, add_dp_arguments, add_noise, clip_update, dp_from_args, epsilon,
+                               noise_multiplier_for, noisy_mean, split_noise)
+from fedkit.workflows.scatter_gather import update_norm  # noqa: E402
+
+OPACUS = {"rdp": RDPAccountant, "prv": PRVAccountant}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The models here are tiny: one thread is faster, and far faster on a busy shared machine. Results
+    do not depend on it (every random number is seeded), and the setting is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def diff_of(value, samples=1):
+    """An executor that always answers a WEIGHT_DIFF filled with ``value``."""
+    def execute(task, ctx, abort):
+        return fk.DXO(fk.DataKind.WEIGHT_DIFF, {k: torch.full_like(v, value) for k, v in task.data.data.items()},
+                      {fk.MetaKey.NUM_SAMPLES: samples, fk.MetaKey.NUM_STEPS: 1})
+    return execute
+
+
+def clients_of(*executors, result_filters=()):
+    d = fk.Dataset(torch.zeros(4, 1), torch.zeros(4, dtype=torch.long), 2)
+    return [fk.Client(f"c{i}", ClientData(d, d), {"train": ex}, result_filters=list(result_filters))
+            for i, ex in enumerate(executors)]
+
+
+def stop_after(round_index):
+    def listener(record):
+        if record.round == round_index:
+            raise KeyboardInterrupt
+    return listener
+
+
+def dp_sgd_sim(digits, rounds=3, clients=4, dp=DPSGD(noise_multiplier=1.0), out=None, on_round=(), **fedavg):
+    parts = fk.data.iid(digits.train, clients=clients, seed=0)
+    return fk.Simulator(fk.FedAvg(rounds=rounds, **fedavg), model=lambda: fk.models.for_data(digits), clients=parts,
+                        test=digits.test, train=fk.TrainConfig(lr=0.1, dp=dp, validate=False), seed=0, out=out,
+                        on_round=list(on_round))
+
+
+# ------------------------------------------------------------------------------------------- accounting
+
+@pytest.mark.parametrize("mechanism", ["rdp", "prv"])
+def test_epsilon_equals_opacus_accountant_stepped_directly(mechanism):
+    acc = OPACUS[mechanism]()
+    for _ in range(30):
+        acc.step(noise_multiplier=1.1, sample_rate=0.05)
+    for _ in range(20):
+        acc.step(noise_multiplier=0.8, sample_rate=0.1)
+    history = account(account([], 1.1, 0.05, 30), 0.8, 0.1, 20)
+    assert [tuple(h) for h in history] == acc.history
+    assert epsilon(history, 1e-5, mechanism) == acc.get_epsilon(delta=1e-5)
+
+
+def test_epsilon_edges_and_unknown_accountant():
+    assert epsilon([], 1e-5) == 0.0
+    assert epsilon(account([], 0.0, 0.1, 3), 1e-5) == math.inf  # no noise, no privacy
+    assert epsilon(account([], 0.0, 0.1, 3), 1e-5, "prv") == math.inf
+    with pytest.raises(fk.ConfigError, match="unknown accountant 'gdp'; use one of: rdp, prv"):
+        epsilon([[1.0, 0.1, 1]], 1e-5, "gdp")
+
+
+def test_noise_for_a_target_is_opacus_and_reaches_it():
+    z = noise_multiplier_for(3.0, 1e-5, 0.1, 200)
+    assert z == get_noise_multiplier(target_epsilon=3.0, target_delta=1e-5, sample_rate=0.1, steps=200)
+    assert 2.95 <= epsilon([[z, 0.1, 200]], 1e-5) <= 3.0
+    with pytest.raises(fk.ConfigError, match="no noise multiplier reaches epsilon"):
+        noise_multiplier_for(1e-9, 1e-9, 1.0, 10**6)
+
+
+# --------------------------------------------------------------------------------------- clip and noise
+
+def test_clipping_bounds_every_norm_and_keeps_direction():
+    gen = torch.Generator().manual_seed(0)
+    for scale in torch.logspace(-3, 3, 40).tolist():
+        u = {"a": torch.randn(7, 5, generator=gen) * scale, "b": torch.randn(3, generator=gen) * scale,
+             "steps": torch.tensor(4)}
+        c = clip_update(u, 0.5)
+        assert update_norm(c) <= 0.5 * (1 + 1e-6)
+        if update_norm(u) <= 0.5:
+            assert all(torch.equal(c[k], u[k]) for k in u)
+        else:
+            assert update_norm(c) == pytest.approx(0.5, rel=1e-6)
+            assert torch.allclose(c["a"] / update_norm(c), u["a"] / update_norm(u), atol=1e-6)
+        assert torch.equal(c["steps"], u["steps"])  # integer buffers are not clipped
+    big = {"w": torch.tensor([3.0, 4.0])}
+    assert clip_update(big, math.inf) == big
+
+
+def test_noise_has_the_promised_standard_deviation():
+    """10^5 draws: the sample std estimates std with a relative error of about 1/sqrt(2 * 10^5) = 0.22%;
+    the tolerance, 2%, is nine of those, so a correct implementation passes for any seed."""
+    zeros = {"a": torch.zeros(600, 100), "b": torch.zeros(40_000)}
+    noisy = add_noise(zeros, 0.7, torch.Generator().manual_seed(0))
+    x = torch.cat([noisy["a"].reshape(-1), noisy["b"]]).double()
+    assert x.std().item() == pytest.approx(0.7, rel=0.02)
+    assert abs(x.mean().item()) < 0.01
+    again = add_noise(zeros, 0.7, torch.Generator().manual_seed(0))
+    assert torch.equal(again["a"], noisy["a"])
+    assert add_noise(zeros, 0.0, torch.Generator())["a"].abs().sum() == 0
+
+
+def test_server_estimator_clips_sums_and_divides_by_the_expected_count():
+    ups = [{"w": torch.tensor([3.0, 4.0])}, {"w": torch.tensor([0.3, 0.4])}]
+    out = noisy_mean(ups, {"w": torch.zeros(2)}, clip=1.0, noise_multiplier=0.0, expected_clients=2.0,
+                     generator=torch.Generator())
+    assert torch.allclose(out["w"], torch.tensor([(0.6 + 0.3) / 2, (0.8 + 0.4) / 2]))
+    # the noise on the sum is z*S; after dividing by q*N it is z*S/(q*N): 1.5 * 2 / 5 = 0.6 (2%, as above)
+    big = noisy_mean([], {"w": torch.zeros(100_000)}, clip=2.0, noise_multiplier=1.5, expected_clients=5.0,
+                     generator=torch.Generator().manual_seed(1))
+    assert big["w"].double().std().item() == pytest.approx(0.6, rel=0.02)
+
+
+def test_noise_in_a_dp_fedavg_round_has_std_z_S_over_qN():
+    def model():
+        return torch.nn.Linear(1000, 100, bias=False)  # 10^5 weights
+    sim = fk.Simulator(DPFedAvg(rounds=1, clip=2.0, noise_multiplier=1.0, sample_rate=1.0), model=model,
+                       clients=clients_of(*[diff_of(0.0)] * 4), seed=3)
+    run = sim.run(progress=False)
+    moved = (run.weights["weight"] - sim.initial_weights()["weight"]).double()
+    assert moved.std().item() == pytest.approx(1.0 * 2.0 / 4, rel=0.02)  # 10^5 draws, tolerance 2%
+    assert abs(moved.mean().item()) < 0.01
+
+
+def test_zero_noise_and_infinite_clip_reduce_dp_fedavg_to_fedavg(digits):
+    parts = fk.data.iid(digits.train, clients=4, seed=0)
+
+    def run(workflow):
+        return fk.Simulator(workflow, model=lambda: fk.models.for_data(digits), clients=parts, seed=0).run(progress=False)
+
+    private = run(DPFedAvg(rounds=2, clip=math.inf, noise_multiplier=0.0, sample_rate=1.0))
+    plain = run(fk.FedAvg(rounds=2, weigh=fk.aggregate.uniform))
+    assert private.model_sha256 == plain.model_sha256
+    assert private.history.series("epsilon") == [math.inf, math.inf]
+
+
+# --------------------------------------------------------------------------------------------- DP-SGD
+
+@pytest.fixture(scope="module")
+def dp_sgd_run(digits):
+    return dp_sgd_sim(digits, rounds=5, clients=8).run(progress=False)
+
+
+def test_dp_sgd_learns_digits_and_epsilon_grows(dp_sgd_run):
+    acc = dp_sgd_run.history.series("accuracy")
+    assert dp_sgd_run.status == "done"
+    assert 0.70 <= acc[-1] <= 0.95, acc  # non-private FedAvg reaches about 0.95 in these rounds
+    eps = dp_sgd_run.history.series("client_epsilon")
+    assert all(b > a for a, b in zip(eps, eps[1:])), eps
+    summary = dp_sgd_run.summary()
+    assert summary["client_epsilon"] == eps[-1] and summary["delta"] == 1e-5 and summary["epsilon"] is None
+
+
+def test_dp_sgd_epsilon_equals_opacus_accountant(dp_sgd_run):
+    rows = dp_sgd_run.history.client_dataframe()
+    for client, r in rows.groupby("client"):
+        n = int(r["samples"].iloc[0])
+        acc = RDPAccountant()
+        for _ in range(int(r["steps"].sum())):  # one accountant step per optimizer step
+            acc.step(noise_multiplier=1.0, sample_rate=16 / n)
+        assert r["epsilon"].iloc[-1] == acc.get_epsilon(delta=1e-5), client
+        assert list(r["steps"]) == [round(n / 16)] * 5  # an epoch is n / batch_size Poisson steps
+    assert dp_sgd_run.history.series("client_epsilon")[-1] == rows[rows["round"] == 4]["epsilon"].max()
+
+
+def test_dp_sgd_epsilon_is_cumulative_per_client(digits):
+    run = dp_sgd_sim(digits, rounds=4, clients=4, clients_per_round=2).run(progress=False)
+    per_client = {}
+    for record in run.history:
+        for client, row in record.clients.items():
+            per_client.setdefault(client, []).append((row["epsilon"], row["steps"], row["samples"]))
+    assert len(per_client) > 2
+    for client, seen in per_client.items():
+        n = seen[0][2]
+        for k, (eps, _, _) in enumerate(seen, start=1):  # after its k-th round, whatever round that was
+            assert eps == epsilon(account([], 1.0, 16 / n, k * seen[0][1]), 1e-5), client
+        assert [e for e, *_ in seen] == sorted({e for e, *_ in seen})
+
+
+def test_dp_sgd_repeats_exactly_and_differs_from_plain_training(digits):
+    a = dp_sgd_sim(digits, rounds=1).run(progress=False)
+    b = dp_sgd_sim(digits, rounds=1).run(progress=False)
+    c = dp_sgd_sim(digits, rounds=1, dp=DPSGD(noise_multiplier=2.0)).run(progress=False)
+    assert a.model_sha256 == b.model_sha256 != c.model_sha256
+
+
+def test_target_epsilon_sets_the_dp_sgd_noise(digits):
+    run = dp_sgd_sim(digits, rounds=3, dp=DPSGD(target_epsilon=2.0, rounds=3)).run(progress=False)
+    rows = run.history.client_dataframe()
+    for _, r in rows.groupby("client"):
+        n, steps = int(r["samples"].iloc[0]), int(r["steps"].iloc[0])
+        assert r["noise_multiplier"].iloc[0] == noise_multiplier_for(2.0, 1e-5, 16 / n, 3 * steps)
+    assert 1.9 <= run.history.series("client_epsilon")[-1] <= 2.0
+
+
+def test_a_model_opacus_cannot_train_gets_a_clear_error(digits):
+    def with_batchnorm():
+        return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                   torch.nn.Flatten(), torch.nn.Linear(144, 10))
+    parts = fk.data.iid(digits.train, clients=2, seed=0)
+    with pytest.raises(fk.ConfigError, match=r"DP-SGD cannot train Sequential.*BatchNorm.*ModuleValidator\.fix"):
+        fk.Simulator(fk.FedAvg(rounds=1), model=with_batchnorm, clients=parts,
+                     train=fk.TrainConfig(dp=DPSGD(noise_multiplier=1.0)))
+    fixed = fk.Simulator(fk.FedAvg(rounds=1), model=lambda: ModuleValidator.fix(with_batchnorm()), clients=parts,
+                         train=fk.TrainConfig(dp=DPSGD(noise_multiplier=1.0), validate=False)).run(progress=False)
+    assert fixed.status == "done" and fixed.history.series("client_epsilon")[0] > 0
+
+
+def test_dp_sgd_budget_stops_the_run_or_the_client_refuses(digits):
+    free = dp_sgd_sim(digits, rounds=3).run(progress=False).history.series("client_epsilon")
+    target = (free[1] + free[2]) / 2  # room for two rounds, not three
+    budget = DPSGD(noise_multiplier=1.0, target_epsilon=target)
+    stopped = dp_sgd_sim(digits, rounds=3, dp=budget, extensions=(ClientBudget(target),)).run(progress=False)
+    assert stopped.status == "done" and len(stopped.history) == 2
+    assert stopped.history.events[-1]["what"] == "stopped" and "privacy budget: round 2" in stopped.summary()["stopped"]
+    assert stopped.summary()["client_epsilon"] == free[1] <= target
+    with pytest.raises(fk.RoundFailed, match="BudgetExhausted: client 'site-1' has spent epsilon .* past its target"):
+        dp_sgd_sim(digits, rounds=3, dp=budget, max_retries=0).run(progress=False)
+
+
+def test_dp_sgd_resume_ends_with_the_same_weights_and_epsilon(digits, tmp_path):
+    whole = dp_sgd_sim(digits, out=tmp_path / "whole").run(progress=False)
+    cut = dp_sgd_sim(digits, out=tmp_path / "cut", on_round=[stop_after(0)]).run(progress=False)
+    assert cut.status == "aborted"
+    states = checkpoint.load(tmp_path / "cut").client_states
+    assert all(s["dp_sgd"]["history"][0][2] > 0 for s in states.values())  # the accountant, as plain data
+    resumed = dp_sgd_sim(digits, out=tmp_path / "cut").resume(progress=False)
+    assert resumed.model_sha256 == whole.model_sha256
+    assert resumed.history.series("client_epsilon") == whole.history.series("client_epsilon")
+
+
+def test_dp_sgd_runs_with_fedprox_and_the_proximal_term_acts(digits):
+    plain = dp_sgd_sim(digits, rounds=1).run(progress=False)
+    prox = dp_sgd_sim(digits, rounds=1, extensions=(fk.workflows.Proximal(mu=5.0),)).run(progress=False)
+    start = dp_sgd_sim(digits, rounds=1).initial_weights()
+    moved = lambda run: update_norm({k: run.weights[k] - start[k] for k in start})  # noqa: E731
+    assert moved(prox) < 0.5 * moved(plain)  # a strong pull to the global model, applied after the noise
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(), "DPSGD needs noise_multiplier"),
+    (dict(target_epsilon=1.0), "DPSGD needs noise_multiplier"),
+    (dict(noise_multiplier=-1.0), "noise_multiplier must be a finite number >= 0"),
+    (dict(noise_multiplier=1.0, max_grad_norm=0.0), "max_grad_norm must be a finite number > 0"),
+    (dict(noise_multiplier=1.0, delta=1.0), r"delta must be in \(0, 1\)"),
+    (dict(noise_multiplier=1.0, accountant="moments"), "unknown accountant 'moments'"),
+    (dict(noise_multiplier=1.0, rounds=0), "rounds must be an integer >= 1"),
+])
+def test_bad_dp_sgd_settings_are_explained(bad, match):
+    with pytest.raises(fk.ConfigError, match=match):
+        DPSGD(**bad)
+    with pytest.raises(fk.ConfigError, match="TrainConfig.dp must be a fedkit.privacy.dp.DPSGD"):
+        fk.TrainConfig(dp={"noise_multiplier": 1.0})
+
+
+# ------------------------------------------------------------------------------------------ DP-FedAvg
+
+def test_dp_fedavg_learns_digits(digits):
+    parts = fk.data.iid(digits.train, clients=100, seed=0)
+    run = fk.Simulator(DPFedAvg(rounds=20, clip=1.0, noise_multiplier=0.7, sample_rate=0.3, delta=1e-3),
+                       model=lambda: fk.models.for_data(digits), clients=parts, test=digits.test, val_fraction=0.0,
+                       train=fk.TrainConfig(epochs=2, validate=False), seed=0).run(progress=False)
+    acc, eps = run.history.series("accuracy"), run.history.series("epsilon")
+    assert 0.6 <= acc[-1] <= 0.95 and acc[-1] > acc[0] + 0.3, acc
+    assert all(b > a for a, b in zip(eps, eps[1:])) and eps[-1] == run.summary()["epsilon"]
+    sampled = [len(r.clients) for r in run.history]
+    assert 20 <= sum(sampled) / len(sampled) <= 40 and len(set(sampled)) > 1  # Poisson: about q*N, varying
+
+
+@pytest.mark.parametrize("mechanism", ["rdp", "prv"])
+def test_dp_fedavg_epsilon_equals_opacus_each_round(tiny_model, mechanism):
+    wf = DPFedAvg(rounds=4, clip=1.0, noise_multiplier=1.2, sample_rate=0.5, accountant=mechanism)
+    run = fk.Simulator(wf, model=tiny_model, clients=clients_of(*[diff_of(0.1)] * 4)).run(progress=False)
+    acc = OPACUS[mechanism]()
+    for record in run.history:
+        acc.step(noise_multiplier=1.2, sample_rate=0.5)  # one step per round, whoever was sampled
+        assert record.metrics["epsilon"] == acc.get_epsilon(delta=1e-5)
+        assert record.metrics["delta"] == 1e-5 and record.metrics["clip"] == 1.0
+
+
+def test_failed_clients_are_simply_absent_from_the_sum(tiny_model):
+    def crash(task, ctx, abort):
+        raise RuntimeError("offline")
+    wf = DPFedAvg(rounds=1, clip=math.inf, noise_multiplier=0.0, sample_rate=1.0)
+    run = fk.Simulator(wf, model=tiny_model, clients=clients_of(diff_of(1.0), diff_of(2.0), diff_of(3.0), crash)).run(
+        progress=False)
+    assert run.status == "done"
+    assert run.weights["weight"].item() == pytest.approx(1.0 + (1.0 + 2.0 + 3.0) / 4)  # fixed denominator q*N
+    assert run.history.rounds[0].clients["c3"]["status"] == "failed"
+
+
+def test_target_epsilon_sets_the_dp_fedavg_noise(tiny_model):
+    wf = DPFedAvg(rounds=5, clip=1.0, noise_multiplier=None, target_epsilon=3.0, sample_rate=1.0)
+    run = fk.Simulator(wf, model=tiny_model, clients=clients_of(*[diff_of(0.1)] * 4)).run(progress=False)
+    assert len(run.history) == 5
+    assert run.history.rounds[0].metrics["noise_multiplier"] == noise_multiplier_for(3.0, 1e-5, 1.0, 5)
+    assert 2.95 <= run.history.series("epsilon")[-1] <= 3.0
+
+
+def test_budget_stops_before_the_round_that_would_cross_it_and_checkpoints(tiny_model, tmp_path):
+    target = (epsilon([[1.0, 0.5, 5]], 1e-5) + epsilon([[1.0, 0.5, 6]], 1e-5)) / 2  # room for 5 rounds
+
+    def sim():
+        wf = DPFedAvg(rounds=30, clip=1.0, noise_multiplier=1.0, sample_rate=0.5, target_epsilon=target)
+        return fk.Simulator(wf, model=tiny_model, clients=clients_of(*[diff_of(0.1)] * 4), out=tmp_path,
+                            checkpoint_every=3)
+
+    run = sim().run(progress=False)
+    assert run.status == "done" and len(run.history) == 5
+    assert run.history.events[-1] == {"round": 5, "what": "stopped", "reason": run.summary()["stopped"]}
+    assert "round 5 would spend epsilon" in run.summary()["stopped"]
+    assert run.summary()["epsilon"] <= target < epsilon([[1.0, 0.5, 6]], 1e-5)
+    ckpt = checkpoint.load(tmp_path)
+    assert ckpt.round == 4 and ckpt.server_state["dp_fedavg"]["history"] == [[1.0, 0.5, 5]]
+    again = sim().resume(progress=False)  # nothing left to spend: it stops again at once
+    assert again.status == "done" and len(again.history) == 5 and again.model_sha256 == run.model_sha256
+
+
+@pytest.mark.parametrize("adaptive", [None, AdaptiveClip(count_noise=2.0)], ids=["fixed-clip", "adaptive-clip"])
+def test_dp_fedavg_resume_ends_with_the_same_weights_and_epsilon(digits, tmp_path, adaptive):
+    parts = fk.data.iid(digits.train, clients=12, seed=0)
+
+    def sim(out, on_round=()):
+        wf = DPFedAvg(rounds=3, clip=1.0, noise_multiplier=1.0, sample_rate=0.5, adaptive_clip=adaptive)
+        return fk.Simulator(wf, model=lambda: fk.models.for_data(digits), clients=parts, out=out, seed=0,
+                            train=fk.TrainConfig(validate=False), on_round=list(on_round))
+
+    whole = sim(tmp_path / "whole").run(progress=False)
+    assert sim(tmp_path / "cut", [stop_after(0)]).run(progress=False).status == "aborted"
+    resumed = sim(tmp_path / "cut").resume(progress=False)
+    assert resumed.model_sha256 == whole.model_sha256
+    assert resumed.history.series("epsilon") == whole.history.series("epsilon")
+    assert resumed.history.series("clip") == whole.history.series("clip")
+    if adaptive is not None:
+        assert len(set(whole.history.series("clip"))) == 3  # it did adapt
+
+
+def test_adaptive_clipping_follows_the_update_norms(tiny_model):
+    assert adapt_clip(1.0, 0.5, 0.5, 0.2) == 1.0
+    assert adapt_clip(1.0, 0.0, 0.5, 0.2) == pytest.approx(math.exp(0.1))  # all clipped: grow
+    assert split_noise(1.0, 1.0) == pytest.approx((1.0 - 0.25) ** -0.5)
+    with pytest.raises(fk.ConfigError, match="count_noise > noise_multiplier / 2"):
+        split_noise(1.0, 0.5)
+
+    def clips(value, filters):
+        wf = DPFedAvg(rounds=6, clip=1.0, noise_multiplier=0.5, sample_rate=1.0, adaptive_clip=AdaptiveClip(count_noise=0.5))
+        run = fk.Simulator(wf, model=tiny_model, clients=clients_of(*[diff_of(value)] * 8, result_filters=filters))
+        return run.run(progress=False).history.series("clip")
+
+    grow, shrink = clips(10.0, [ClipUpdate()]), clips(0.01, [])  # bits from the clients' filter / from the server
+    assert all(b > a for a, b in zip(grow, grow[1:])) and grow[0] == 1.0
+    assert all(b < a for a, b in zip(shrink, shrink[1:]))
+
+
+def test_poisson_sampling_is_seeded_and_may_draw_nobody(tiny_model):
+    def picks(seed, q, n=20, rounds=30, min_clients=None):
+        sim = fk.Simulator(fk.FedAvg(rounds=rounds, sample_rate=q, min_clients=min_clients), model=tiny_model,
+                           clients=clients_of(*[diff_of(0.0)] * n), seed=seed)
+        return [sorted(r.clients) for r in sim.run(progress=False).history]
+
+    a = picks(0, 0.5)
+    assert a == picks(0, 0.5) != picks(1, 0.5)
+    assert 0.4 <= sum(map(len, a)) / (20 * 30) <= 0.6
+    sparse = picks(0, 0.05, n=4, min_clients=0)
+    assert [] in sparse and len(sparse) == 30  # rounds that drew nobody still happen (and change nothing)
+    with pytest.raises(fk.ConfigError, match="clients_per_round .* or sample_rate .*, not both"):
+        fk.FedAvg(clients_per_round=3, sample_rate=0.5)
+    with pytest.raises(fk.ConfigError, match=r"sample_rate .* must be in \(0, 1\]"):
+        fk.FedAvg(sample_rate=0.0)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: DPFedAvg(aggregate=fk.aggregate.coordinate_median), "DPFedAvg sets aggregate itself"),
+    (lambda: DPFedAvg(clients_per_round=3), "DPFedAvg sets clients_per_round itself"),
+    (lambda: ServerDP(clip=math.inf, noise_multiplier=1.0), "infinite clip norm"),
+    (lambda: ServerDP(noise_multiplier=None), "needs noise_multiplier"),
+    (lambda: ServerDP(sample_rate=1.5), r"sample_rate must be a number > 0 and <= 1"),
+    (lambda: ServerDP(adaptive_clip=0.5), "adaptive_clip must be an AdaptiveClip"),
+    (lambda: AdaptiveClip(target_quantile=2.0), "target_quantile must be a number >= 0 and <= 1"),
+    (lambda: ClientBudget(0.0), "target_epsilon must be a number > 0"),
+])
+def test_bad_dp_fedavg_settings_are_explained(make, match):
+    with pytest.raises(fk.ConfigError, match=match):
+        make()
+
+
+# --------------------------------------------------------------------------------- filters and order
+
+def _ctx(meta=None, seed=0, attempt=0):
+    task = fk.Task("train", fk.DXO(fk.DataKind.WEIGHTS, {}, meta or {}), round=0, attempt=attempt)
+    return FilterContext("client", "result", "site-1", task, seed)
+
+
+def test_clip_filter_clips_follows_the_server_and_adds_seeded_local_noise():
+    dxo = fk.DXO(fk.DataKind.WEIGHT_DIFF, {"w": torch.tensor([3.0, 4.0])}, {"num_samples": 2})
+    out = ClipUpdate(1.0)(dxo, _ctx())
+    assert torch.allclose(out.data["w"], torch.tensor([0.6, 0.8])) and out.meta["dp_clipped"] is True
+    assert out.meta["num_samples"] == 2 and torch.equal(dxo.data["w"], torch.tensor([3.0, 4.0]))  # a new DXO
+    assert ClipUpdate()(dxo, _ctx({"dp_clip": 10.0})).meta["dp_clipped"] is False
+    with pytest.raises(fk.ConfigError, match="the task carries none"):
+        ClipUpdate()(dxo, _ctx())
+    metrics = fk.DXO(fk.DataKind.METRICS, {"accuracy": 0.9})
+    assert ClipUpdate(1.0)(metrics, _ctx()) is metrics
+    zeros = fk.DXO(fk.DataKind.WEIGHT_DIFF, {"w": torch.zeros(100_000)})
+    local = ClipUpdate(2.0, noise_multiplier=0.5)
+    a, b, c = (local(zeros, _ctx(seed=s)).data["w"] for s in (7, 7, 8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.double().std().item() == pytest.approx(0.5 * 2.0, rel=0.02)  # 10^5 draws, tolerance 2%
+    assert not torch.equal(local(zeros, _ctx(seed=7, attempt=1)).data["w"], a)  # a retry draws fresh noise
+
+
+class StandInEncryption:
+    """Stands in for HE: the update leaves the client as opaque bytes, and the server decrypts it."""
+
+    def encrypt(self, dxo, ctx):
+        if dxo.kind != fk.DataKind.WEIGHT_DIFF:
+            return dxo
+        return dxo.with_data({k: bytes(v.numpy().tobytes()) for k, v in dxo.data.items()}, encrypted=True,
+                             dtypes={k: (tuple(v.shape), str(v.dtype)) for k, v in dxo.data.items()})
+
+    def decrypt(self, dxo, ctx):
+        if not dxo.meta.get("encrypted"):
+            return dxo
+        data = {k: torch.frombuffer(bytearray(b), dtype=torch.float32).reshape(dxo.meta["dtypes"][k][0])
+                for k, b in dxo.data.items()}
+        return dxo.with_data(data, encrypted=False)
+
+
+def test_dp_runs_before_encryption_and_refuses_an_encrypted_update(tiny_model):
+    he, seen = StandInEncryption(), []
+
+    def spy(dxo, ctx):
+        seen.append((update_norm(dxo.data), dxo.meta.get("dp_clipped")))
+        return dxo
+
+    def sim(order):
+        clients = clients_of(diff_of(3.0), diff_of(-0.1), result_filters=order)
+        return fk.Simulator(DPFedAvg(rounds=2, clip=0.5, noise_multiplier=0.0, sample_rate=1.0), model=tiny_model,
+                            clients=clients, server_result_filters=[he.decrypt, spy])
+
+    run = sim([ClipUpdate(), he.encrypt]).run(progress=False)
+    assert run.status == "done"
+    assert sorted(seen) == [(pytest.approx(0.1), False)] * 2 + [(pytest.approx(0.5), True)] * 2
+    assert run.weights["weight"].item() == pytest.approx(1.0 + 2 * (0.5 - 0.1) / 2)
+    wrong = sim([he.encrypt, ClipUpdate()]).run(progress=False)  # DP-FedAvg goes on without failed clients
+    errors = {row["error"] for r in wrong.history for row in r.clients.values()}
+    assert len(errors) == 1 and "ClipUpdate got bytes for 'weight'" in errors.pop()
+    assert "attach ClipUpdate before the encryption filter" in wrong.history.rounds[0].clients["c0"]["error"]
+    assert wrong.weights["weight"].item() == 1.0
+
+
+def test_dp_sgd_happens_in_the_trainer_before_any_result_filter(digits):
+    he, arrived = StandInEncryption(), []
+
+    def check(dxo, ctx):  # attached after the encryption: sees what would travel
+        arrived.append((dxo.meta.get("encrypted"), "epsilon" in dxo.meta["metrics"]))
+        return dxo
+
+    parts = fk.data.iid(digits.train, clients=2, seed=0)
+    sim = fk.Simulator(fk.FedAvg(rounds=1), model=lambda: fk.models.for_data(digits), clients=parts,
+                       train=fk.TrainConfig(dp=DPSGD(noise_multiplier=1.0), validate=False),
+                       client_result_filters=[he.encrypt, check], server_result_filters=[he.decrypt])
+    run = sim.run(progress=False)
+    assert run.status == "done" and arrived == [(True, True)] * 2  # privatized (it has an epsilon), then encrypted
+
+
+# ------------------------------------------------------------------------------------------ reporting
+
+def test_history_summary_and_privacy_utility_plot(tiny_model, tmp_path):
+    private = fk.Simulator(DPFedAvg(rounds=3, noise_multiplier=1.0, sample_rate=0.5), model=tiny_model,
+                           clients=clients_of(*[diff_of(0.1)] * 4), out=tmp_path).run(progress=False)
+    plain = fk.Simulator(fk.FedAvg(rounds=3), model=tiny_model, clients=clients_of(diff_of(0.1))).run(progress=False)
+    assert plain.summary()["epsilon"] is None and plain.summary()["stopped"] is None
+    s = private.summary()
+    assert s["epsilon"] == private.history.series("epsilon")[-1] and s["delta"] == 1e-5
+    assert fk.History.load(tmp_path).series("epsilon") == private.history.series("epsilon")
+    fig = fk.plots.privacy_utility({"DP-FedAvg": private, "FedAvg": plain}, metric="clients_ok")
+    assert [t.name for t in fig.data] == ["DP-FedAvg"]
+    assert list(fig.data[0].x) == private.history.series("epsilon")
+    assert len(fig.layout.shapes) == 1  # the non-private run: a reference line
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def parse(*argv, rounds=10):
+    p = argparse.ArgumentParser()
+    add_dp_arguments(p.add_argument_group("differential privacy"))
+    args = p.parse_args(list(argv))
+    args.rounds = rounds
+    return args
+
+
+def test_cli_helpers_build_dp_sgd_and_dp_fedavg(tiny_model):
+    assert dp_from_args(parse()) == dp_from_args(parse()) and dp_from_args(parse()).train is None
+    sgd = dp_from_args(parse("--dp-sgd", "--noise-multiplier", "1.2", "--max-grad-norm", "0.5"))
+    assert sgd.train == DPSGD(noise_multiplier=1.2, max_grad_norm=0.5) and sgd.workflow == {}
+    budget = dp_from_args(parse("--dp-sgd", "--target-epsilon", "3", "--delta", "1e-6"))
+    assert budget.train == DPSGD(target_epsilon=3.0, rounds=10, delta=1e-6)
+    assert budget.workflow["extensions"] == (ClientBudget(3.0),)
+    fed = dp_from_args(parse("--dp-fedavg", "--clip-norm", "0.5", "--noise-multiplier", "0.8", "--sample-rate", "0.5",
+                             "--dp-accountant", "prv"))
+    wf = fk.FedProx(rounds=2, mu=0.01, **fed.merge({"min_clients": None, "clients_per_round": None}))
+    assert wf.sample_rate == 0.5 and wf.min_clients == 0
+    assert wf.extensions == (fk.workflows.Proximal(0.01),
+                             ServerDP(clip=0.5, noise_multiplier=0.8, sample_rate=0.5, rounds=10, accountant="prv"))
+    run = fk.Simulator(wf, model=tiny_model, clients=clients_of(*[diff_of(3.0)] * 4, result_filters=fed.client_result_filters))
+    assert run.run(progress=False).history.rounds[-1].metrics["epsilon"] > 0
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--dp-sgd", "--dp-fedavg"], "choose one of --dp-sgd"),
+    (["--noise-multiplier", "1"], "--noise-multiplier need --dp-sgd or --dp-fedavg"),
+    (["--dp-sgd", "--sample-rate", "0.1"], "--sample-rate and --adaptive-clip are DP-FedAvg options"),
+    (["--dp-sgd", "--delta", "2"], r"delta must be in \(0, 1\)"),
+    (["--dp-fedavg", "--sample-rate", "0"], "sample_rate must be a number > 0"),
+])
+def test_cli_helpers_explain_bad_combinations(argv, match):
+    with pytest.raises(fk.ConfigError, match=match):
+        dp_from_args(parse(*argv))
+
