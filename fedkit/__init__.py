@@ -10,6 +10,7 @@
 """
 
 from . import aggregate, data, models, plots, server_opt, weights
+from .privacy import dp
 from .client import Client
 from .compare import compare
 from .experiment import Experiment
@@ -22,14 +23,15 @@ from .history import History, RoundRecord
 from .server import Controller, Reply, Server, ServerContext
 from .simulator import Run, Simulator
 from .train import Evaluator, TrainConfig, Trainer, evaluate
+from .privacy.dp import DPSGD, DPFedAvg
 from .workflows import SCAFFOLD, FedAvg, FedOpt, FedProx
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "aggregate", "data", "models", "plots", "server_opt", "weights",
+    "aggregate", "data", "dp", "models", "plots", "server_opt", "weights",
     "Client", "compare", "Experiment", "ClientData", "Dataset", "Partition", "CheckpointError", "ConfigError", "RoundFailed", "UpdateError", "Faults",
     "DXO", "Aborted", "ClientContext", "DataKind", "Executor", "FilterContext", "MetaKey", "Signal", "Task", "Weights",
     "History", "RoundRecord", "Controller", "Reply", "Server", "ServerContext", "Run", "Simulator",
-    "Evaluator", "TrainConfig", "Trainer", "evaluate", "FedAvg", "FedOpt", "FedProx", "SCAFFOLD",
+    "Evaluator", "TrainConfig", "Trainer", "evaluate", "FedAvg", "FedOpt", "FedProx", "SCAFFOLD", "DPSGD", "DPFedAvg",
 ]

@@ -18,6 +18,7 @@ from typing import Sequence
 from . import data as fkdata, plots
 from .checkpoint import CheckpointError
 from .errors import ConfigError
+from .privacy.dp import add_dp_arguments
 from .experiment import ALGORITHMS, PARTITIONS, RULES, SERVER_OPTS, WEIGHINGS, Experiment
 from .simulator import Simulator
 from .train import TrainConfig
@@ -87,6 +88,7 @@ def _add_common(r: argparse.ArgumentParser) -> None:
     ft.add_argument("--straggle", type=float, default=0.0, help="probability a client answers after --task-timeout")
     ft.add_argument("--corrupt", type=float, default=0.0, help="probability a client sends a corrupt update")
     ft.add_argument("--fault-seed", type=int, default=0)
+    add_dp_arguments(r.add_argument_group("differential privacy"))
     o = r.add_argument_group("run")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")

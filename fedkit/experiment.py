@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from . import aggregate, data as fkdata, models, server_opt
 from .errors import ConfigError
 from .faults import Faults
+from .privacy.dp import DPArgs, dp_from_args
 from .server import Controller
 from .simulator import Simulator
 from .train import TrainConfig
@@ -69,6 +70,17 @@ class Experiment:
     straggle: float = 0.0
     corrupt: float = 0.0
     fault_seed: int = 0
+    # differential privacy (see fedkit.privacy.dp)
+    dp_sgd: bool = False  # example-level DP-SGD on every client
+    dp_fedavg: bool = False  # user-level DP-FedAvg: Poisson-sampled clients, clipped updates, noise on the sum
+    noise_multiplier: float | None = None  # default 1.0, unless target_epsilon sets it
+    max_grad_norm: float = 1.0  # DP-SGD: clip norm of each example's gradient
+    clip_norm: float = 1.0  # DP-FedAvg: clip norm of each client's update
+    sample_rate: float | None = None  # DP-FedAvg: probability a client joins a round (default 1.0)
+    adaptive_clip: bool = False  # DP-FedAvg: adapt the clip norm (Andrew et al. 2021)
+    target_epsilon: float | None = None  # a budget the run never exceeds
+    delta: float = 1e-5
+    dp_accountant: str = "rdp"  # rdp or prv
     # run
     seed: int = 0
     device: str = "auto"
@@ -104,10 +116,14 @@ class Experiment:
         """The workflow of ``algorithm`` (default: this experiment's) with this experiment's settings."""
         algorithm = algorithm or self.algorithm
         if algorithm == "cyclic":
+            if self.dp_fedavg:
+                raise ConfigError("DP-FedAvg adds noise to the sum of a round's updates; cyclic weight transfer has no "
+                                  "such sum. Use --dp-sgd with cyclic, or another algorithm.")
             return Cyclic(rounds=self.rounds, order=self.order)
-        common = dict(rounds=self.rounds, clients_per_round=self.clients_per_round, weigh=WEIGHINGS[self.weigh_by],
-                      aggregate=self.rule(), min_clients=self.min_clients, max_retries=self.max_retries,
-                      task_timeout=self.task_timeout)
+        common = self.privacy().merge(dict(
+            rounds=self.rounds, clients_per_round=self.clients_per_round, weigh=WEIGHINGS[self.weigh_by],
+            aggregate=self.rule(), min_clients=self.min_clients, max_retries=self.max_retries,
+            task_timeout=self.task_timeout))
         if algorithm == "fedprox":
             return FedProx(mu=self.mu, **common)
         if algorithm == "scaffold":
@@ -130,6 +146,10 @@ class Experiment:
             return fkdata.shards(data.train, self.clients, self.shards_per_client, seed=self.seed)
         return fkdata.quantity_skew(data.train, self.clients, alpha=self.alpha, seed=self.seed)
 
+    def privacy(self) -> DPArgs:
+        """What the DP settings ask of the trainer, the workflow and the clients' result filters."""
+        return dp_from_args(self)
+
     def faults(self) -> Faults | None:
         f = Faults(dropout=self.dropout, crash=self.crash, straggle=self.straggle, corrupt=self.corrupt,
                    seed=self.fault_seed)
@@ -139,9 +159,11 @@ class Experiment:
         """The `Simulator` for this experiment (``options`` go to it, e.g. ``on_round``)."""
         data = fkdata.load(self.dataset, root=self.data_root, download=self.download)
         models.for_data(data, self.model)  # fail now, not in the middle of the run, if model and data disagree
-        train = TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum)
+        dp = self.privacy()
+        train = TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
+                            dp=dp.train)
         kind = self.model
         return Simulator(self.workflow(algorithm), model=lambda: models.for_data(data, kind),
                          clients=self.partition_of(data), test=data.test, train=train, seed=self.seed,
                          device=self.device, out=Path(out) if out is not None else None, faults=self.faults(),
-                         **options)
+                         client_result_filters=dp.client_result_filters, **options)

@@ -38,3 +38,13 @@ def test_rules_and_faults():
     assert Experiment(aggregate="trimmed-mean", trim=0.2).rule().keywords == {"beta": 0.2}
     assert Experiment().faults() is None
     assert Experiment(crash=0.1).faults() == fk.Faults(crash=0.1)
+
+
+def test_dp_settings_reach_the_trainer_the_workflow_and_the_filters():
+    sgd = Experiment(dp_sgd=True, noise_multiplier=1.1, rounds=2).simulator()
+    assert sgd.train.dp is not None and sgd.train.dp.noise_multiplier == 1.1
+    fed = Experiment(dp_fedavg=True, sample_rate=0.5, clients=10, rounds=2).simulator()
+    assert fed.workflow.sample_rate == 0.5 and type(fed.workflow.extensions[0]).__name__ == "ServerDP"
+    assert len(fed.client_result_filters) == 1
+    with pytest.raises(fk.ConfigError, match="cyclic weight transfer has no such sum"):
+        Experiment(dp_fedavg=True, algorithm="cyclic").workflow()
