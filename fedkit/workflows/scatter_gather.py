@@ -20,7 +20,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -31,6 +31,9 @@ from ..server import Controller, Reply, ServerContext
 from ..server_opt import SGD, ServerOptimizer
 from ..weights import add, check_update
 from .extensions import Extension, Proximal, Scaffold
+
+if TYPE_CHECKING:
+    from ..privacy.he import CKKS
 
 
 def update_norm(update: Weights) -> float:
@@ -78,7 +81,8 @@ class FedAvg(Controller):
     with settings goes in as ``functools.partial(trimmed_mean, beta=0.2)`` or a lambda);
     ``weigh`` turns a client's result into its aggregation weight (`by_samples` by default,
     `by_steps` as NVFlare offers, or `uniform`); ``server_opt`` (see `fedkit.server_opt`) moves the
-    global model along the aggregate, None adds it as it is.
+    global model along the aggregate, None adds it as it is. ``he`` (`fedkit.privacy.he.CKKS`)
+    encrypts the updates and the global model: the server aggregates ciphertexts it cannot read.
 
     >>> FedAvg(rounds=5, clients_per_round=4, min_clients=3).rounds
     5
@@ -95,6 +99,7 @@ class FedAvg(Controller):
     extensions: tuple[Extension, ...] = ()  # e.g. Proximal(mu) for FedProx, Scaffold() for SCAFFOLD
     server_opt: ServerOptimizer | None = None  # None: plain FedAvg, global + aggregate
     task_name: str = "train"
+    he: CKKS | None = None  # homomorphic encryption (fedkit.privacy.he.CKKS): the server sums ciphertexts; None: plaintext
 
     def __post_init__(self) -> None:
         def whole(name: str, low: int, allow_none: bool) -> None:
@@ -128,8 +133,14 @@ class FedAvg(Controller):
                               f"fedkit.server_opt.SGD(momentum=0.6), or None for plain FedAvg; got {self.server_opt!r}")
         if not isinstance(self.extensions, tuple) or not all(hasattr(e, "task_meta") for e in self.extensions):
             raise ConfigError(f"extensions must be a tuple such as (Proximal(0.01),), got {self.extensions!r}")
+        if self.he is not None:
+            from ..privacy.he_fedavg import check_workflow
+            check_workflow(self)
 
     def control_flow(self, fl: ServerContext) -> None:
+        if self.he is not None:  # the same loop over ciphertexts: fedkit/privacy/he_fedavg.py
+            from ..privacy.he_fedavg import encrypted_fedavg
+            return encrypted_fedavg(self, fl)
         if self.min_clients is not None and self.min_clients > len(fl.clients):
             raise ConfigError(f"min_clients={self.min_clients} but the federation has only {len(fl.clients)} clients")
         for rnd in range(fl.start_round, self.rounds):
