@@ -10,8 +10,8 @@ defaults: N=8192, primes 60,40,40,60, scale 2^40), and prints two ratios:
      server cannot.
   2. fedkit's HE seconds per round (clients' encryption and decryption, server's screening and
      aggregation: he_encrypt_s + he_decrypt_s + he_aggregate_s) / the seconds TenSEAL alone needs to
-     encrypt and decrypt the same vectors (every client encrypts its update; every client decrypts the
-     global model twice, for training and for validation). 1.0 is the floor: what is above it is
+     encrypt and decrypt the same vectors (every client encrypts its update and decrypts the new
+     global model, which it validates and then trains on). 1.0 is the floor: what is above it is
      aggregation, serialization, packing and checks. A breakdown compares like with like.
 
     python benchmarks/he.py                     # 8 clients x 256 samples, 3 rounds, median of 3
@@ -59,7 +59,7 @@ def tenseal_alone(ckks: CKKS, flat: np.ndarray, clients: int) -> dict[str, float
     total = [sum(vs[1:], vs[0]) * (1.0 / clients) for vs in zip(*encrypted)]
     aggregate = time.perf_counter() - t
     t = time.perf_counter()
-    for _ in range(2 * clients):  # each client decrypts the global model for training and for validation
+    for _ in range(clients):  # each client decrypts each new global model once (to validate it, then train on it)
         for v in total:
             v.decrypt()
     decrypt = time.perf_counter() - t

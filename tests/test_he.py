@@ -310,13 +310,19 @@ def test_damaged_or_foreign_ciphertexts_are_rejected_with_a_reason(name):
     assert re.search(reason, replies["c1"].error), replies["c1"].error
 
 
-def test_a_client_refuses_a_model_it_cannot_trust():
+def test_a_client_decrypts_each_model_once_and_refuses_one_it_cannot_trust(monkeypatch):
     clients, server, model = federation(WEIGHTS, DIFFS)
     task = fk.Task("train", model.task_data({}), round=2)
     decrypt = clients["c0"].task_data_filters[0]
     assert isinstance(decrypt, DecryptGlobal)
+    calls = []
+    monkeypatch.setattr(decrypt.keys, "decrypt", lambda chunks, layout, f=decrypt.keys.decrypt: calls.append(1) or f(chunks, layout))
     ctx = fk.FilterContext("client", "task", "c0", task)
-    assert torch.allclose(decrypt(task.data, ctx).data["w"], WEIGHTS["w"], atol=1e-6)
+    first = decrypt(task.data, ctx)
+    assert torch.allclose(first.data["w"], WEIGHTS["w"], atol=1e-6) and first.meta["he_decrypt_s"] > 0
+    first.data["w"].add_(1.0)  # an executor scribbling on what it received...
+    assert torch.allclose(decrypt(task.data, ctx).data["w"], WEIGHTS["w"], atol=1e-6)  # ...does not touch the kept copy
+    assert len(calls) == 1  # the same ciphertexts (same digest) are decrypted once
     with pytest.raises(fk.UpdateError, match="altered after encryption"):
         decrypt(_flip(task.data), ctx)
     other = task.data.with_data(task.data.data, **{META_KEY: {**task.data.meta[META_KEY], "key_id": "0" * 16}})
@@ -459,3 +465,12 @@ def test_client_keys_are_cached_and_missing_keys_explained():
     state = clients["c0"].state
     assert client_keys(state) is client_keys(state) is state["_he_keys"]
     assert math.isclose(state["_he_keys"].context.global_scale, 2.0 ** 40)
+
+
+def test_fedkit_imports_without_loading_tenseal():
+    """TenSEAL is an optional extra (fedkit[privacy]): it is imported only when a run encrypts."""
+    import subprocess
+    import sys
+    code = "import sys, fedkit, fedkit.privacy.he; print('tenseal' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr

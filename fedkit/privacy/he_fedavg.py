@@ -157,7 +157,7 @@ class EncryptedGlobal:
             raise UpdateError(f"aggregation weights must sum to a finite positive number, got {total}; did every "
                               "client train on zero samples?")
         names = list(results)
-        sums = [v.copy() for v in vectors[names[0]]]
+        sums = vectors[names[0]]  # loaded for this round only, so summed into in place (TenSEAL's copy() is slow)
         for name in names[1:]:
             for s, v in zip(sums, vectors[name]):
                 s.add_(v)
@@ -204,11 +204,13 @@ def validate(fl: ServerContext, model: EncryptedGlobal, targets: list[str], rnd:
              costs: dict[str, float]) -> dict[str, float]:
     """Send the new global model to ``targets`` to score on their validation splits; their weighted mean.
 
-    Failed or implausible answers are left out (and recorded as events of the ``validate`` task).
+    Clients need a ``validate`` executor (the Simulator's dataset clients have the standard `Evaluator`).
+    Failed or implausible answers are left out, and recorded as events of the ``validate`` task.
     """
     replies = fl.broadcast_and_wait(Task("validate", model.task_data({}), round=rnd), targets)
     _count(costs, replies, model)
     samples = loss = correct = 0.0
+    scored = 0
     for name, r in replies.items():
         if r.ok:
             acc, lo, n = r.result.data.get("accuracy"), r.result.data.get("loss"), r.result.meta.get(MetaKey.NUM_SAMPLES)
@@ -218,14 +220,13 @@ def validate(fl: ServerContext, model: EncryptedGlobal, targets: list[str], rnd:
                 r.reject("rejected", f"client {name!r} answered the validation with accuracy {acc!r}, loss {lo!r} on "
                                      f"{n!r} samples; expected an accuracy in [0, 1], a loss >= 0 and a sample count")
             else:
-                samples, loss, correct = samples + n, loss + lo * n, correct + acc * n
+                samples, loss, correct, scored = samples + n, loss + lo * n, correct + acc * n, scored + 1
         if not r.ok:
             fl.history.events.append({"round": rnd, "attempt": 0, "client": name, "task": "validate", "what": r.status,
                                       "reason": f"validate task: {r.error}"})
     if not samples:
         return {"client_accuracy": math.nan, "client_loss": math.nan, "clients_validated": 0}
-    return {"client_accuracy": correct / samples, "client_loss": loss / samples,
-            "clients_validated": sum(1 for r in replies.values() if r.ok)}
+    return {"client_accuracy": correct / samples, "client_loss": loss / samples, "clients_validated": scored}
 
 
 def encrypted_fedavg(workflow: "FedAvg", fl: ServerContext) -> None:

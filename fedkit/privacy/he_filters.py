@@ -76,11 +76,13 @@ class DecryptGlobal:
     """Client task-data filter: decrypt the encrypted layers of the global model that a task carries.
 
     Tasks without HE meta pass unchanged. The task's meta keeps the layout (for `EncryptUpdate`) and
-    gains ``he_decrypt_s``.
+    gains ``he_decrypt_s``. The last model decrypted is kept, by the digest of its ciphertexts: the
+    model a client validates at the end of a round is the one it trains next round, decrypted once.
     """
 
     def __init__(self, keys: ClientKeys) -> None:
         self.keys = keys
+        self._last: tuple[str, Weights] = ("", {})
 
     def __call__(self, dxo: DXO, ctx: FilterContext) -> DXO:
         spec = dxo.meta.get(META_KEY)
@@ -93,11 +95,14 @@ class DecryptGlobal:
         if spec.get("key_id") != self.keys.key_id:
             raise UpdateError(f"{source} carries a model encrypted under key {spec.get('key_id')!r}, but this client "
                               f"holds key {self.keys.key_id!r}; it cannot decrypt it")
-        if not isinstance(chunks, list) or digest(self.keys.key_id, chunks) != spec.get("digest"):
+        seal = digest(self.keys.key_id, chunks) if isinstance(chunks, list) else ""
+        if not seal or seal != spec.get("digest"):
             raise UpdateError(f"{source} carries ciphertexts that were altered after encryption (their digest does "
                               "not match); it will not be decrypted")
+        if self._last[0] != seal:
+            self._last = (seal, unpack(self.keys.decrypt(chunks, layout), layout))
         data = {k: v for k, v in dxo.data.items() if k != CIPHERTEXTS}
-        data.update(unpack(self.keys.decrypt(chunks, layout), layout))
+        data.update({k: v.clone() for k, v in self._last[1].items()})
         return dxo.with_data(data, **{DECRYPT_S: time.perf_counter() - started})
 
 
