@@ -72,7 +72,11 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=256, help="samples per client (10%% of them validate)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeat", type=int, default=3, help="alternate runs; the medians are compared")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's); 1 is steadier on a "
+                                                             "machine that others share")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     train = random_cifar(args.clients * args.samples, seed=0)
     parts = fk.data.iid(train, args.clients, seed=0)
     test = random_cifar(round(0.1 * args.samples) * args.clients, seed=1)

@@ -423,7 +423,7 @@ def test_checkpoint_holds_ciphertexts_and_resume_keeps_the_keys(digits, small, t
     resumed = sim(tmp_path / "cut").resume(progress=False)
     assert resumed.status == "done" and len(resumed.history) == 3
     assert resumed.history.results["he"]["key_id"] == cut.history.results["he"]["key_id"] == held["key_id"]
-    assert max(relative_errors(resumed.weights, whole.weights).values()) < 1e-6  # equal up to CKKS noise
+    assert max(relative_errors(resumed.weights, whole.weights).values()) < 1e-5  # equal up to CKKS noise (~1e-7)
     saved = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)
     assert fk.weights.sha256(saved) == resumed.model_sha256  # the run's model file: decrypted by a client
 

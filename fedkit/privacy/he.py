@@ -6,10 +6,13 @@ update by its aggregation weight and encrypts it; the server adds the ciphertext
 clients decrypt the global model they receive, and score it for the server, which cannot.
 
 CKKS (Cheon, Kim, Kim, Song 2017, "Homomorphic Encryption for Arithmetic of Approximate Numbers")
-computes on real numbers approximately: a result carries an error of about 1e-9 of its size with the
-default settings. Use HE when the server must not see any single client's update; it costs time and
-about 20x the bytes (see ``benchmarks/he.py``), and it rules out whatever needs plaintext on the server
-(FedOpt, median, Krum, norm screening of the encrypted layers).
+computes on real numbers approximately: with the default scale of 2^40 a decrypted number is off by
+about 1e-8, and an encrypted FedAvg ends about 1e-7 (relative) from the plaintext one. SEAL draws its
+encryption noise from the operating system (TenSEAL cannot seed it), so an HE run repeats to that
+precision, not bit for bit; everything fedkit draws is seeded as usual. Use HE when the server must
+not see any single client's update; it costs time and 15-20x the bytes (see ``benchmarks/he.py``), and
+it rules out whatever needs plaintext on the server (FedOpt, median, Krum, norm screening of the
+encrypted layers).
 
 Keys, as in a FLARE deployment: the clients share one secret context; the server gets the public
 context only, as bytes (``serialize(save_secret_key=False)``), and wraps them in `PublicContext`, which
@@ -63,7 +66,7 @@ class CKKS:
     """The federation's CKKS settings, and which layers to encrypt.
 
     The defaults are TenSEAL's and NVFlare's: enough precision that an encrypted FedAvg ends within
-    1e-6 of the plaintext one, and one multiplicative level (the server's 1/total weight).
+    1e-6 (relative) of the plaintext one, and one multiplicative level (the server's 1/total weight).
 
     >>> CKKS(poly_modulus_degree=4096)
     Traceback (most recent call last):

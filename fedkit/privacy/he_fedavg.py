@@ -7,7 +7,9 @@ screen, aggregate, retry a short round), with three differences:
   encrypts the initial model with the public key, then only adds the clients' weighted sums to it;
 * a result is screened by its structure (key, layout, digest, ciphertexts that load under the
   federation's public context), since the norm of an encrypted update cannot be seen; the
-  plaintext layers, if any, are screened as in FedAvg;
+  plaintext layers, if any, are screened as in FedAvg. This catches damage in transit and
+  ciphertexts built under another context; it cannot stop a client that encrypts garbage under
+  the federation's own key: HE hides updates, it does not vouch for them;
 * the server cannot score a model it cannot read: each round ends with a ``validate`` task, and the
   round's ``client_accuracy`` / ``client_loss`` are the clients' scores of the new global model on
   their validation splits (weighted by their sizes).
