@@ -10,7 +10,7 @@
 """
 
 from . import aggregate, data, models, plots, server_opt, weights
-from .privacy import dp
+from .privacy import dp, he
 from .client import Client
 from .compare import compare
 from .experiment import Experiment
@@ -29,7 +29,7 @@ from .workflows import SCAFFOLD, FedAvg, FedOpt, FedProx
 __version__ = "0.1.0"
 
 __all__ = [
-    "aggregate", "data", "dp", "models", "plots", "server_opt", "weights",
+    "aggregate", "data", "dp", "he", "models", "plots", "server_opt", "weights",
     "Client", "compare", "Experiment", "ClientData", "Dataset", "Partition", "CheckpointError", "ConfigError", "RoundFailed", "UpdateError", "Faults",
     "DXO", "Aborted", "ClientContext", "DataKind", "Executor", "FilterContext", "MetaKey", "Signal", "Task", "Weights",
     "History", "RoundRecord", "Controller", "Reply", "Server", "ServerContext", "Run", "Simulator",

@@ -78,23 +78,43 @@ class Faults:
 
 
 def corrupt(result: DXO, how: str, seed: int = 0) -> DXO:
-    """A copy of ``result`` damaged one way: ``nan``, ``inf``, ``keys``, ``shape`` or ``scale``."""
+    """A copy of ``result`` damaged one way: ``nan``, ``inf``, ``keys``, ``shape`` or ``scale``.
+
+    Ciphertexts (lists of bytes, see `fedkit.privacy.he`) cannot hold a NaN the server could see: they
+    get garbage bytes instead, or lose their last ciphertext for ``shape``. Plain numbers (metrics)
+    become NaN, Inf, a list, or 1e4 times larger.
+    """
     data = dict(result.data)
     if not data:
         return result
     key = sorted(data)[0]
     gen = torch.Generator().manual_seed(seed)
-    if how == "nan":
+    if how not in CORRUPTIONS:
+        raise ConfigError(f"unknown corruption {how!r}; use one of {CORRUPTIONS}")
+    if how == "scale":  # finite, right shape, absurd size: only a norm screen or a robust rule stops it
+        data = {k: _damaged(v, how, gen) for k, v in data.items()}
+    elif how == "keys":
+        data[key + ".renamed"] = data.pop(key)
+    elif not isinstance(data[key], torch.Tensor):
+        data[key] = _damaged(data[key], how, gen)
+    elif how == "nan":
         data[key] = data[key].clone().fill_(float("nan"))
     elif how == "inf":
         data[key] = data[key].clone().fill_(float("inf"))
-    elif how == "keys":
-        data[key + ".renamed"] = data.pop(key)
-    elif how == "shape":
+    else:  # shape
         data[key] = data[key].reshape(-1)[:-1].clone() if data[key].numel() > 1 else torch.zeros(2)
-    elif how == "scale":  # finite, right shape, absurd size: only a norm screen or a robust rule stops it
-        data = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) * 1e4 if v.is_floating_point() else v
-                for k, v in data.items()}
-    else:
-        raise ConfigError(f"unknown corruption {how!r}; use one of {CORRUPTIONS}")
     return result.with_data(data, corrupted=how)
+
+
+def _damaged(v: object, how: str, gen: torch.Generator) -> object:
+    if isinstance(v, torch.Tensor):  # only 'scale' gets here
+        return torch.randn(v.shape, generator=gen, dtype=v.dtype) * 1e4 if v.is_floating_point() else v
+    if isinstance(v, list) and v and all(isinstance(b, (bytes, bytearray)) for b in v):  # ciphertexts
+        if how == "shape":
+            return v[:-1] if len(v) > 1 else [bytes(v[0][: len(v[0]) // 2])]
+        first = bytearray(v[0])
+        first[int(torch.randint(len(first), (1,), generator=gen))] ^= 0xFF  # one flipped byte: garbage in transit
+        return [bytes(first), *v[1:]]
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return {"nan": float("nan"), "inf": float("inf"), "shape": [v, v], "scale": v * 1e4}[how]
+    return v

@@ -42,6 +42,7 @@ from .faults import Faults
 from .history import History, RoundRecord
 from .server import Controller, Engine, Server, ServerContext
 from .preprocess import Standardize
+from .privacy.he_filters import global_plaintext, server_layers
 from .stats import StatsExecutor
 from .train import Evaluator, ModelFn, SubmitModel, TrainConfig, Trainer, evaluate, load_weights, resolve_device
 
@@ -299,13 +300,19 @@ class Simulator:
             clients = {c.name: c.fresh(derive_seed(self.seed, i, 1), self.faults) for i, c in enumerate(self.clients)}
             start_round = 0
             if ckpt is not None:
-                W.check_update(ckpt.weights, server.weights, "the checkpoint's model")
+                # with HE the server holds the encrypted layers only as ciphertexts, in its state
+                W.check_update(ckpt.weights, server_layers(server.weights, ckpt.server_state), "the checkpoint's model")
                 server.weights, server.state = ckpt.weights, ckpt.server_state
                 for name, state in ckpt.client_states.items():
                     clients[name].state.update(state)
                 run.history = ckpt.history
                 start_round = ckpt.round + 1
-            run.weights = server.weights
+            owner = next(iter(clients.values()))
+
+            def plaintext() -> Weights:  # with HE a client decrypts the global model for the run; the server cannot
+                return global_plaintext(server.weights, server.state, owner.state)
+
+            run.weights = plaintext()
             fingerprint = self.fingerprint() if run.run_dir is not None else ""
             saved = {"round": ckpt.round if ckpt is not None else -1}
 
@@ -315,7 +322,7 @@ class Simulator:
                 saved["round"] = round
 
             def track(record: RoundRecord) -> None:
-                run.weights = server.weights
+                run.weights = plaintext()
                 last = record.round + 1 >= getattr(self.workflow, "rounds", 0)
                 if run.run_dir is not None and ((record.round + 1) % self.checkpoint_every == 0 or last):
                     save(record.round)
@@ -327,7 +334,7 @@ class Simulator:
                                evaluate=self._evaluator(), on_round=[track, *self.on_round, *extra_listeners],
                                start_round=start_round)
             self.workflow.control_flow(fl)
-            run.weights = server.weights
+            run.weights = plaintext()
             if run.run_dir is not None and len(run.history) and saved["round"] != run.history.rounds[-1].round:
                 save(run.history.rounds[-1].round)  # a workflow that stopped early (privacy budget) is checkpointed too
             run.status = "done"

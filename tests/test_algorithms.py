@@ -6,7 +6,6 @@ import torch
 import fedkit as fk
 from fedkit.data import ClientData
 from fedkit.exchange import ClientContext
-from fedkit.train import sgd_epochs
 
 
 def task_with(model, **meta):

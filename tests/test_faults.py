@@ -7,7 +7,7 @@ import torch
 
 import fedkit as fk
 from fedkit.data import ClientData
-from fedkit.faults import CORRUPTIONS, corrupt
+from fedkit.faults import corrupt
 from fedkit.server import Reply
 from fedkit.workflows.scatter_gather import screen
 

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import fedkit as fk
-from fedkit.data import ClientData
 from fedkit.exchange import FilterContext
 from fedkit.privacy.filters import ExcludeVars, PercentilePrivacy, excluded, percentile_privacy
 

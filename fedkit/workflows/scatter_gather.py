@@ -22,7 +22,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -33,6 +33,9 @@ from ..server import Controller, Reply, ServerContext
 from ..server_opt import SGD, ServerOptimizer
 from ..weights import add, check_update
 from .extensions import Extension, Proximal, Scaffold
+
+if TYPE_CHECKING:
+    from ..privacy.he import CKKS
 
 
 def update_norm(update: Weights) -> float:
@@ -72,6 +75,33 @@ def screen(replies: dict[str, Reply], weights: Weights, max_norm_ratio: float | 
     return valid
 
 
+def gather(fl: ServerContext, wf: "FedAvg", rnd: int, data: Callable[[dict[str, Any]], DXO],
+           screen_replies: Callable[[dict[str, Reply]], dict[str, DXO]]) -> tuple[dict[str, Reply], dict[str, DXO], int]:
+    """Send round ``rnd``'s task to its clients until enough valid results are in; returns (replies, valid, attempts).
+
+    ``data(meta)`` is the task's DXO (the extensions' meta included); ``screen_replies`` keeps the valid
+    results and rejects the rest in place. A round short of ``min_clients`` is retried ``max_retries``
+    times, then `RoundFailed` stops the run with the global model untouched.
+    """
+    targets = wf.targets(fl, rnd)
+    need = len(targets) if wf.min_clients is None else min(wf.min_clients, len(targets))
+    for attempt in range(wf.max_retries + 1):
+        meta = {k: v for ext in wf.extensions for k, v in ext.task_meta(fl).items()}
+        task = Task(wf.task_name, data(meta), round=rnd, deadline=wf.task_timeout, attempt=attempt)
+        replies = fl.broadcast_and_wait(task, targets)
+        results = screen_replies(replies)
+        fl.record_failures(replies)
+        if len(results) >= need:
+            return replies, results, attempt + 1
+    failures = "; ".join(f"{n}: {r.error}" for n, r in replies.items() if not r.ok)
+    raise RoundFailed(
+        f"round {rnd}: only {len(results)} valid result(s) from {len(targets)} client(s) after "
+        f"{wf.max_retries + 1} attempt(s), and min_clients is {need}; the global model is left as the "
+        "last completed round made it. Lower min_clients, raise max_retries or task_timeout, or fix the "
+        f"failing clients. Failures in the last attempt: {failures}"
+    )
+
+
 @dataclass(frozen=True)
 class FedAvg(Controller):
     """Federated averaging over ``rounds`` rounds.
@@ -80,7 +110,8 @@ class FedAvg(Controller):
     with settings goes in as ``functools.partial(trimmed_mean, beta=0.2)`` or a lambda);
     ``weigh`` turns a client's result into its aggregation weight (`by_samples` by default,
     `by_steps` as NVFlare offers, or `uniform`); ``server_opt`` (see `fedkit.server_opt`) moves the
-    global model along the aggregate, None adds it as it is.
+    global model along the aggregate, None adds it as it is. ``he`` (`fedkit.privacy.he.CKKS`)
+    encrypts the updates and the global model: the server aggregates ciphertexts it cannot read.
 
     >>> FedAvg(rounds=5, clients_per_round=4, min_clients=3).rounds
     5
@@ -98,6 +129,7 @@ class FedAvg(Controller):
     extensions: tuple[Extension, ...] = ()  # e.g. Proximal(mu) for FedProx, Scaffold() for SCAFFOLD
     server_opt: ServerOptimizer | None = None  # None: plain FedAvg, global + aggregate
     task_name: str = "train"
+    he: CKKS | None = None  # homomorphic encryption (fedkit.privacy.he.CKKS): the server sums ciphertexts; None: plaintext
 
     def __post_init__(self) -> None:
         def whole(name: str, low: int, allow_none: bool) -> None:
@@ -140,8 +172,14 @@ class FedAvg(Controller):
                               f"fedkit.server_opt.SGD(momentum=0.6), or None for plain FedAvg; got {self.server_opt!r}")
         if not isinstance(self.extensions, tuple) or not all(hasattr(e, "task_meta") for e in self.extensions):
             raise ConfigError(f"extensions must be a tuple such as (Proximal(0.01),), got {self.extensions!r}")
+        if self.he is not None:
+            from ..privacy.he_fedavg import check_workflow
+            check_workflow(self)
 
     def control_flow(self, fl: ServerContext) -> None:
+        if self.he is not None:  # the same loop over ciphertexts: fedkit/privacy/he_fedavg.py
+            from ..privacy.he_fedavg import encrypted_fedavg
+            return encrypted_fedavg(self, fl)
         if self.min_clients is not None and self.min_clients > len(fl.clients):
             raise ConfigError(f"min_clients={self.min_clients} but the federation has only {len(fl.clients)} clients")
         for rnd in range(fl.start_round, self.rounds):
@@ -150,34 +188,23 @@ class FedAvg(Controller):
                 fl.history.events.append({"round": rnd, "what": "stopped", "reason": reason})
                 return
             started = time.perf_counter()
-            if self.sample_rate is not None:
-                targets = fl.sample_poisson(self.sample_rate, rnd)
-            else:
-                targets = fl.sample_clients(self.clients_per_round, rnd)
-            need = len(targets) if self.min_clients is None else min(self.min_clients, len(targets))
-            for attempt in range(self.max_retries + 1):
-                meta = {k: v for ext in self.extensions for k, v in ext.task_meta(fl).items()}
-                task = Task(self.task_name, DXO(DataKind.WEIGHTS, fl.server.weights, meta), round=rnd,
-                            deadline=self.task_timeout, attempt=attempt)
-                replies = fl.broadcast_and_wait(task, targets)
-                results = screen(replies, fl.server.weights, self.max_norm_ratio)
-                fl.record_failures(replies)
-                if len(results) >= need:
-                    break
-            else:
-                failures = "; ".join(f"{n}: {r.error}" for n, r in replies.items() if not r.ok)
-                raise RoundFailed(
-                    f"round {rnd}: only {len(results)} valid result(s) from {len(targets)} client(s) after "
-                    f"{self.max_retries + 1} attempt(s), and min_clients is {need}; the global model is left as the "
-                    "last completed round made it. Lower min_clients, raise max_retries or task_timeout, or fix the "
-                    f"failing clients. Failures in the last attempt: {failures}"
-                )
+            replies, results, attempts = gather(
+                fl, self, rnd, lambda meta: DXO(DataKind.WEIGHTS, fl.server.weights, meta),
+                lambda replies: screen(replies, fl.server.weights, self.max_norm_ratio))
             fl.server.weights = self.step(fl.server.weights, results, fl.server.state, rnd, fl)
             for ext in self.extensions:
                 ext.after_aggregate(fl, results)
-            extra = {k: v for ext in self.extensions if hasattr(ext, "round_metrics")
-                     for k, v in ext.round_metrics(fl).items()}
-            fl.end_round(rnd, replies, started, attempts=attempt + 1, **extra)
+            fl.end_round(rnd, replies, started, attempts=attempts, **self.extension_metrics(fl))
+
+    def targets(self, fl: ServerContext, round: int) -> list[str]:
+        """The clients of ``round``: Poisson-sampled with ``sample_rate``, else ``clients_per_round`` of them."""
+        if self.sample_rate is not None:
+            return fl.sample_poisson(self.sample_rate, round)
+        return fl.sample_clients(self.clients_per_round, round)
+
+    def extension_metrics(self, fl: ServerContext) -> dict[str, Any]:
+        """What the extensions add to the round's metrics (e.g. epsilon spent)."""
+        return {k: v for ext in self.extensions if hasattr(ext, "round_metrics") for k, v in ext.round_metrics(fl).items()}
 
     def stop_reason(self, fl: ServerContext, round: int) -> str | None:
         """Why the run must stop before ``round`` (an extension's ``before_round``, e.g. a spent privacy budget), or None."""
