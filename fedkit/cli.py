@@ -19,6 +19,7 @@ from . import data as fkdata, plots
 from .checkpoint import CheckpointError
 from .errors import ConfigError
 from .privacy.dp import add_dp_arguments
+from .privacy.he import add_he_arguments
 from .experiment import ALGORITHMS, PARTITIONS, RULES, SERVER_OPTS, WEIGHINGS, Experiment
 from .simulator import Simulator
 from .train import TrainConfig
@@ -89,6 +90,7 @@ def _add_common(r: argparse.ArgumentParser) -> None:
     ft.add_argument("--corrupt", type=float, default=0.0, help="probability a client sends a corrupt update")
     ft.add_argument("--fault-seed", type=int, default=0)
     add_dp_arguments(r.add_argument_group("differential privacy"))
+    add_he_arguments(r.add_argument_group("homomorphic encryption"))
     o = r.add_argument_group("run")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")

@@ -18,6 +18,7 @@ from . import aggregate, data as fkdata, models, server_opt
 from .errors import ConfigError
 from .faults import Faults
 from .privacy.dp import DPArgs, dp_from_args
+from .privacy.he import he_from_args
 from .server import Controller
 from .simulator import Simulator
 from .train import TrainConfig
@@ -81,6 +82,12 @@ class Experiment:
     target_epsilon: float | None = None  # a budget the run never exceeds
     delta: float = 1e-5
     dp_accountant: str = "rdp"  # rdp or prv
+    # homomorphic encryption (see fedkit.privacy.he)
+    he: bool = False  # encrypt updates and the global model with CKKS (FedAvg and FedProx)
+    he_poly_modulus: int = 8192
+    he_coeff_mod_bits: str = "60,40,40,60"
+    he_scale_bits: int = 40
+    he_layers: tuple[str, ...] | None = None  # names or regexes of the layers to encrypt; None: all
     # run
     seed: int = 0
     device: str = "auto"
@@ -124,6 +131,12 @@ class Experiment:
             rounds=self.rounds, clients_per_round=self.clients_per_round, weigh=WEIGHINGS[self.weigh_by],
             aggregate=self.rule(), min_clients=self.min_clients, max_retries=self.max_retries,
             task_timeout=self.task_timeout))
+        he = he_from_args(self)
+        if he is not None:
+            if algorithm == "cyclic":
+                raise ConfigError("HE encrypts the updates that the server sums; cyclic weight transfer sums none. "
+                                  "Use fedavg or fedprox with HE.")
+            common["he"] = he
         if algorithm == "fedprox":
             return FedProx(mu=self.mu, **common)
         if algorithm == "scaffold":

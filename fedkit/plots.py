@@ -24,7 +24,10 @@ def curves(runs: Mapping[str, Any] | Any, metric: str = "accuracy", title: str |
     fig = go.Figure()
     for label, run in runs.items():
         h = _history(run)
-        fig.add_trace(go.Scatter(x=[r.round + 1 for r in h], y=h.series(metric), mode="lines+markers", name=str(label)))
+        y, name = h.series(metric), str(label)
+        if all(v != v for v in y) and any(("client_" + metric) in r.metrics for r in h):
+            y, name = h.series("client_" + metric), f"{label} (on clients)"  # HE: the server cannot score its model
+        fig.add_trace(go.Scatter(x=[r.round + 1 for r in h], y=y, mode="lines+markers", name=name))
     fig.update_layout(title=title or f"global model {metric} per round", xaxis_title="round", yaxis_title=metric,
                       template="plotly_white", legend_title_text="run")
     return fig

@@ -104,10 +104,13 @@ class Run:
         ``stopped`` says why a run ended before its last round (e.g. its privacy budget), else None.
         """
         failures = [e for e in self.history.events if "client" in e]
+        on_server = "accuracy" in (self.history.rounds[-1].metrics if len(self.history) else {"accuracy": 0})
+        prefix = "" if on_server else "client_"  # with HE only the clients can score the global model
         return {
             "status": self.status,
-            "final_accuracy": self.history.last("accuracy"),
-            "final_loss": self.history.last("loss"),
+            "final_accuracy": self.history.last(prefix + "accuracy"),
+            "final_loss": self.history.last(prefix + "loss"),
+            "accuracy_on": "server test set" if on_server else "clients' validation splits",
             "rounds": len(self.history),
             "seconds": round(self.seconds, 3),
             "model_sha256": self.model_sha256,
