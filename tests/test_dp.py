@@ -24,14 +24,7 @@ from fedkit.workflows.scatter_gather import update_norm  # noqa: E402
 OPACUS = {"rdp": RDPAccountant, "prv": PRVAccountant}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models here are tiny: one thread is faster, and far faster on a busy shared machine. Results
-    do not depend on it (every random number is seeded), and the setting is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def diff_of(value, samples=1):

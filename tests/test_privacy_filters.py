@@ -9,14 +9,7 @@ from fedkit.exchange import FilterContext
 from fedkit.privacy.filters import ExcludeVars, PercentilePrivacy, excluded, percentile_privacy
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models here are tiny: one thread is faster, and far faster on a busy shared machine. Results
-    do not depend on it (every random number is seeded), and the setting is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ctx():
