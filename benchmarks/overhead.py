@@ -62,7 +62,11 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--repeat", type=int, default=3, help="alternate runs; the median of each is compared")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice); "
+                   "1 gives steadier timings on a busy machine")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = fk.train.resolve_device(args.device)
     data = fk.data.load(args.dataset)
     parts = fk.data.iid(data.train, args.clients, seed=0)
