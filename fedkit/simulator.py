@@ -68,8 +68,9 @@ class Run:
         self._done = threading.Event()
 
     def __repr__(self) -> str:
-        acc = self.history.last("accuracy")
-        return f"<fedkit Run {self.status}: {len(self.history)} round(s), accuracy {acc:.4f}>"
+        s = self.summary() if self.weights else {"final_accuracy": float("nan"), "accuracy_on": "none"}
+        where = " (on clients)" if s["accuracy_on"].startswith("clients") else ""
+        return f"<fedkit Run {self.status}: {len(self.history)} round(s), accuracy {s['final_accuracy']:.4f}{where}>"
 
     def abort(self, reason: str = "aborted by the user") -> None:
         """Ask the run to stop at the next batch boundary; the last completed global model is kept."""
@@ -104,13 +105,14 @@ class Run:
         ``stopped`` says why a run ended before its last round (e.g. its privacy budget), else None.
         """
         failures = [e for e in self.history.events if "client" in e]
-        on_server = "accuracy" in (self.history.rounds[-1].metrics if len(self.history) else {"accuracy": 0})
-        prefix = "" if on_server else "client_"  # with HE only the clients can score the global model
+        last = self.history.rounds[-1].metrics if len(self.history) else {}
+        # with HE only the clients can score the global model; without a test set nobody does
+        prefix = "client_" if "accuracy" not in last and "client_accuracy" in last else ""
         return {
             "status": self.status,
             "final_accuracy": self.history.last(prefix + "accuracy"),
             "final_loss": self.history.last(prefix + "loss"),
-            "accuracy_on": "server test set" if on_server else "clients' validation splits",
+            "accuracy_on": "clients' validation splits" if prefix else "server test set" if "accuracy" in last else "none",
             "rounds": len(self.history),
             "seconds": round(self.seconds, 3),
             "model_sha256": self.model_sha256,
