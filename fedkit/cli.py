@@ -116,9 +116,10 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def build(args: argparse.Namespace, algorithm: str | None = None, out: str | Path | None = None) -> Simulator:
+def build(args: argparse.Namespace, algorithm: str | None = None, out: str | Path | None = None,
+          data: fkdata.Data | None = None) -> Simulator:
     """The simulator that ``fedkit run`` / ``compare`` arguments describe, for one ``algorithm``."""
-    return Experiment.from_mapping(vars(args)).simulator(algorithm, out=out)
+    return Experiment.from_mapping(vars(args)).simulator(algorithm, out=out, data=data)
 
 
 RESUME_MAY_CHANGE = {"resume", "json", "no_progress", "device", "out", "command"}
@@ -190,7 +191,8 @@ def compare_main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """``fedkit compare``: each algorithm on the same partition, seed and initial model; one plot."""
     out = Path(args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
-        sims = {name: build(args, name, out / name) for name in args.algorithms}
+        data = Experiment.from_mapping(vars(args)).load()  # once for all algorithms (CIFAR-10 is 600 MB)
+        sims = {name: build(args, name, out / name, data) for name in args.algorithms}
     except ConfigError as e:
         p.error(str(e))
     runs = {}

@@ -168,9 +168,17 @@ class Experiment:
                    seed=self.fault_seed)
         return f if f.any else None
 
-    def simulator(self, algorithm: str | None = None, out: str | Path | None = None, **options: Any) -> Simulator:
-        """The `Simulator` for this experiment (``options`` go to it, e.g. ``on_round``)."""
-        data = fkdata.load(self.dataset, root=self.data_root, download=self.download)
+    def load(self) -> fkdata.Data:
+        """The experiment's dataset."""
+        return fkdata.load(self.dataset, root=self.data_root, download=self.download)
+
+    def simulator(self, algorithm: str | None = None, out: str | Path | None = None, data: fkdata.Data | None = None,
+                  **options: Any) -> Simulator:
+        """The `Simulator` for this experiment (``options`` go to it, e.g. ``on_round``).
+
+        Pass ``data`` (from `load`) to build several simulators without loading the dataset again.
+        """
+        data = data if data is not None else self.load()
         models.for_data(data, self.model)  # fail now, not in the middle of the run, if model and data disagree
         dp = self.privacy()
         train = TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,

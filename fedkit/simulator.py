@@ -59,7 +59,9 @@ class Run:
         self.simulator = simulator
         self.status = "pending"
         self.history = History()
-        self.weights: Weights = {}
+        self._weights: Weights = {}
+        self._live: Callable[[], Weights] | None = None  # while running: how to read the current global model
+        self._live_round = -1
         self.error: BaseException | None = None
         self.seconds = 0.0
         self.run_dir: Path | None = Path(simulator.out) if simulator.out else None
@@ -82,6 +84,22 @@ class Run:
         if self.status == "failed" and self.error is not None:
             raise self.error
         return self
+
+    @property
+    def weights(self) -> Weights:
+        """The global model's weights: the last completed round's while running, the final ones after.
+
+        With HE a client decrypts them, so they are read lazily (once per round, when asked for)
+        rather than decrypted on every round whether anyone looks or not.
+        """
+        if self._live is not None and self._live_round != len(self.history):
+            self._live_round = len(self.history)
+            self._weights = self._live()
+        return self._weights
+
+    @weights.setter
+    def weights(self, value: Weights) -> None:
+        self._weights, self._live = value, None
 
     @property
     def done(self) -> bool:
@@ -317,7 +335,7 @@ class Simulator:
             def plaintext() -> Weights:  # with HE a client decrypts the global model for the run; the server cannot
                 return global_plaintext(server.weights, server.state, owner.state)
 
-            run.weights = plaintext()
+            run._live, run._live_round = plaintext, -1
             fingerprint = self.fingerprint() if run.run_dir is not None else ""
             saved = {"round": ckpt.round if ckpt is not None else -1}
 
@@ -327,7 +345,6 @@ class Simulator:
                 saved["round"] = round
 
             def track(record: RoundRecord) -> None:
-                run.weights = plaintext()
                 last = record.round + 1 >= getattr(self.workflow, "rounds", 0)
                 if run.run_dir is not None and ((record.round + 1) % self.checkpoint_every == 0 or last):
                     save(record.round)
@@ -351,6 +368,11 @@ class Simulator:
             run.history.events.append({"round": len(run.history), "what": "failed", "reason": f"{type(e).__name__}: {e}",
                                        "detail": traceback.format_exc()})
         finally:
+            if run._live is not None:  # stopped early: freeze the last completed round's model
+                try:
+                    run.weights = run.weights
+                except Exception:  # a client that cannot decrypt must not hide the run's own error
+                    run._live = None
             run.seconds = time.perf_counter() - t0
             if run.run_dir is not None and run.weights:
                 run.save()

@@ -303,3 +303,18 @@ def test_bad_simulator_input_is_explained(digits, kwargs, match):
 def test_bad_fedavg_settings(kwargs, match):
     with pytest.raises(fk.ConfigError, match=match):
         fk.FedAvg(**kwargs)
+
+
+def test_live_weights_are_read_when_asked_and_frozen_at_the_end(tiny_model):
+    reads = []
+    sim = fk.Simulator(fk.FedAvg(rounds=3), model=tiny_model, clients=toy_clients(fixed_diff(1.0, 1)))
+    run = sim.start().wait(10)
+    assert run._live is None and run.weights["weight"].item() == 4.0
+    live = fk.Simulator(fk.FedAvg(rounds=200), model=tiny_model, clients=toy_clients(slow_executor(0.001))).start()
+    while len(live.history) < 1:
+        time.sleep(0.005)
+    reads.append(live.weights["weight"].item())
+    live.abort()
+    live.wait(10)
+    assert reads[0] >= 2.0 and live._live is None
+    assert live.weights["weight"].item() == 1.0 + len(live.history)
