@@ -23,6 +23,7 @@ demo: setup
 	@echo "open runs/demo/plot.html in a browser, or: $(BIN)/jupyter lab notebooks/"
 
 test: setup
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
 

@@ -25,41 +25,40 @@ import torch
 import fedkit as fk
 from fedkit.exchange import ClientContext
 from fedkit.privacy.dp import DPSGD, DPFedAvg
-from fedkit.train import sgd_epochs
+from fedkit.train import LocalTraining, sgd_epochs
 
 
 def local_round(data: fk.Dataset, cfg: fk.TrainConfig, model_kind: str, device: torch.device, state: dict,
-                seed: int) -> tuple[float, int]:
-    """Seconds and steps of one round of local training from a fresh model (DP-SGD when ``cfg.dp``)."""
+                seed: int, dp: DPSGD | None = None) -> tuple[float, int]:
+    """Seconds and steps of one round of local training from a fresh model (DP-SGD's client half with ``dp``)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = fk.models.for_data(DATA, model_kind).to(device)
-    t = time.perf_counter()
-    private = None
-    if cfg.dp is not None:
-        ctx = ClientContext("bench", None, state, device, seed)
-        private = cfg.dp.prepare(ctx, model, len(data), cfg)
-    stats = sgd_epochs(model, data, cfg, seed, fk.Signal(), private=private)
-    if private is not None:
-        private.account(stats["steps"])
-    return time.perf_counter() - t, stats["steps"]
+    started = time.perf_counter()
+    task = fk.Task("train", fk.DXO(fk.DataKind.WEIGHTS, {}))
+    t = LocalTraining(task, ClientContext("bench", None, state, device, seed), model, {}, data, cfg)
+    if dp is not None:
+        dp.client_begin(t)  # what the standard trainer does: Poisson batches, Opacus' DPOptimizer
+    t.stats = sgd_epochs(model, data, cfg, seed, fk.Signal(), private=t.private)
+    if dp is not None:
+        dp.client_end(t)  # the accounting
+    return time.perf_counter() - started, t.stats["steps"]
 
 
 def timing(args: argparse.Namespace, device: torch.device) -> None:
     data = fk.Dataset(DATA.train.x.to(device), DATA.train.y.to(device), DATA.train.num_classes)
     plain = fk.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, validate=False)
-    private = fk.TrainConfig(epochs=args.epochs, batch_size=args.batch_size, validate=False,
-                             dp=DPSGD(noise_multiplier=1.0, max_grad_norm=1.0))
+    dp = DPSGD(noise_multiplier=1.0, max_grad_norm=1.0)
     print(f"{len(data)} examples, {args.epochs} epoch(s), batch {args.batch_size}, device {device}, "
           f"torch threads {torch.get_num_threads()}, median of {args.repeat}")
     for kind in args.models.split(","):
         state: dict = {}
         local_round(data, plain, kind, device, state, 0)  # warm-up: first-call costs of kernels and hooks
-        local_round(data, private, kind, device, state, 0)
+        local_round(data, plain, kind, device, state, 0, dp)
         p, d = [], []
         for r in range(args.repeat):  # alternate, so that drifts in machine speed hit both alike
             p.append(local_round(data, plain, kind, device, state, r + 1))
-            d.append(local_round(data, private, kind, device, state, r + 1))
+            d.append(local_round(data, plain, kind, device, state, r + 1, dp))
         tp, td = statistics.median(s for s, _ in p), statistics.median(s for s, _ in d)
         per_step = (td / d[0][1]) / (tp / p[0][1])
         print(f"[{kind}] non-private {tp:.3f}s ({p[0][1]} steps), DP-SGD {td:.3f}s ({d[0][1]} Poisson steps)")
@@ -72,9 +71,9 @@ def levels(args: argparse.Namespace, device: torch.device) -> None:
     print(f"DP-SGD: 8 clients, {args.rounds} rounds, batch 16, lr 0.1, max_grad_norm 1.0, delta 1e-5 (noise from the target)")
     base = dict(lr=0.1, validate=False)
     for target in (None, 8.0, 3.0, 1.0):
-        dp = None if target is None else DPSGD(target_epsilon=target, rounds=args.rounds)
-        run = fk.Simulator(fk.FedAvg(rounds=args.rounds), model=model, clients=parts, test=DATA.test, seed=0,
-                           device=device, train=fk.TrainConfig(dp=dp, **base)).run(progress=False)
+        private = () if target is None else (DPSGD(target_epsilon=target),)  # the noise for the workflow's rounds
+        run = fk.Simulator(fk.FedAvg(rounds=args.rounds, extensions=private), model=model, clients=parts, test=DATA.test,
+                           seed=0, device=device, train=fk.TrainConfig(**base)).run(progress=False)
         eps = run.summary()["client_epsilon"]
         print(f"  target epsilon {target if target else 'none':>4}: accuracy {run.summary()['final_accuracy']:.3f}, "
               f"epsilon spent {eps if eps is not None else float('inf'):.2f}")

@@ -56,7 +56,8 @@ def tenseal_alone(ckks: CKKS, flat: np.ndarray, clients: int) -> dict[str, float
     encrypted = [[ts.ckks_vector(ctx, c) for c in chunks] for _ in range(clients)]
     encrypt = time.perf_counter() - t
     t = time.perf_counter()
-    total = [sum(vs[1:], vs[0]) * (1.0 / clients) for vs in zip(*encrypted)]
+    share = 1.0 / clients  # fedkit scales each client's ciphertext by its public share of the weight, then adds
+    total = [sum((v * share for v in vs[1:]), vs[0] * share) for vs in zip(*encrypted)]
     aggregate = time.perf_counter() - t
     t = time.perf_counter()
     for _ in range(clients):  # each client decrypts each new global model once (to validate it, then train on it)

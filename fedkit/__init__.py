@@ -9,29 +9,31 @@
 'done'
 """
 
-from . import aggregate, data, models, plots, server_opt, weights
+from . import aggregate, data, metrics, models, plots, server_opt, weights
 from .privacy import dp, he
 from .client import Client
 from .compare import compare
-from .experiment import Experiment
+from .experiment import DataSpec, Experiment
 from .data import ClientData, Dataset, Partition
 from .checkpoint import CheckpointError
-from .errors import ConfigError, RoundFailed, UpdateError
+from .errors import ConfigError, RoundFailed, Unreadable, UpdateError
 from .faults import Faults
 from .exchange import DXO, Aborted, ClientContext, DataKind, Executor, FilterContext, MetaKey, Signal, Task, Weights
 from .history import History, RoundRecord
 from .server import Controller, Reply, Server, ServerContext
 from .simulator import Run, Simulator
-from .train import Evaluator, TrainConfig, Trainer, evaluate
-from .privacy.dp import DPSGD, DPFedAvg
-from .workflows import SCAFFOLD, FedAvg, FedOpt, FedProx
+from .train import Evaluator, TrainConfig, TrainHook, Trainer, evaluate
+from .global_model import GlobalModel, PlainModel, screen
+from .privacy.dp import DPSGD, DPFedAvg, UserDP
+from .workflows import SCAFFOLD, Chain, Cyclic, Extension, FedAvg, FedOpt, FedProx, gather
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "aggregate", "data", "dp", "he", "models", "plots", "server_opt", "weights",
-    "Client", "compare", "Experiment", "ClientData", "Dataset", "Partition", "CheckpointError", "ConfigError", "RoundFailed", "UpdateError", "Faults",
+    "aggregate", "data", "dp", "he", "metrics", "models", "plots", "server_opt", "weights",
+    "Client", "compare", "DataSpec", "Experiment", "ClientData", "Dataset", "Partition", "CheckpointError", "ConfigError", "RoundFailed", "Unreadable", "UpdateError", "Faults",
     "DXO", "Aborted", "ClientContext", "DataKind", "Executor", "FilterContext", "MetaKey", "Signal", "Task", "Weights",
     "History", "RoundRecord", "Controller", "Reply", "Server", "ServerContext", "Run", "Simulator",
     "Evaluator", "TrainConfig", "Trainer", "evaluate", "FedAvg", "FedOpt", "FedProx", "SCAFFOLD", "DPSGD", "DPFedAvg",
+    "UserDP", "GlobalModel", "PlainModel", "screen", "Chain", "Cyclic", "Extension", "gather", "TrainHook",
 ]

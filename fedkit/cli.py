@@ -4,6 +4,15 @@
 
 With ``--json`` the last line printed is a JSON summary (final_accuracy, final_loss, rounds, seconds,
 model_sha256, run_dir). Bad arguments exit with code 2 and a message that says what to change.
+
+argparse lives here only. `experiment_from_args` (in `fedkit.cli_flags`, the flags' half) turns the parsed
+flags into the typed objects of an `fk.Experiment`: a `DataSpec`, a workflow with its DP extension and
+CKKS settings, a `TrainConfig`, `Faults`. ``--resume DIR`` reads the flags back from ``DIR/cli.json``
+and maps them again, so a run directory stays resumable whatever the objects become.
+
+>>> exp = experiment_from_args(parser().parse_args(["run", "--algorithm", "fedprox", "--mu", "0.1"]))
+>>> exp.workflow.extensions, exp.data.partition
+((Proximal(mu=0.1),), 'iid')
 """
 
 from __future__ import annotations
@@ -17,12 +26,50 @@ from typing import Sequence
 
 from . import data as fkdata, plots
 from .checkpoint import CheckpointError
+from .cli_flags import (ALGORITHMS, RULES, SERVER_OPTS, WEIGHINGS, data_from_args, encryption_from_args,
+                        experiment_from_args, privacy_from_args, workflow_from_args)
 from .errors import ConfigError
-from .privacy.dp import add_dp_arguments
-from .privacy.he import add_he_arguments
-from .experiment import ALGORITHMS, PARTITIONS, RULES, SERVER_OPTS, WEIGHINGS, Experiment
-from .simulator import Simulator
+from .experiment import MODELS, PARTITIONS
+from .privacy.accounting import MECHANISMS
+from .privacy.ckks import MAX_COEFF_BITS, CKKS
 from .train import TrainConfig
+
+__all__ = ["main", "parser", "add_dp_arguments", "add_he_arguments", "resumed_args", "experiment_from_args",
+           "workflow_from_args", "encryption_from_args", "privacy_from_args"]
+
+
+def add_dp_arguments(group: argparse._ActionsContainer) -> None:
+    """Add the differential-privacy options of ``fedkit run`` to ``group`` (a parser or argument group)."""
+    group.add_argument("--dp-sgd", action="store_true", help="example-level DP-SGD on every client (Opacus)")
+    group.add_argument("--dp-fedavg", action="store_true",
+                       help="user-level DP-FedAvg: Poisson-sampled clients, clipped updates, noise on the sum")
+    group.add_argument("--noise-multiplier", type=float, default=None,
+                       help="noise std over the clip norm (DP-SGD: default 1.0 unless --target-epsilon; DP-FedAvg: 1.0)")
+    group.add_argument("--max-grad-norm", type=float, default=1.0, help="DP-SGD: clip norm of each example's gradient")
+    group.add_argument("--clip-norm", type=float, default=1.0, help="DP-FedAvg: clip norm of each client's update")
+    group.add_argument("--sample-rate", type=float, default=None,
+                       help="DP-FedAvg: probability that a client joins a round (default 1.0)")
+    group.add_argument("--adaptive-clip", action="store_true", help="DP-FedAvg: adapt the clip norm to the median norm")
+    group.add_argument("--target-epsilon", type=float, default=None,
+                       help="privacy budget: never exceeded; alone, it sets the noise for the planned rounds")
+    group.add_argument("--delta", type=float, default=1e-5, help="the delta of (epsilon, delta)-DP")
+    group.add_argument("--dp-accountant", default="rdp", choices=MECHANISMS, help="Opacus accountant")
+
+
+def add_he_arguments(group: argparse._ArgumentGroup) -> None:
+    """Add ``--he`` and the CKKS options to a `fedkit run` argument group."""
+    d = CKKS()
+    group.add_argument("--he", action="store_true",
+                       help="encrypt the clients' updates with CKKS (TenSEAL); the server aggregates ciphertexts "
+                            "and the clients score the global model")
+    group.add_argument("--he-poly-modulus", type=int, default=d.poly_modulus_degree,
+                       help=f"CKKS ring dimension, one of {', '.join(map(str, MAX_COEFF_BITS))}")
+    group.add_argument("--he-coeff-mod-bits", default=",".join(map(str, d.coeff_mod_bit_sizes)),
+                       help="CKKS coefficient modulus prime sizes, comma-separated")
+    group.add_argument("--he-scale-bits", type=int, default=d.scale_bits, help="CKKS scale, as a power of 2")
+    group.add_argument("--he-layers", nargs="+", default=None, metavar="PATTERN",
+                       help="names or regular expressions of the layers to encrypt (default: all)")
+
 
 def _positive_int(text: str) -> int:
     try:
@@ -65,7 +112,7 @@ def _add_common(r: argparse.ArgumentParser) -> None:
     f.add_argument("--rounds", type=_positive_int, default=10)
     f.add_argument("--clients-per-round", type=_positive_int, default=None, help="default: all")
     f.add_argument("--weigh-by", default="samples", choices=tuple(WEIGHINGS), help="aggregation weight of a client")
-    f.add_argument("--aggregate", default="mean", choices=RULES, help="aggregation rule")
+    f.add_argument("--aggregate", default="mean", choices=tuple(RULES), help="aggregation rule")
     f.add_argument("--trim", type=float, default=0.1, help="fraction trimmed at each end (trimmed-mean)")
     f.add_argument("--byzantine", type=int, default=1, help="clients Krum assumes malicious (krum, multi-krum)")
     a = r.add_argument_group("algorithm options")
@@ -75,7 +122,7 @@ def _add_common(r: argparse.ArgumentParser) -> None:
     a.add_argument("--server-momentum", type=float, default=0.6, help="FedOpt sgd momentum (NVFlare's default)")
     a.add_argument("--order", default="fixed", choices=("fixed", "shuffled"), help="cyclic visiting order")
     t = r.add_argument_group("local training")
-    t.add_argument("--model", default="auto", choices=("auto", "mlp", "cnn", "simple"))
+    t.add_argument("--model", default="auto", choices=MODELS)
     t.add_argument("--local-epochs", type=_positive_int, default=TrainConfig.epochs)
     t.add_argument("--lr", type=_positive_float, default=TrainConfig.lr)
     t.add_argument("--momentum", type=float, default=TrainConfig.momentum)
@@ -99,11 +146,12 @@ def _add_common(r: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The parser of ``fedkit run`` and ``fedkit compare``; every flag's default is that of `fk.Experiment`'s parts."""
     p = argparse.ArgumentParser(prog="fedkit", description="Federated learning experiments in one process.")
     sub = p.add_subparsers(dest="command", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
     r = sub.add_parser("run", help="run one federated experiment", formatter_class=fmt)
-    r.add_argument("--algorithm", default="fedavg", choices=ALGORITHMS)
+    r.add_argument("--algorithm", default="fedavg", choices=tuple(ALGORITHMS))
     _add_common(r)
     r.add_argument("--out", default=None, help="run directory (default: runs/<dataset>-<partition>-<time>)")
     r.add_argument("--resume", metavar="DIR", default=None,
@@ -116,12 +164,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def build(args: argparse.Namespace, algorithm: str | None = None, out: str | Path | None = None,
-          data: fkdata.Data | None = None) -> Simulator:
-    """The simulator that ``fedkit run`` / ``compare`` arguments describe, for one ``algorithm``."""
-    return Experiment.from_mapping(vars(args)).simulator(algorithm, out=out, data=data)
-
-
+# what a resumed run may set anew: how it reports, and where it runs; everything else is read from cli.json
 RESUME_MAY_CHANGE = {"resume", "json", "no_progress", "device", "out", "command"}
 
 
@@ -145,6 +188,7 @@ def resumed_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argpar
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``fedkit ...``: 0 when the run is done, 2 for bad arguments, 1 when the run fails, 130 when interrupted."""
     p = parser()
     args = p.parse_args(argv)
     if args.command == "compare":
@@ -154,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = resumed_args(p, args)
         else:
             args.out = args.out or f"runs/{args.dataset}-{args.partition}-{time.strftime('%Y%m%d-%H%M%S')}"
-        sim = build(args, out=args.out)
+        sim = experiment_from_args(args).simulator(out=args.out)
         if not args.resume:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             saved = {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE - {"device"}}
@@ -191,8 +235,9 @@ def compare_main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """``fedkit compare``: each algorithm on the same partition, seed and initial model; one plot."""
     out = Path(args.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
-        data = Experiment.from_mapping(vars(args)).load()  # once for all algorithms (CIFAR-10 is 600 MB)
-        sims = {name: build(args, name, out / name, data) for name in args.algorithms}
+        experiments = {name: experiment_from_args(args, name) for name in args.algorithms}  # refusals before the load
+        data = data_from_args(args).load()  # once for all algorithms (CIFAR-10 is 600 MB)
+        sims = {name: exp.simulator(out / name, data) for name, exp in experiments.items()}
     except ConfigError as e:
         p.error(str(e))
     runs = {}

@@ -11,3 +11,7 @@ class UpdateError(ValueError):
 
 class RoundFailed(RuntimeError):
     """Too few valid client results arrived for a round, even after retries; the global model is unchanged."""
+
+
+class Unreadable(RuntimeError):
+    """The server was asked for a global model it holds only encrypted: only the clients can read it."""

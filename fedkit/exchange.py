@@ -38,6 +38,8 @@ class MetaKey:
     NUM_STEPS = "num_steps"  # optimizer steps the client took this task
     ROUND = "round"
     METRICS = "metrics"  # dict[str, float] the client reports alongside its result
+    HOOKS = "client_hooks"  # task meta: the client halves of the workflow's algorithms (see fedkit.train.TrainHook)
+    HOOKS_RAN = "client_hooks_ran"  # result meta: the names of the client halves the executor ran
 
 
 @dataclass

@@ -8,32 +8,33 @@ import plotly.graph_objects as go
 
 from .data import Partition
 from .history import History
+from .metrics import ACCURACY, TRAIN_LOSS, epsilons, label, reported, resolve
 
 
 def _history(run: Any) -> History:
     return run if isinstance(run, History) else run.history
 
 
-def curves(runs: Mapping[str, Any] | Any, metric: str = "accuracy", title: str | None = None) -> go.Figure:
+def curves(runs: Mapping[str, Any] | Any, metric: str = ACCURACY, title: str | None = None) -> go.Figure:
     """The global model's ``metric`` per round, one line per run (``{"label": run_or_history}``).
 
-    A single run or history may be passed as is.
+    A single run or history may be passed as is. For ``accuracy`` or ``loss``, a run the server could
+    not score (HE) is drawn with its clients' scores (``client_accuracy``), its label saying so.
     """
     if not isinstance(runs, Mapping):
         runs = {"run": runs}
     fig = go.Figure()
-    for label, run in runs.items():
+    for name, run in runs.items():
         h = _history(run)
-        y, name = h.series(metric), str(label)
-        if all(v != v for v in y) and any(("client_" + metric) in r.metrics for r in h):
-            y, name = h.series("client_" + metric), f"{label} (on clients)"  # HE: the server cannot score its model
-        fig.add_trace(go.Scatter(x=[r.round + 1 for r in h], y=y, mode="lines+markers", name=name))
+        key = resolve(metric, reported(r.metrics for r in h))
+        fig.add_trace(go.Scatter(x=[r.round + 1 for r in h], y=h.series(key), mode="lines+markers",
+                                 name=str(name) if key == metric else f"{name} (on clients)"))
     fig.update_layout(title=title or f"global model {metric} per round", xaxis_title="round", yaxis_title=metric,
                       template="plotly_white", legend_title_text="run")
     return fig
 
 
-def client_curves(run: Any, metric: str = "train_loss") -> go.Figure:
+def client_curves(run: Any, metric: str = TRAIN_LOSS) -> go.Figure:
     """Each client's ``metric`` per round (e.g. ``train_loss``, ``val_accuracy``) for one run."""
     df = _history(run).client_dataframe()
     fig = go.Figure()
@@ -54,23 +55,35 @@ def partition(parts: Partition, title: str | None = None) -> go.Figure:
     return fig
 
 
-def privacy_utility(runs: Mapping[str, Any], metric: str = "accuracy", epsilon: str | None = None) -> go.Figure:
+def privacy_utility(runs: Mapping[str, Any], metric: str = ACCURACY, epsilon: str | None = None) -> go.Figure:
     """The privacy-utility trade-off: ``metric`` against the epsilon spent, one line per run, round by round.
 
     ``epsilon`` names the round metric on the x axis: ``"epsilon"`` (DP-FedAvg, user-level) or
-    ``"client_epsilon"`` (DP-SGD, the largest client's); None takes whichever each run recorded.
+    ``"client_epsilon"`` (DP-SGD, the largest client's); None takes whichever each run recorded
+    (user-level first). ``accuracy`` or ``loss`` of a run scored on its clients (HE) are the clients'.
     A run with no epsilon (not private) is drawn as a dashed horizontal line at its final ``metric``.
     """
-    fig = go.Figure()
-    for label, run in runs.items():
+    fig, drawn = go.Figure(), set()
+    for name, run in runs.items():
         h = _history(run)
-        key = epsilon or next((k for k in ("epsilon", "client_epsilon") if any(k in r.metrics for r in h)), None)
-        if key is None or not any(key in r.metrics for r in h):
-            fig.add_hline(y=h.last(metric), line_dash="dash", annotation_text=f"{label} (not private)")
+        names = reported(r.metrics for r in h)
+        ykey = resolve(metric, names)  # an HE run: its clients' scores
+        key = epsilon or next(iter(epsilons(names)), None)
+        if key not in names:
+            fig.add_hline(y=h.last(ykey), line_dash="dash", annotation_text=f"{name} (not private)")
             continue
+        drawn.add(key)
         rows = [r for r in h if key in r.metrics]
-        fig.add_trace(go.Scatter(x=[r.metrics[key] for r in rows], y=[r.metrics.get(metric) for r in rows],
-                                 mode="lines+markers", name=str(label)))
-    fig.update_layout(title=f"privacy-utility trade-off: {metric} against epsilon", xaxis_title=epsilon or "epsilon",
+        fig.add_trace(go.Scatter(x=[r.metrics[key] for r in rows], y=[r.metrics.get(ykey) for r in rows],
+                                 mode="lines+markers", name=str(name)))
+    fig.update_layout(title=f"privacy-utility trade-off: {metric} against epsilon",
+                      xaxis_title=_epsilon_axis({epsilon} if epsilon else drawn),
                       yaxis_title=metric, template="plotly_white", legend_title_text="run")
     return fig
+
+
+def _epsilon_axis(kinds: set[str]) -> str:
+    """The x axis title for runs that drew ``kinds`` of epsilon: user- and example-level are not comparable."""
+    if len(kinds) == 1:
+        return label(next(iter(kinds)))
+    return "epsilon (user- and example-level mixed)" if kinds else "epsilon"

@@ -8,22 +8,29 @@ and run them; replies come back through the server's result filters.
 from __future__ import annotations
 
 import itertools
+import math
+import numbers
+import queue
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
-from .errors import ConfigError, UpdateError
+from . import metrics as M
+from .errors import ConfigError, Unreadable, UpdateError
 from .exchange import DXO, Filter, FilterContext, MetaKey, Signal, Task, Weights, apply_filters
+from .global_model import Encryption, GlobalModel, PlainModel
+
+from .history import History, RoundRecord
 
 if TYPE_CHECKING:
     from .client import Client
-    from .history import History, RoundRecord
 
 
 @dataclass
@@ -50,11 +57,15 @@ class Reply:
 
 
 class Server:
-    """Holds the global model and the task board; it never holds a client's secrets."""
+    """Holds the global model (a `GlobalModel`: plaintext or encrypted) and the task board.
 
-    def __init__(self, weights: Weights, task_data_filters: Sequence[Filter] = (),
+    It holds no client object and no client secret: what it knows of the clients is their names and
+    what their filters let through.
+    """
+
+    def __init__(self, model: GlobalModel | Weights, task_data_filters: Sequence[Filter] = (),
                  result_filters: Sequence[Filter] = ()) -> None:
-        self.weights = weights
+        self.model = model if isinstance(model, GlobalModel) else PlainModel(model)
         self.state: dict = {}  # run-time state of the workflow (e.g. "server_opt" moments), checkpointed each round
         self.task_data_filters = list(task_data_filters)
         self.result_filters = list(result_filters)
@@ -63,6 +74,18 @@ class Server:
         self._started: dict[tuple[str, str], float] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()
+
+    @property
+    def weights(self) -> Weights:
+        """The global model's weights; `Unreadable` when the server holds it encrypted."""
+        return self.model.weights
+
+    @weights.setter
+    def weights(self, value: Weights) -> None:
+        if not self.model.readable:
+            raise Unreadable("the server holds the global model encrypted and cannot set its weights in plaintext; "
+                             "move it with fl.model.update(results, weights, step)")
+        self.model.weights = value
 
     def post(self, task: Task, targets: Sequence[str]) -> Task:
         """Queue ``task`` for each target; returns the task with its id."""
@@ -131,33 +154,81 @@ Engine = Callable[[Sequence["Client"], Server, torch.device, Signal], None]
 
 
 @dataclass
+class Order:
+    """One request from the server's side to the clients' side: let ``targets`` work, or a round ended."""
+
+    kind: str  # "work" or "round"
+    targets: tuple[str, ...] = ()
+    record: RoundRecord | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+class Channel:
+    """The one link from the server's side (the controller's thread) to the clients' side (the simulator).
+
+    The controller posts tasks on the server's board and asks, through the channel, that the
+    targeted clients work; it waits until they have. Only names and round records cross it, so
+    nothing the server or a controller can reach holds a client object or a client's secret.
+    """
+
+    def __init__(self) -> None:
+        self._orders: "queue.Queue[Order | None]" = queue.Queue()
+        self.serving = False  # set by whoever answers the orders (fedkit.simulator.serve)
+
+    def request(self, order: Order) -> None:
+        """Hand ``order`` to the clients' side and wait for it to be done; re-raise what it failed with."""
+        if not self.serving:  # nobody would answer: refuse rather than wait forever
+            raise RuntimeError("no clients' side serves this ServerContext's channel; run the controller through a "
+                               "fk.Simulator, or fedkit.simulator.serve(controller.control_flow, fl, clients)")
+        self._orders.put(order)
+        order.done.wait()
+        if order.error is not None:
+            raise order.error
+
+    def next(self, timeout: float | None = None) -> Order | None:
+        """The next order (the clients' side); None when the server's side has finished."""
+        return self._orders.get(timeout=timeout)
+
+    def close(self) -> None:
+        """Tell the clients' side that no more orders come."""
+        self.serving = False
+        self._orders.put(None)
+
+
+@dataclass
 class ServerContext:
-    """What a controller works with: the server, the clients' names, and the run's services."""
+    """What a controller works with: the server, the clients' names, and the run's services.
+
+    ``offset`` shifts every round that leaves the controller (in tasks, client sampling, events and
+    the history) and is applied by every method here, so a part of a `Chain` cannot escape it.
+    """
 
     server: Server
-    clients: dict[str, "Client"]
-    engine: Engine
-    device: torch.device
+    client_names: tuple[str, ...]
+    channel: Channel
     abort: Signal
-    history: "History"
+    history: History
     seed: int
     evaluate: Callable[[Weights], dict[str, float]] | None = None  # global model on the server's test set
-    on_round: list[Callable[["RoundRecord"], None]] = field(default_factory=list)
     start_round: int = 0
+    offset: int = 0
+    validate_task: str = "validate"  # the clients' task that scores a model they can read and the server cannot
 
     @property
-    def client_names(self) -> list[str]:
-        return list(self.clients)
+    def model(self) -> GlobalModel:
+        """The global model (plaintext or encrypted): send it, screen results, update it."""
+        return self.server.model
 
     def broadcast_and_wait(self, task: Task, targets: Sequence[str] | None = None) -> dict[str, Reply]:
         """Send ``task`` to ``targets`` (default: all clients) and return their replies by client."""
-        targets = self.client_names if targets is None else list(targets)
-        unknown = [t for t in targets if t not in self.clients]
+        targets = list(self.client_names) if targets is None else list(targets)
+        unknown = [t for t in targets if t not in self.client_names]
         if unknown:
-            raise ConfigError(f"unknown client(s) {unknown}; the federation has: {', '.join(self.clients)}")
+            raise ConfigError(f"unknown client(s) {unknown}; the federation has: {', '.join(self.client_names)}")
         self.abort.check()
-        posted = self.server.post(task, targets)
-        self.engine([self.clients[t] for t in targets], self.server, self.device, self.abort)
+        posted = self.server.post(replace(task, round=task.round + self.offset), targets)
+        self.channel.request(Order("work", tuple(targets)))
         self.abort.check()
         return self.server.collect(posted)
 
@@ -165,36 +236,78 @@ class ServerContext:
         """Send ``task`` to one client and return its reply."""
         return self.broadcast_and_wait(task, [target])[target]
 
+    def rng(self, round: int, stream: int) -> np.random.Generator:
+        """A generator for ``round`` (shifted like everything else) and a ``stream`` of a workflow's own."""
+        return np.random.default_rng([self.seed, round + self.offset, stream])
+
     def sample_clients(self, k: int | None, round: int) -> list[str]:
         """``k`` clients drawn without replacement for ``round`` (all when k is None), same for the same seed."""
-        names = self.client_names
+        names = list(self.client_names)
         if k is None or k >= len(names):
             return names
         if k < 1:
             raise ConfigError(f"clients_per_round must be >= 1 (or None for all), got {k}")
-        rng = np.random.default_rng([self.seed, round, 1])
+        rng = self.rng(round, 1)
         return [names[i] for i in sorted(rng.choice(len(names), size=k, replace=False))]
 
     def sample_poisson(self, rate: float, round: int) -> list[str]:
         """Each client independently with probability ``rate`` (Poisson sampling, which DP accountants
         assume); possibly none. The same clients for the same seed and round."""
-        rng = np.random.default_rng([self.seed, round, 4])  # 4: a stream apart from sample_clients and Cyclic
-        draws = rng.random(len(self.client_names))
+        draws = self.rng(round, 4).random(len(self.client_names))  # 4: a stream apart from sample_clients and Cyclic
         return [name for name, u in zip(self.client_names, draws) if u < rate]
 
+    def event(self, round: int, what: str, **fields: Any) -> None:
+        """Record an event of ``round`` (a stop, a warning) in the history."""
+        self.history.events.append({"round": round + self.offset, "what": what, **fields})
+
     def record_failures(self, replies: dict[str, Reply]) -> None:
-        """Add every reply that is not ok to the history's events, with its reason."""
+        """Add every reply that is not ok to the history's events, with its reason (rounds as sent)."""
         for name, r in replies.items():
             if not r.ok:
-                self.history.events.append({"round": r.task.round, "attempt": r.task.attempt, "client": name,
-                                            "what": r.status, "reason": r.error})
+                entry = {"round": r.task.round, "attempt": r.task.attempt, "client": name, "what": r.status,
+                         "reason": r.error}
+                if r.task.name == self.validate_task:
+                    entry.update(task=r.task.name, reason=f"{r.task.name} task: {r.error}")
+                self.history.events.append(entry)
 
-    def end_round(self, round: int, replies: dict[str, Reply], started: float, **metrics: float) -> "RoundRecord":
-        """Evaluate the global model, record the round in the history, and tell the listeners."""
-        from .history import RoundRecord
+    def score_on_clients(self, targets: Sequence[str], round: int) -> dict[str, float]:
+        """Send the global model to ``targets`` to score on their validation splits; their weighted mean.
 
-        if self.evaluate is not None:
-            metrics = {**self.evaluate(self.server.weights), **metrics}
+        This is how a round is scored when the server cannot read its model (HE). Clients need a
+        ``validate`` executor (the simulator's dataset clients have `fedkit.train.Evaluator`).
+        Failed or implausible answers are left out and recorded as events.
+        """
+        replies = self.broadcast_and_wait(Task(self.validate_task, self.model.task_data({}), round=round), targets)
+        self.model.observe(replies)
+        samples = loss = correct = 0.0
+        scored = 0
+        for name, r in replies.items():
+            if r.ok:
+                acc, lo, n = r.result.data.get("accuracy"), r.result.data.get("loss"), r.result.meta.get(MetaKey.NUM_SAMPLES)
+                if n == 0:
+                    continue  # an empty validation split scores nothing
+                if not (_finite(acc) and 0 <= acc <= 1 and _finite(lo) and lo >= 0 and _finite(n) and n > 0):
+                    r.reject("rejected", f"client {name!r} answered the validation with accuracy {acc!r}, loss {lo!r} "
+                                         f"on {n!r} samples; expected an accuracy in [0, 1], a loss >= 0 and a sample count")
+                else:
+                    samples, loss, correct, scored = samples + n, loss + lo * n, correct + acc * n, scored + 1
+        self.record_failures(replies)
+        if not samples:
+            return {M.CLIENT_ACCURACY: math.nan, M.CLIENT_LOSS: math.nan, M.CLIENTS_VALIDATED: 0}
+        return {M.CLIENT_ACCURACY: correct / samples, M.CLIENT_LOSS: loss / samples, M.CLIENTS_VALIDATED: scored}
+
+    def end_round(self, round: int, replies: dict[str, Reply], started: float, **metrics: float) -> RoundRecord:
+        """Score the global model, record the round in the history, and hand it to the clients' side
+        (checkpoint, progress, listeners).
+
+        The server scores a model it can read on its test set (when it has one); a model it cannot
+        read is scored by the round's clients on their validation splits.
+        """
+        if not self.model.readable:
+            metrics = {**self.score_on_clients(list(replies), round), **metrics}
+        elif self.evaluate is not None:
+            metrics = {**self.evaluate(self.model.weights), **metrics}
+        metrics = {**self.model.round_metrics(), **metrics}
         clients = {}
         for name, r in replies.items():
             row = {"status": r.status, "samples": 0, "steps": 0, "seconds": r.seconds, "bytes_down": r.bytes_down,
@@ -206,18 +319,19 @@ class ServerContext:
             else:
                 row["error"] = r.error
             clients[name] = row
-        eps = [row["epsilon"] for row in clients.values() if "epsilon" in row]
-        if eps:  # DP-SGD clients report a cumulative epsilon that only grows: the federation's worst so far
-            metrics.setdefault("client_epsilon", max([*eps, self.history.last("client_epsilon", 0.0)]))
-        metrics.setdefault("clients_ok", sum(r.ok for r in replies.values()))
-        metrics.setdefault("clients_failed", sum(not r.ok for r in replies.values()))
-        metrics.setdefault("bytes_down", sum(r.bytes_down for r in replies.values()))
-        metrics.setdefault("bytes_up", sum(r.bytes_up for r in replies.values()))
-        record = RoundRecord(round=round, seconds=time.perf_counter() - started, metrics=metrics, clients=clients)
+        metrics.setdefault(M.CLIENTS_OK, sum(r.ok for r in replies.values()))
+        metrics.setdefault(M.CLIENTS_FAILED, sum(not r.ok for r in replies.values()))
+        metrics.setdefault(M.BYTES_DOWN, sum(r.bytes_down for r in replies.values()))
+        metrics.setdefault(M.BYTES_UP, sum(r.bytes_up for r in replies.values()))
+        record = RoundRecord(round=round + self.offset, seconds=time.perf_counter() - started, metrics=metrics,
+                             clients=clients)
         self.history.append(record)
-        for fn in self.on_round:
-            fn(record)
+        self.channel.request(Order("round", record=record))
         return record
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def require_ok(replies: dict[str, Reply], round: int) -> dict[str, DXO]:
@@ -237,7 +351,12 @@ class Controller(ABC):
     """
 
     rounds: int
+    he: Encryption | None = None  # the global model's encryption, provisioned by the simulator; None: plaintext
+    uses_model: ClassVar[bool] = True  # False for workflows that never send or read the global model (statistics)
 
     @abstractmethod
     def control_flow(self, fl: ServerContext) -> None:
         """Run the workflow to the end, using ``fl.broadcast_and_wait`` and ``fl.end_round``."""
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse, with how to fix it, a model this workflow cannot train (DP-SGD cannot train BatchNorm)."""

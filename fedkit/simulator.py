@@ -15,34 +15,38 @@ with live ``history``, ``status``, ``abort()`` and ``wait()``.
 from __future__ import annotations
 
 import copy
-from collections import Counter
 import dataclasses
 import functools
 import hashlib
 import json
 import math
+import queue
 import threading
 import time
 import traceback
+from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, metrics as M, plots
 from . import weights as W
 from .checkpoint import CheckpointError
 from .client import Client, derive_seed
 from .data import ClientData, Dataset
 from .engine import sequential
 from .errors import ConfigError
-from .exchange import Aborted, Filter, Signal, Weights
+from .exchange import Aborted, ExecutorLike, Filter, Signal, Weights
 from .faults import Faults
+from .global_model import GlobalModel, PlainModel
 from .history import History, RoundRecord
-from .server import Controller, Engine, Server, ServerContext
 from .preprocess import Standardize
-from .privacy.he_filters import global_plaintext, server_layers
+from .privacy.ckks import STATE_KEY
+from .privacy.he_filters import decrypt_global, provision
+from .privacy.he_model import EncryptedModel
+from .server import Channel, Controller, Engine, Server, ServerContext
 from .stats import StatsExecutor
 from .train import Evaluator, ModelFn, SubmitModel, TrainConfig, Trainer, evaluate, load_weights, resolve_device
 
@@ -124,13 +128,12 @@ class Run:
         """
         failures = [e for e in self.history.events if "client" in e]
         last = self.history.rounds[-1].metrics if len(self.history) else {}
-        # with HE only the clients can score the global model; without a test set nobody does
-        prefix = "client_" if "accuracy" not in last and "client_accuracy" in last else ""
+        accuracy, loss, where = M.scored(last)  # with HE only the clients can score the model
         return {
             "status": self.status,
-            "final_accuracy": self.history.last(prefix + "accuracy"),
-            "final_loss": self.history.last(prefix + "loss"),
-            "accuracy_on": "clients' validation splits" if prefix else "server test set" if "accuracy" in last else "none",
+            "final_accuracy": self.history.last(accuracy),
+            "final_loss": self.history.last(loss),
+            "accuracy_on": where,
             "rounds": len(self.history),
             "seconds": round(self.seconds, 3),
             "model_sha256": self.model_sha256,
@@ -144,8 +147,6 @@ class Run:
 
     def save(self, directory: str | Path | None = None) -> Path:
         """Write history (JSON, CSV), final model (``model.pt``), summary and ``plot.html`` into ``directory``."""
-        from . import plots
-
         directory = Path(directory or self.run_dir or "runs/latest")
         directory.mkdir(parents=True, exist_ok=True)
         self.history.save(directory)
@@ -164,11 +165,11 @@ def _privacy(history: History) -> dict[str, float | None]:
         v = history.last(key)
         return None if math.isnan(v) else v
 
-    delta = last("delta")
+    delta = last(M.DELTA)
     if delta is None:  # DP-SGD only: the clients report their delta in their rows
-        deltas = [row["delta"] for r in history for row in r.clients.values() if "delta" in row]
+        deltas = [row[M.DELTA] for r in history for row in r.clients.values() if M.DELTA in row]
         delta = max(deltas) if deltas else None
-    return {"epsilon": last("epsilon"), "client_epsilon": last("client_epsilon"), "delta": delta}
+    return {M.EPSILON: last(M.EPSILON), M.CLIENT_EPSILON: last(M.CLIENT_EPSILON), M.DELTA: delta}
 
 
 def _as_model_fn(model: ModelFn | nn.Module) -> ModelFn:
@@ -186,9 +187,16 @@ class Simulator:
     ``clients`` may be a `Partition` (or any list of `Dataset`s), a list of `ClientData`, or ready
     `Client` objects. Dataset clients get the standard `Trainer` (``train`` task) and `Evaluator`
     (``validate`` task), `SubmitModel` (``submit_model``), `StatsExecutor` (``stats_range``, ``stats``)
-    and `Standardize` (``standardize``), and keep ``val_fraction`` of their data to validate the global model.
+    and `Standardize` (``standardize``), and keep ``val_fraction`` of their data to validate the global model;
+    ``executors`` adds to or replaces those by task name (``executors={"train": MyTrainer(...)}``).
     ``client_result_filters`` are attached, in order, to those clients' results (e.g. DP's
-    `fedkit.privacy.dp.ClipUpdate`, then an encryption filter: privacy first, encryption last).
+    `fedkit.privacy.dp.ClipUpdate`); an encryption filter always comes last.
+
+    The simulator plays FLARE's provisioning role: when the workflow asks for HE (``he=CKKS()``), it
+    makes the keys, gives the secret context to the clients and the server an encrypted model built
+    with the public context only. The controller then runs in a thread of its own and reaches the
+    clients only through the server's task board and a `fedkit.server.Channel` of names: nothing the
+    server or the controller can reach holds a client object or a secret key.
     """
 
     def __init__(self, workflow: Controller, model: ModelFn | nn.Module, clients: ClientsLike,
@@ -196,7 +204,7 @@ class Simulator:
                  device: str | torch.device = "auto", out: str | Path | None = None, val_fraction: float = 0.1,
                  engine: Engine = sequential, server_filters: Sequence[Filter] = (),
                  server_result_filters: Sequence[Filter] = (), client_result_filters: Sequence[Filter] = (),
-                 faults: Faults | None = None,
+                 faults: Faults | None = None, executors: Mapping[str, ExecutorLike] | None = None,
                  checkpoint_every: int = 1, on_round: Sequence[Callable[[RoundRecord], None]] = ()) -> None:
         if not isinstance(workflow, Controller):
             raise ConfigError(f"workflow must be a Controller such as fk.FedAvg(...), got {type(workflow).__name__}")
@@ -210,6 +218,11 @@ class Simulator:
             raise ConfigError(f"faults must be a fk.Faults(...), got {type(faults).__name__}")
         if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be an integer >= 1 (rounds), got {checkpoint_every!r}")
+        executors = dict(executors or {})
+        bad = [name for name, ex in executors.items() if not isinstance(name, str) or not callable(getattr(ex, "execute", ex))]
+        if bad:
+            raise ConfigError(f"executors maps task names to executors (objects with execute(task, ctx, abort) or such "
+                              f"functions); these entries are neither: {bad}")
         self.workflow = workflow
         self.model_fn = _as_model_fn(model)
         self.test = test
@@ -223,10 +236,10 @@ class Simulator:
         self.server_result_filters = list(server_result_filters)
         self.client_result_filters = list(client_result_filters)
         self.faults = faults
+        self.executors = executors
         self.checkpoint_every = checkpoint_every
         self.on_round = list(on_round)
-        if train.dp is not None:  # fail now, with how to fix the model, not in every client's first round
-            train.dp.check_model(self.model_fn())
+        workflow.check_model(self.model_fn())  # fail now, with how to fix the model, not in every client's first round
         self.clients = [self._client(i, c) for i, c in enumerate(clients)]
         names = [c.name for c in self.clients]
         if len(set(names)) != len(names):
@@ -244,17 +257,17 @@ class Simulator:
             raise ConfigError(f"clients[{i}] is a {type(c).__name__}; give Datasets (e.g. a fk.data partition), "
                               "ClientData or fk.Client objects")
         stats = StatsExecutor()
-        return Client(f"site-{i + 1}", c, {"train": Trainer(self.model_fn, self.train),
-                                            "validate": Evaluator(self.model_fn), "submit_model": SubmitModel(),
-                                            "stats_range": stats, "stats": stats, "standardize": Standardize()},
-                      result_filters=list(self.client_result_filters))
+        standard = {"train": Trainer(self.model_fn, self.train), "validate": Evaluator(self.model_fn),
+                    "submit_model": SubmitModel(), "stats_range": stats, "stats": stats, "standardize": Standardize()}
+        return Client(f"site-{i + 1}", c, {**standard, **self.executors}, result_filters=list(self.client_result_filters))
 
     def describe(self) -> dict[str, Any]:
         """The settings of this simulator, as saved in ``config.json`` (the same in every process)."""
         return {"workflow": _describe(self.workflow), "train": _describe(self.train), "seed": self.seed,
                 "clients": {c.name: [_data_digest(c.data.train), _data_digest(c.data.val)] for c in self.clients},
                 "val_fraction": self.val_fraction, "faults": _describe(self.faults),
-                "client_result_filters": _describe(self.client_result_filters)}
+                "client_result_filters": _describe(self.client_result_filters),
+                **({"executors": _describe(self.executors)} if self.executors else {})}
 
     def fingerprint(self) -> str:
         """A hash of the settings and initial weights: a checkpoint resumes only under the same fingerprint."""
@@ -319,28 +332,24 @@ class Simulator:
         t0 = time.perf_counter()
         run.status = "running"
         try:
-            server = Server(self.initial_weights(), self.server_filters, self.server_result_filters)
             clients = {c.name: c.fresh(derive_seed(self.seed, i, 1), self.faults) for i, c in enumerate(self.clients)}
             start_round = 0
             if ckpt is not None:
-                # with HE the server holds the encrypted layers only as ciphertexts, in its state
-                W.check_update(ckpt.weights, server_layers(server.weights, ckpt.server_state), "the checkpoint's model")
-                server.weights, server.state = ckpt.weights, ckpt.server_state
                 for name, state in ckpt.client_states.items():
                     clients[name].state.update(state)
                 run.history = ckpt.history
                 start_round = ckpt.round + 1
+            server = Server(self._provision(clients, ckpt, run.history), self.server_filters, self.server_result_filters)
+            if ckpt is not None:
+                server.state = {k: v for k, v in ckpt.server_state.items() if k != STATE_KEY}
             owner = next(iter(clients.values()))
-
-            def plaintext() -> Weights:  # with HE a client decrypts the global model for the run; the server cannot
-                return global_plaintext(server.weights, server.state, owner.state)
-
-            run._live, run._live_round = plaintext, -1
+            run._live, run._live_round = (lambda: _plaintext(server.model, owner)), -1
             fingerprint = self.fingerprint() if run.run_dir is not None else ""
             saved = {"round": ckpt.round if ckpt is not None else -1}
 
             def save(round: int) -> None:
-                checkpoint.save(run.run_dir, round, server.weights, server.state,
+                weights, extra = server.model.checkpoint()
+                checkpoint.save(run.run_dir, round, weights, {**server.state, **extra},
                                 {n: c.state for n, c in clients.items()}, run.history, fingerprint)
                 saved["round"] = round
 
@@ -352,11 +361,11 @@ class Simulator:
             if run.run_dir is not None:
                 run.run_dir.mkdir(parents=True, exist_ok=True)
                 (run.run_dir / "config.json").write_text(json.dumps(self.describe(), indent=1, default=str))
-            fl = ServerContext(server, clients, self.engine, self.device, run.signal, run.history, self.seed,
-                               evaluate=self._evaluator(), on_round=[track, *self.on_round, *extra_listeners],
-                               start_round=start_round)
-            self.workflow.control_flow(fl)
-            run.weights = plaintext()
+            fl = ServerContext(server, tuple(clients), Channel(), run.signal, run.history, self.seed,
+                               evaluate=self._evaluator(), start_round=start_round)
+            listeners = [track, *self.on_round, *extra_listeners]
+            serve(self.workflow.control_flow, fl, clients, self.engine, self.device, listeners)
+            run.weights = _plaintext(server.model, owner)
             if run.run_dir is not None and len(run.history) and saved["round"] != run.history.rounds[-1].round:
                 save(run.history.rounds[-1].round)  # a workflow that stopped early (privacy budget) is checkpointed too
             run.status = "done"
@@ -379,17 +388,115 @@ class Simulator:
             run._thread = None
             run._done.set()
 
+    def _provision(self, clients: dict[str, Client], ckpt: checkpoint.Checkpoint | None, history: History) -> GlobalModel:
+        """The server's global model, plaintext or encrypted; with HE, the keys go to the clients first.
+
+        This is FLARE's provisioning: the clients get the secret context (a resumed run finds it in their
+        restored state), the server a model built from the public context only.
+        """
+        initial = self.initial_weights()
+        he = self.workflow.he
+        if he is None:
+            if ckpt is None:
+                return PlainModel(initial)
+            W.check_update(ckpt.weights, initial, "the checkpoint's model")
+            return PlainModel(ckpt.weights)
+        started = time.perf_counter()
+        public, kid = provision(he, clients)
+        if ckpt is not None and STATE_KEY in ckpt.server_state:
+            model = EncryptedModel.restore(he, ckpt.server_state[STATE_KEY], ckpt.weights)
+            W.check_update(ckpt.weights, {k: v for k, v in initial.items() if k in model.plain}, "the checkpoint's model")
+        else:
+            model = EncryptedModel.start(he, initial, public, setup_s=time.perf_counter() - started)
+        if model.key_id != kid:
+            raise ConfigError(f"the server's global model is encrypted under key {model.key_id!r}, but the clients hold "
+                              f"key {kid!r}; they could not decrypt it (was the clients' state lost?)")
+        history.results.setdefault("he", model.describe())
+        return model
+
     def _evaluator(self) -> Callable[[Weights], dict[str, float]] | None:
+        """The server's scoring of a model it can read on its test set; it closes over the test set, a model
+        instance and the device only, never the simulator (which holds the clients)."""
         if self.test is None:
             return None
-        model = self.model_fn().to(self.device)
-        test = Dataset(self.test.x.to(self.device), self.test.y.to(self.device), self.test.num_classes)
+        device = self.device
+        model = self.model_fn().to(device)
+        test = Dataset(self.test.x.to(device), self.test.y.to(device), self.test.num_classes)
 
         def score(weights: Weights) -> dict[str, float]:
             load_weights(model, weights)
-            return evaluate(model, test, self.device)
+            return evaluate(model, test, device)
 
         return score
+
+
+def serve(control: Callable[[ServerContext], None], fl: ServerContext, clients: Mapping[str, Client],
+          engine: Engine = sequential, device: torch.device = torch.device("cpu"),
+          listeners: Sequence[Callable[[RoundRecord], None]] = ()) -> None:
+    """Run ``control(fl)`` (a controller's ``control_flow``) in a thread of its own, and do in this thread
+    what it asks of the clients' side: let ``clients`` work with ``engine``, hand each round's record to
+    ``listeners`` (checkpoint, progress bar, widgets). Re-raises what the controller raised.
+
+    Kernel interrupts (Ctrl-C) arrive in this thread: they abort the run, and every order the
+    controller still sends fails with `Aborted`, so its thread always ends.
+    """
+    outcome: dict[str, BaseException] = {}
+
+    def run_controller() -> None:
+        try:
+            control(fl)
+        except BaseException as e:  # handed to the calling thread, which raises it
+            outcome["error"] = e
+        finally:
+            fl.channel.close()
+
+    fl.channel.serving = True
+    thread = threading.Thread(target=run_controller, name="fedkit-controller", daemon=True)
+    thread.start()
+    finished = False
+    try:
+        while (order := fl.channel.next()) is not None:
+            try:
+                if order.kind == "work":
+                    engine([clients[n] for n in order.targets], fl.server, device, fl.abort)
+                else:
+                    for listen in listeners:
+                        listen(order.record)
+            except KeyboardInterrupt:
+                fl.abort.trigger("interrupted")
+                order.error = Aborted("interrupted")
+            except BaseException as e:
+                order.error = e
+            finally:
+                order.done.set()
+        finished = True
+    finally:
+        if not finished:  # left early (an interrupt while waiting): let the controller's thread end cleanly
+            fl.abort.trigger("interrupted")
+            _refuse_orders(fl.channel, thread)
+        thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+def _refuse_orders(channel: Channel, thread: threading.Thread) -> None:
+    """Answer every order still coming with `Aborted` until the controller's ``thread`` has ended."""
+    while thread.is_alive():
+        try:
+            order = channel.next(timeout=0.1)
+        except queue.Empty:
+            continue
+        if order is None:
+            return
+        order.error = Aborted("interrupted")
+        order.done.set()
+
+
+def _plaintext(model: GlobalModel, owner: Client) -> Weights:
+    """The global model in plaintext for the run's owner: the server's, or, with HE, as a client decrypts it."""
+    if model.readable:
+        return model.weights
+    return decrypt_global(model.task_data({}), owner.state, model.keys)
 
 
 def _data_digest(d: Dataset) -> str:

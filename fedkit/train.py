@@ -9,8 +9,8 @@ rounds after the first pay no set-up.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
+from dataclasses import InitVar, dataclass, field
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +20,6 @@ from .data import Dataset
 from .errors import ConfigError
 from .exchange import DXO, ClientContext, DataKind, MetaKey, Signal, Task, Weights
 from .weights import check_update, subtract
-
-if TYPE_CHECKING:
-    from .privacy.dp import DPSGD
 
 ModelFn = Callable[[], nn.Module]
 
@@ -37,9 +34,13 @@ class TrainConfig:
     momentum: float = 0.9  # the optimizer is fresh each round: no momentum leaks across rounds
     weight_decay: float = 0.0
     validate: bool = True  # score the received global model on the local validation split first
-    dp: "DPSGD | None" = None  # example-level DP-SGD (fedkit.privacy.dp.DPSGD); None: plain SGD
+    dp: InitVar[Any] = None  # refused: DP-SGD is an algorithm of the workflow (see __post_init__)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, dp: Any) -> None:
+        if dp is not None:
+            raise ConfigError("TrainConfig takes no dp: DP-SGD is one object with a client half (private steps) and a "
+                              "server half (the budget, the round's client_epsilon); put it in the workflow: "
+                              "fk.FedAvg(extensions=(fk.DPSGD(noise_multiplier=1.0),))")
         for name, low in (("epochs", 1), ("batch_size", 1)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
@@ -52,8 +53,6 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig.{name} must be >= 0, got {v!r}")
         if self.momentum >= 1:
             raise ConfigError(f"TrainConfig.momentum must be < 1, got {self.momentum!r}")
-        if self.dp is not None and not callable(getattr(self.dp, "prepare", None)):
-            raise ConfigError(f"TrainConfig.dp must be a fedkit.privacy.dp.DPSGD(...) or None, got {self.dp!r}")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -204,17 +203,64 @@ def sgd_epochs(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int, abo
             "steps": steps, "samples": n}
 
 
+@dataclass
+class LocalTraining:
+    """One client's local training for one task, as the client halves of algorithms see and change it.
+
+    Before training a hook may add ``grad_hooks`` (run after each backward pass, before the step:
+    FedProx, SCAFFOLD) or set ``private`` (DP-SGD's batches and optimizer); after training it may
+    read ``stats`` and ``diff`` and add to ``meta`` and ``metrics`` (SCAFFOLD's control-variate
+    change, DP-SGD's epsilon). ``notes`` is scratch space for a hook between its two calls.
+    """
+
+    task: Task
+    ctx: ClientContext
+    model: nn.Module
+    received: Weights  # the global weights as received, on the client's device
+    data: Dataset  # the training split, on the client's device
+    config: "TrainConfig"
+    grad_hooks: list[GradHook] = field(default_factory=list)
+    private: PrivateSteps | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)  # after training: train_loss, train_accuracy, steps, samples
+    diff: Weights = field(default_factory=dict)  # after training: local minus received weights, on the CPU
+
+
+class TrainHook:
+    """The client half of an algorithm, run by the standard `Trainer` around local training.
+
+    Both methods do nothing here; an algorithm overrides what it needs. The server half of the same
+    object (`fedkit.workflows.Extension`) sends it with each training task, under the task meta's
+    ``client_hooks``, so one object holds the settings both halves share.
+    """
+
+    def client_begin(self, t: LocalTraining) -> None:
+        """Before the first batch: add gradient hooks, or make the steps private."""
+
+    def client_end(self, t: LocalTraining) -> None:
+        """After the last batch: report what the server half needs (in ``t.meta`` / ``t.metrics``)."""
+
+
+def has_client_half(hook: object) -> bool:
+    """Whether ``hook`` does anything on the clients (overrides `TrainHook.client_begin` or `client_end`)."""
+    return isinstance(hook, TrainHook) and (type(hook).client_begin is not TrainHook.client_begin
+                                            or type(hook).client_end is not TrainHook.client_end)
+
+
+def hook_name(hook: object) -> str:
+    """How a client half is named in a result's ``client_hooks_ran``."""
+    return type(hook).__name__
+
+
 class Trainer:
     """Executor for the ``train`` task: global WEIGHTS in, WEIGHT_DIFF out, with samples and steps in meta.
 
-    The server chooses the algorithm through the task's meta, so the same clients serve them all:
-    ``prox_mu`` turns on FedProx's proximal term; ``scaffold_c`` (the server's control variate) turns
-    on SCAFFOLD: the client corrects its gradients by c - c_i, keeps its own c_i in its state, and
-    returns the change of c_i as ``scaffold_dc`` (option II of the paper: c_i+ = c_i - c + (x - y) / (K lr)).
-
-    With ``config.dp`` (`fedkit.privacy.dp.DPSGD`) the training is DP-SGD: the client keeps its accountant's
-    history in its state and reports its cumulative ``epsilon`` (and ``epsilon_next``, after one more such
-    round) in its metrics; past its ``target_epsilon`` it refuses to train (`BudgetExhausted`).
+    The algorithm's client halves come with the task (``meta["client_hooks"]``, see `TrainHook`):
+    FedProx's proximal term, SCAFFOLD's drift correction, DP-SGD's private steps. The result's
+    ``client_hooks_ran`` names those it ran, so the server can refuse results of an executor that
+    ignored them. Plain FedAvg sends none.
     """
 
     def __init__(self, model_fn: ModelFn, config: TrainConfig = TrainConfig()) -> None:
@@ -227,38 +273,23 @@ class Trainer:
         model = local_model(ctx, self.model_fn)
         received = {k: v.to(ctx.device) for k, v in task.data.data.items()}
         load_weights(model, received)
-        metrics: dict[str, float] = {}
+        t = LocalTraining(task, ctx, model, received, on_device(ctx, "_train_on_device", ctx.data.train), self.config)
         if self.config.validate and len(ctx.data.val):
             val = evaluate(model, on_device(ctx, "_val_on_device", ctx.data.val), ctx.device)
-            metrics.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-        hooks: list[GradHook] = []
-        mu = float(task.data.meta.get("prox_mu", 0.0))
-        if mu > 0:
-            hooks.append(proximal_hook(model, received, mu))
-        c = task.data.meta.get("scaffold_c")
-        if c is not None:
-            params = dict(model.named_parameters())
-            c = {k: c[k].to(ctx.device) for k in params}
-            c_i = ctx.state.setdefault("scaffold_ci", {k: torch.zeros_like(v, device="cpu") for k, v in params.items()})
-            c_i = {k: v.to(ctx.device) for k, v in c_i.items()}
-            hooks.append(correction_hook(model, {k: c[k] - c_i[k] for k in params}))
-        train = on_device(ctx, "_train_on_device", ctx.data.train)
-        private = None if self.config.dp is None else self.config.dp.prepare(ctx, model, len(train), self.config)
-        stats = sgd_epochs(model, train, self.config, ctx.seed, abort, hooks, private)
-        metrics.update(train_loss=stats["train_loss"], train_accuracy=stats["train_accuracy"])
-        if private is not None:
-            metrics.update(private.account(stats["steps"]))  # cumulative over the rounds this client trained
-        diff = {k: v.detach().cpu() for k, v in subtract(model.state_dict(), received).items()}
-        meta = {MetaKey.NUM_SAMPLES: stats["samples"], MetaKey.NUM_STEPS: stats["steps"], MetaKey.METRICS: metrics}
-        if c is not None:
-            # Option II assumes plain SGD steps of size lr; with momentum beta a step is about lr / (1 - beta)
-            # long, and without this correction c_i overshoots by 1 / (1 - beta) and the run diverges.
-            step_size = self.config.lr / (1.0 - self.config.momentum)
-            scale = 1.0 / (max(stats["steps"], 1) * step_size)
-            new_ci = {k: (c_i[k] - c[k] - diff[k].to(ctx.device) * scale).cpu() for k in c_i}
-            meta["scaffold_dc"] = {k: new_ci[k] - c_i[k].cpu() for k in new_ci}
-            ctx.state["scaffold_ci"] = new_ci
-        return DXO(DataKind.WEIGHT_DIFF, diff, meta)
+            t.metrics.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+        hooks = tuple(task.data.meta.get(MetaKey.HOOKS, ()))
+        for hook in hooks:
+            hook.client_begin(t)
+        t.stats = sgd_epochs(model, t.data, self.config, ctx.seed, abort, t.grad_hooks, t.private)
+        t.metrics.update(train_loss=t.stats["train_loss"], train_accuracy=t.stats["train_accuracy"])
+        t.diff = {k: v.detach().cpu() for k, v in subtract(model.state_dict(), received).items()}
+        for hook in hooks:
+            hook.client_end(t)
+        meta = {MetaKey.NUM_SAMPLES: t.stats["samples"], MetaKey.NUM_STEPS: t.stats["steps"], MetaKey.METRICS: t.metrics,
+                **t.meta}
+        if hooks:
+            meta[MetaKey.HOOKS_RAN] = [hook_name(h) for h in hooks]
+        return DXO(DataKind.WEIGHT_DIFF, t.diff, meta)
 
 
 class Evaluator:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 
@@ -76,3 +77,52 @@ def sha256(w: Weights) -> str:
 
 def nbytes(w: Weights) -> int:
     return sum(v.numel() * v.element_size() for v in w.values())
+
+
+def norm(update: Weights) -> float:
+    """The L2 norm of all floating-point entries of ``update``, taken together (in float64).
+
+    >>> norm({"w": torch.tensor([3.0]), "b": torch.tensor([4.0])})
+    5.0
+    """
+    return float(torch.sqrt(sum((v.double() ** 2).sum() for v in update.values() if v.is_floating_point())))
+
+
+Spec = list[tuple[str, tuple[int, ...], torch.dtype]]
+"""Where each named tensor sits in a flat vector: (name, shape, dtype) in order."""
+
+
+def flatten(update: Weights) -> tuple[torch.Tensor, Spec]:
+    """All floating-point entries of ``update`` as one float64 vector, and the spec to undo it.
+
+    Integer buffers (BatchNorm's counters) are left out: rules that treat an update as a point in
+    R^d (Krum's distances, clipping, a cosine similarity written in a cell) work on this vector.
+
+    >>> v, spec = flatten({"w": torch.ones(2, 2), "b": torch.zeros(1)})
+    >>> v.shape, [name for name, *_ in spec]
+    (torch.Size([5]), ['w', 'b'])
+    """
+    spec = [(k, tuple(v.shape), v.dtype) for k, v in update.items() if v.is_floating_point()]
+    if not spec:
+        return torch.zeros(0, dtype=torch.float64), spec
+    return torch.cat([update[k].detach().reshape(-1).to(torch.float64) for k, *_ in spec]), spec
+
+
+def unflatten(vector: torch.Tensor, spec: Spec) -> Weights:
+    """The inverse of `flatten`: named tensors in the spec's shapes and dtypes.
+
+    >>> v, spec = flatten({"w": torch.ones(2, 2)})
+    >>> unflatten(v * 2, spec)["w"]
+    tensor([[2., 2.],
+            [2., 2.]])
+    """
+    size = sum(math.prod(shape) for _, shape, _ in spec)
+    if vector.dim() != 1 or vector.numel() != size:
+        raise UpdateError(f"a flat update must be a vector of {size} numbers for this spec, got shape "
+                          f"{tuple(vector.shape)}")
+    out, at = {}, 0
+    for name, shape, dtype in spec:
+        n = math.prod(shape)
+        out[name] = vector[at:at + n].reshape(shape).to(dtype)
+        at += n
+    return out

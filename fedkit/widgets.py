@@ -1,26 +1,34 @@
 """ipywidgets panels for notebooks: an experiment panel, a live dashboard, a comparison view.
 
-Every widget here only calls plain fedkit functions (`Experiment.simulator`, `Simulator.start`,
-`Run.abort`, the history's data frames), so what a button does can always be done in a cell too.
-They import and build without a browser; tests drive them by setting values and clicking.
+Every widget here only calls plain fedkit functions (`experiment_from_controls`, `Experiment.simulator`,
+`Simulator.start`, `Run.abort`, the history's data frames), so what a button does can always be done in
+a cell too. They import and build without a browser; tests drive them by setting values and clicking.
+Shown in a notebook, a panel has its controls, Run / Stop, a progress bar and live plots.
 
 >>> panel = ExperimentPanel()          # doctest: +SKIP
->>> panel                              # doctest: +SKIP   (shows controls, Run / Stop, progress, live plots)
+>>> panel                              # doctest: +SKIP
+>>> exp = experiment_from_controls(Experiment.preset("quickstart"), algorithm="fedprox", mu=0.1, rounds=5)
+>>> exp.workflow.rounds, exp.workflow.extensions, exp.data.partition
+(5, (Proximal(mu=0.1),), 'dirichlet')
 """
 
 from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import ipywidgets as W
 import plotly.graph_objects as go
 
-from .experiment import ALGORITHMS, PARTITIONS, Experiment
 from .data import DATASETS
+from .errors import ConfigError
+from .experiment import PARTITIONS, Experiment
 from .history import History, RoundRecord
+from .metrics import ACCURACY, BYTES_DOWN, BYTES_UP, CLIENTS, TRAIN_LOSS, epsilons, label, reported, resolve, scored
+from .server import Controller
 from .simulator import Run
+from .workflows import SCAFFOLD, Cyclic, FedAvg, FedOpt, FedProx
 
 
 def _figure(title: str, yaxis: str) -> go.FigureWidget:
@@ -31,7 +39,11 @@ def _figure(title: str, yaxis: str) -> go.FigureWidget:
 
 
 class Dashboard:
-    """Live figures of one run: global accuracy and loss, per-client training loss, bytes exchanged, epsilon."""
+    """Live figures of one run: global accuracy and loss, per-client training loss, bytes exchanged, epsilon.
+
+    Accuracy and loss are the server's, or the clients' scores when the server cannot score its model (HE);
+    epsilon is drawn of each kind the run spends: user-level (DP-FedAvg) and example-level (DP-SGD).
+    """
 
     def __init__(self) -> None:
         self.accuracy = _figure("global model", "accuracy / loss")
@@ -55,14 +67,13 @@ class Dashboard:
         if rounds.empty:
             return
         x = rounds["round"] + 1
-        _set_lines(self.accuracy, {m: (x, rounds[m]) for m in ("accuracy", "loss", "client_val_accuracy")
-                                   if m in rounds})
-        if "train_loss" in clients:
-            _set_lines(self.clients, {str(c): (g["round"] + 1, g["train_loss"])
+        scores = scored(rounds.columns)[:2]  # an HE run's server cannot score its model: its clients' scores
+        _set_lines(self.accuracy, {label(m): (x, rounds[m]) for m in scores if m in rounds})
+        if TRAIN_LOSS in clients:
+            _set_lines(self.clients, {str(c): (g["round"] + 1, g[TRAIN_LOSS])
                                       for c, g in clients.groupby("client", sort=False)})
-        _set_lines(self.traffic, {m: (x, rounds[m]) for m in ("bytes_down", "bytes_up") if m in rounds})
-        eps = [m for m in rounds.columns if m.startswith("epsilon")]
-        _set_lines(self.privacy, {m: (x, rounds[m]) for m in eps})
+        _set_lines(self.traffic, {m: (x, rounds[m]) for m in (BYTES_DOWN, BYTES_UP) if m in rounds})
+        _set_lines(self.privacy, {label(m): (x, rounds[m]) for m in epsilons(rounds.columns)})
 
 
 def _set_lines(fig: go.FigureWidget, lines: dict[str, tuple[Any, Any]]) -> None:
@@ -79,9 +90,9 @@ def _set_lines(fig: go.FigureWidget, lines: dict[str, tuple[Any, Any]]) -> None:
 
 
 class ComparisonView:
-    """The global accuracy of finished runs, overlaid: one line per run."""
+    """The global accuracy of finished runs, overlaid: one line per run (the clients' scores for an HE run)."""
 
-    def __init__(self, metric: str = "accuracy") -> None:
+    def __init__(self, metric: str = ACCURACY) -> None:
         self.metric = metric
         self.figure = _figure(f"finished runs: global {metric}", metric)
         self.runs: dict[str, Run] = {}
@@ -92,37 +103,83 @@ class ComparisonView:
     def add(self, label: str, run: Run) -> None:
         self.runs[label] = run
         h = run.history
-        self.figure.add_scatter(x=[r.round + 1 for r in h], y=h.series(self.metric), mode="lines+markers", name=label)
+        key = resolve(self.metric, reported(r.metrics for r in h))  # an HE run: its clients' scores
+        self.figure.add_scatter(x=[r.round + 1 for r in h], y=h.series(key), mode="lines+markers",
+                                name=label if key == self.metric else f"{label} (on clients)")
 
     def clear(self) -> None:
         self.runs.clear()
         self.figure.data = ()
 
 
+# the panel's algorithm menu: name -> the workflow its two workflow controls give (rounds, FedProx's mu),
+# with the library's defaults for the rest, so the panel runs what fk.FedProx(rounds=20, mu=0.1) runs in a cell
+WORKFLOWS: dict[str, Callable[[int, float], Controller]] = {
+    "fedavg": lambda rounds, mu: FedAvg(rounds=rounds),
+    "fedprox": lambda rounds, mu: FedProx(rounds=rounds, mu=mu),
+    "fedopt": lambda rounds, mu: FedOpt(rounds=rounds),
+    "scaffold": lambda rounds, mu: SCAFFOLD(rounds=rounds),
+    "cyclic": lambda rounds, mu: Cyclic(rounds=rounds),
+}
+CONTROLS = ("dataset", "clients", "partition", "alpha", "algorithm", "mu", "rounds", "local_epochs", "lr", "seed")
+
+
+def controls_of(experiment: Experiment) -> dict[str, Any]:
+    """The control values that show ``experiment``'s data, rounds, local training and seed (algorithm: fedavg)."""
+    d, t = experiment.data, experiment.train
+    return dict(dataset=d.dataset, clients=d.clients, partition=d.partition, alpha=d.alpha, algorithm="fedavg",
+                mu=0.01, rounds=experiment.workflow.rounds, local_epochs=t.epochs, lr=t.lr, seed=experiment.seed)
+
+
+def experiment_from_controls(base: Experiment, **controls: Any) -> Experiment:
+    """``base`` changed as the panel's ``controls`` say (see `CONTROLS`; those not given are `controls_of(base)`).
+
+    The data, local epochs, lr and seed are replaced in ``base``'s objects; the workflow is always a new
+    one of ``algorithm`` (`WORKFLOWS`); what the panel has no control for (model, device, batch size,
+    faults...) stays ``base``'s.
+    """
+    unknown = sorted(set(controls) - set(CONTROLS))
+    if unknown:
+        raise ConfigError(f"the panel has no control {', '.join(unknown)}; its controls are: {', '.join(CONTROLS)}")
+    c = {**controls_of(base), **controls}
+    if c["algorithm"] not in WORKFLOWS:
+        raise ConfigError(f"algorithm {c['algorithm']!r} is not in the panel's menu; choose one of: {', '.join(WORKFLOWS)}")
+    return dataclasses.replace(
+        base, data=dataclasses.replace(base.data, dataset=c["dataset"], clients=c["clients"],
+                                       partition=c["partition"], alpha=c["alpha"]),
+        workflow=WORKFLOWS[c["algorithm"]](c["rounds"], c["mu"]),
+        train=dataclasses.replace(base.train, epochs=c["local_epochs"], lr=c["lr"]), seed=c["seed"])
+
+
 class ExperimentPanel:
     """Controls for an experiment, Run and Stop buttons, a progress bar, a live dashboard and a comparison.
 
+    ``base`` (default: ``Experiment.preset("quickstart")``) gives what the panel has no control for, and
+    the controls' first values (of its workflow, only the rounds: the menu starts at fedavg); ``values``
+    set some controls (``clients=4, algorithm="scaffold"``).
     Run builds ``self.settings()`` (an `Experiment`) into a simulator and starts it in the background;
     Stop aborts it at the next batch. Each finished run is added to the comparison view.
     """
 
-    def __init__(self, **defaults: Any) -> None:
-        d = Experiment(**{"partition": "dirichlet", "rounds": 20, **defaults})
+    def __init__(self, base: Experiment | None = None, **values: Any) -> None:
+        base = base if base is not None else Experiment.preset("quickstart")
+        v = {**controls_of(base), **values}
+        experiment_from_controls(base, **v)  # refuse unknown controls and settings now, not at the first Run
         style = {"description_width": "110px"}
-        self.dataset = W.Dropdown(options=list(DATASETS), value=d.dataset, description="dataset", style=style)
-        self.clients = W.IntSlider(value=d.clients, min=2, max=50, description="clients", style=style)
-        self.partition = W.Dropdown(options=list(PARTITIONS), value=d.partition, description="partition", style=style)
-        self.alpha = W.FloatLogSlider(value=d.alpha, base=10, min=-2, max=2, step=0.1, description="alpha", style=style)
-        self.algorithm = W.Dropdown(options=list(ALGORITHMS), value=d.algorithm, description="algorithm", style=style)
-        self.mu = W.FloatLogSlider(value=d.mu, base=10, min=-4, max=0, step=0.25, description="FedProx mu", style=style)
-        self.rounds = W.IntSlider(value=d.rounds, min=1, max=200, description="rounds", style=style)
-        self.local_epochs = W.IntSlider(value=d.local_epochs, min=1, max=20, description="local epochs", style=style)
-        self.lr = W.FloatLogSlider(value=d.lr, base=10, min=-4, max=0, step=0.1, description="lr", style=style)
-        self.seed = W.IntText(value=d.seed, description="seed", style=style)
-        self._base = d
+        self.dataset = W.Dropdown(options=list(DATASETS), value=v["dataset"], description="dataset", style=style)
+        self.clients = W.IntSlider(value=v["clients"], min=2, max=50, description="clients", style=style)
+        self.partition = W.Dropdown(options=list(PARTITIONS), value=v["partition"], description="partition", style=style)
+        self.alpha = W.FloatLogSlider(value=v["alpha"], base=10, min=-2, max=2, step=0.1, description="alpha", style=style)
+        self.algorithm = W.Dropdown(options=list(WORKFLOWS), value=v["algorithm"], description="algorithm", style=style)
+        self.mu = W.FloatLogSlider(value=v["mu"], base=10, min=-4, max=0, step=0.25, description="FedProx mu", style=style)
+        self.rounds = W.IntSlider(value=v["rounds"], min=1, max=200, description="rounds", style=style)
+        self.local_epochs = W.IntSlider(value=v["local_epochs"], min=1, max=20, description="local epochs", style=style)
+        self.lr = W.FloatLogSlider(value=v["lr"], base=10, min=-4, max=0, step=0.1, description="lr", style=style)
+        self.seed = W.IntText(value=v["seed"], description="seed", style=style)
+        self._base = base
         self.run_button = W.Button(description="Run", button_style="success", icon="play")
         self.stop_button = W.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
-        self.progress = W.IntProgress(value=0, min=0, max=d.rounds, description="rounds")
+        self.progress = W.IntProgress(value=0, min=0, max=v["rounds"], description="rounds")
         self.status = W.HTML("ready")
         self.dashboard = Dashboard()
         self.comparison = ComparisonView()
@@ -142,17 +199,20 @@ class ExperimentPanel:
 
         display(self.widget)
 
+    def controls(self) -> dict[str, Any]:
+        """The controls' current values, by name (`CONTROLS`)."""
+        return {name: getattr(self, name).value for name in CONTROLS}
+
     def settings(self) -> Experiment:
         """The experiment the controls describe (a plain object: run it in a cell with ``.simulator().run()``)."""
-        return dataclasses.replace(
-            self._base, dataset=self.dataset.value, clients=self.clients.value, partition=self.partition.value,
-            alpha=self.alpha.value, algorithm=self.algorithm.value, mu=self.mu.value, rounds=self.rounds.value,
-            local_epochs=self.local_epochs.value, lr=self.lr.value, seed=self.seed.value)
+        return experiment_from_controls(self._base, **self.controls())
 
     def label(self) -> str:
-        s = self.settings()
-        skew = f" a={s.alpha:.2g}" if s.partition in ("dirichlet", "quantity") else ""
-        return f"{s.algorithm} {s.partition}{skew} E={s.local_epochs} lr={s.lr:.2g} #{len(self.comparison.runs) + 1}"
+        """A short name of the current settings, for the status line and the comparison's legend."""
+        c = self.controls()
+        skew = f" a={c['alpha']:.2g}" if c["partition"] in ("dirichlet", "quantity") else ""
+        return (f"{c['algorithm']} {c['partition']}{skew} E={c['local_epochs']} lr={c['lr']:.2g} "
+                f"#{len(self.comparison.runs) + 1}")
 
     def start(self) -> Run | None:
         """What Run does: build the experiment and start it in the background."""
@@ -166,7 +226,7 @@ class ExperimentPanel:
             self.status.value = f"<b>cannot start</b>: {type(e).__name__}: {e}"
             return None
         self.dashboard.clear()
-        self.progress.max, self.progress.value = settings.rounds, 0
+        self.progress.max, self.progress.value = settings.workflow.rounds, 0
         label = self.label()
         self.run = sim.start()
         self.status.value = f"running {label}"
@@ -195,11 +255,12 @@ class ExperimentPanel:
     def _finish(self, run: Run, label: str) -> None:
         run._done.wait()
         self.dashboard.update(run.history)
-        acc = run.history.last("accuracy")
+        key, _, where = scored(run.history.rounds[-1].metrics if len(run.history) else {})
+        acc = f"accuracy {run.history.last(key):.4f}" + (" (on clients)" if where == CLIENTS else "")
         if run.status == "failed":
             self.status.value = f"<b>failed</b>: {type(run.error).__name__}: {run.error}"
         else:
-            self.status.value = f"{run.status}: {label}, {len(run.history)} rounds, accuracy {acc:.4f}"
+            self.status.value = f"{run.status}: {label}, {len(run.history)} rounds, {acc}"
             if len(run.history):
                 self.comparison.add(label, run)
         self.run_button.disabled, self.stop_button.disabled = False, True

@@ -20,7 +20,7 @@ def test_proximal_hook_equals_the_fedprox_loss(digits):
     start = fk.models.MLP(64, 10)
     mu = 0.5
     out = fk.Trainer(lambda: fk.models.MLP(64, 10), cfg).execute(
-        task_with(start, prox_mu=mu), ClientContext("c", ClientData(data, data), {}, torch.device("cpu"), 3), fk.Signal())
+        task_with(start, client_hooks=(fk.workflows.Proximal(mu),)), ClientContext("c", ClientData(data, data), {}, torch.device("cpu"), 3), fk.Signal())
 
     ref = fk.models.MLP(64, 10)
     ref.load_state_dict(start.state_dict())
@@ -56,7 +56,7 @@ def test_scaffold_client_follows_option_two():
     cfg = fk.TrainConfig(epochs=1, batch_size=2, lr=0.1, momentum=0.0, validate=False)
     state = {"scaffold_ci": {"weight": torch.tensor([0.25])}}
     c = {"weight": torch.tensor([0.5])}
-    out = fk.Trainer(Flip, cfg).execute(task_with(Flip(), scaffold_c=c),
+    out = fk.Trainer(Flip, cfg).execute(task_with(Flip(), scaffold_c=c, client_hooks=(fk.workflows.Scaffold(),)),
                                         ClientContext("c", ClientData(d, d), state, torch.device("cpu"), 0), fk.Signal())
     y = torch.zeros(1)
     for _ in range(2):  # every batch holds the same two rows, so the order does not matter
@@ -81,7 +81,8 @@ def test_scaffold_server_moves_c_by_the_sampled_share(tiny_model):
         def execute(task, ctx, abort):
             assert "scaffold_c" in task.data.meta
             return fk.DXO("WEIGHT_DIFF", {"weight": torch.zeros(1, 1)},
-                          {"num_samples": 1, "scaffold_dc": {"weight": torch.full((1, 1), dc)}})
+                          {"num_samples": 1, "scaffold_dc": {"weight": torch.full((1, 1), dc)},
+                           fk.MetaKey.HOOKS_RAN: ["Spy"]})  # an executor of its own that did SCAFFOLD's client half
         return execute
 
     captured = {}

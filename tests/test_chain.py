@@ -5,8 +5,8 @@ import torch
 
 import fedkit as fk
 from fedkit.data import ClientData
-from fedkit.engine import sequential
-from fedkit.server import Server, ServerContext
+from fedkit.simulator import serve
+from fedkit.server import Channel, Server, ServerContext
 from fedkit.workflows import Chain, CrossSiteEval, Cyclic, FederatedScaling, FedAvg, FedStats
 
 
@@ -67,9 +67,8 @@ def test_a_resumed_chain_skips_the_rounds_already_done(tiny_model):
     seen = []
     clients = {c.name: c for c in recording_clients(seen)}
     server = Server({"weight": torch.ones(1, 1)})
-    fl = ServerContext(server, clients, sequential, torch.device("cpu"), fk.Signal(), fk.History(), seed=0,
-                       start_round=3)
-    Chain(FedAvg(rounds=2), FedAvg(rounds=2)).control_flow(fl)
+    fl = ServerContext(server, tuple(clients), Channel(), fk.Signal(), fk.History(), seed=0, start_round=3)
+    serve(Chain(FedAvg(rounds=2), FedAvg(rounds=2)).control_flow, fl, clients)
     assert [r.round for r in fl.history] == [3]
     assert {r for r, _, _ in seen} == {3}
     assert server.weights["weight"].item() == pytest.approx(1.5)
@@ -93,3 +92,29 @@ def test_a_part_without_integer_rounds_is_refused():
 
     with pytest.raises(fk.ConfigError, match=r"Chain part 0 \(Loose\) has rounds = 1.5"):
         Chain(Loose())
+
+
+class Stamp(fk.Controller):
+    """A part that posts a task, samples, records an event and a round: everything the chain must shift."""
+
+    rounds = 1
+
+    def control_flow(self, fl):
+        reply = fl.send_and_wait(fk.Task("train", fl.model.task_data({}), round=0), fl.client_names[0])
+        fl.event(0, "stamped", sampled=fl.sample_clients(1, 0))
+        fl.end_round(0, {reply.client: reply}, 0.0)
+
+
+def test_every_round_leaving_a_part_is_shifted_also_in_nested_chains(tiny_model):
+    seen = []
+    clients = recording_clients(seen)
+    run = fk.Simulator(Chain(FedAvg(rounds=2), Chain(Stamp(), Stamp())), model=tiny_model, clients=clients,
+                       seed=5).run(progress=False)
+    assert [r.round for r in run.history] == [0, 1, 2, 3]
+    assert [e["round"] for e in run.history.events if e["what"] == "stamped"] == [2, 3]
+    assert sorted({r for r, _, _ in seen}) == [0, 1, 2, 3]  # the tasks the clients received
+    alone = fk.Simulator(Stamp(), model=tiny_model, clients=recording_clients([]), seed=5).run(progress=False)
+    shifted = [e["sampled"] for e in run.history.events if e["what"] == "stamped"]
+    draws = [ServerContext(None, tuple(c.name for c in clients), Channel(), fk.Signal(), fk.History(), seed=5)
+             .sample_clients(1, r) for r in (2, 3)]
+    assert shifted == draws and alone.history.events[0]["round"] == 0

@@ -58,3 +58,218 @@ def test_bad_arguments_exit_2_with_a_reason(args, message, capsys):
         main(["run", "--no-progress", *args])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ flags -> objects
+
+import functools  # noqa: E402
+
+import fedkit as fk  # noqa: E402
+from fedkit.cli import experiment_from_args, parser, resumed_args  # noqa: E402
+from fedkit.cli_flags import RULES, faults_from_args, workflow_from_args  # noqa: E402
+from fedkit.experiment import DataSpec, Experiment  # noqa: E402
+from fedkit.privacy.dp import DPSGD, AdaptiveClip, UserDP  # noqa: E402
+from fedkit.privacy.he import CKKS  # noqa: E402
+from fedkit.server_opt import SGD, Adagrad, Adam, Yogi  # noqa: E402
+
+# what --dp-fedavg makes of a scatter-gather workflow: fk.DPFedAvg's settings
+DP_FEDAVG = dict(sample_rate=1.0, weigh=fk.aggregate.uniform, min_clients=0, max_retries=0, max_norm_ratio=None)
+
+
+def flags(*argv, command="run"):
+    return parser().parse_args([command, *argv])
+
+
+def workflow(*argv):
+    return experiment_from_args(flags(*argv)).workflow
+
+
+def test_the_readme_command_is_the_quickstart_preset():
+    readme = flags("--dataset", "digits", "--clients", "8", "--partition", "dirichlet", "--alpha", "0.5", "--rounds", "20")
+    assert experiment_from_args(readme) == Experiment.preset("quickstart")
+    assert experiment_from_args(flags()) == Experiment()  # every flag's default is the Experiment's
+
+
+def test_every_part_comes_from_its_flags():
+    exp = experiment_from_args(flags(
+        "--dataset", "synthetic", "--data-root", "/d", "--download", "--clients", "5", "--partition", "shards",
+        "--alpha", "2", "--shards-per-client", "3", "--local-epochs", "2", "--lr", "0.1", "--momentum", "0.5",
+        "--batch-size", "32", "--model", "mlp", "--seed", "7", "--device", "cpu", "--dropout", "0.1", "--crash", "0.05",
+        "--straggle", "0.05", "--corrupt", "0.02", "--fault-seed", "3", "--task-timeout", "30"))
+    assert exp == Experiment(
+        data=DataSpec(dataset="synthetic", data_root="/d", download=True, clients=5, partition="shards", alpha=2.0,
+                      shards_per_client=3),
+        workflow=fk.FedAvg(rounds=10, task_timeout=30.0),
+        train=fk.TrainConfig(epochs=2, lr=0.1, momentum=0.5, batch_size=32), model="mlp",
+        faults=fk.Faults(dropout=0.1, crash=0.05, straggle=0.05, corrupt=0.02, seed=3), seed=7, device="cpu")
+    assert faults_from_args(flags()) is None and faults_from_args(flags("--crash", "0.1")) == fk.Faults(crash=0.1)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], fk.FedAvg(rounds=10)),
+    (["--algorithm", "fedprox"], fk.FedProx(rounds=10, mu=0.01)),
+    (["--algorithm", "fedprox", "--mu", "0.1", "--rounds", "3"], fk.FedProx(rounds=3, mu=0.1)),
+    (["--algorithm", "scaffold"], fk.SCAFFOLD(rounds=10)),
+    (["--algorithm", "fedopt"], fk.FedOpt(rounds=10, server_opt=SGD(lr=1.0, momentum=0.6))),
+    (["--algorithm", "fedopt", "--server-lr", "0.5", "--server-momentum", "0.9"], fk.FedOpt(server_opt=SGD(0.5, 0.9))),
+    (["--algorithm", "fedopt", "--server-opt", "adam"], fk.FedOpt(server_opt=Adam(lr=0.01))),
+    (["--algorithm", "fedopt", "--server-opt", "yogi", "--server-lr", "0.03"], fk.FedOpt(server_opt=Yogi(lr=0.03))),
+    (["--algorithm", "fedopt", "--server-opt", "adagrad"], fk.FedOpt(server_opt=Adagrad(lr=0.01))),
+    (["--algorithm", "cyclic"], fk.Cyclic(rounds=10)),
+    (["--algorithm", "cyclic", "--order", "shuffled", "--rounds", "4"], fk.Cyclic(rounds=4, order="shuffled")),
+    (["--weigh-by", "steps", "--clients-per-round", "4"], fk.FedAvg(weigh=fk.aggregate.by_steps, clients_per_round=4)),
+    (["--weigh-by", "uniform"], fk.FedAvg(weigh=fk.aggregate.uniform)),
+    (["--aggregate", "median"], fk.FedAvg(aggregate=fk.aggregate.coordinate_median)),
+    (["--min-clients", "4", "--max-retries", "1", "--task-timeout", "30"],
+     fk.FedAvg(min_clients=4, max_retries=1, task_timeout=30.0)),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_algorithm_flags_build_their_workflow(argv, expected):
+    assert workflow(*argv) == expected
+
+
+@pytest.mark.parametrize("argv, func, keywords", [
+    (["--aggregate", "trimmed-mean", "--trim", "0.2"], fk.aggregate.trimmed_mean, {"beta": 0.2}),
+    (["--aggregate", "krum", "--byzantine", "2"], fk.aggregate.krum, {"f": 2}),
+    (["--aggregate", "multi-krum"], fk.aggregate.multi_krum, {"f": 1}),
+])
+def test_rules_with_settings_take_them_from_their_flags(argv, func, keywords):
+    rule = workflow(*argv).aggregate
+    assert isinstance(rule, functools.partial) and (rule.func, rule.keywords) == (func, keywords)
+    assert set(RULES) == {"mean", "median", "trimmed-mean", "krum", "multi-krum"}
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--dp-sgd"], fk.FedAvg(extensions=(DPSGD(noise_multiplier=1.0),))),
+    (["--dp-sgd", "--noise-multiplier", "1.2", "--max-grad-norm", "0.5", "--dp-accountant", "prv"],
+     fk.FedAvg(extensions=(DPSGD(noise_multiplier=1.2, max_grad_norm=0.5, accountant="prv"),))),
+    (["--dp-sgd", "--target-epsilon", "3", "--delta", "1e-6"],  # the noise is computed for the workflow's 10 rounds
+     fk.FedAvg(extensions=(DPSGD(target_epsilon=3.0, delta=1e-6, rounds=10),))),
+    (["--dp-sgd", "--algorithm", "fedprox"], fk.FedProx(mu=0.01, extensions=(DPSGD(noise_multiplier=1.0),))),
+    (["--dp-fedavg"], fk.DPFedAvg(rounds=10)),
+    (["--dp-fedavg", "--clip-norm", "0.5", "--noise-multiplier", "0.8", "--sample-rate", "0.5", "--dp-accountant", "prv"],
+     fk.DPFedAvg(rounds=10, clip=0.5, noise_multiplier=0.8, sample_rate=0.5, accountant="prv")),
+    (["--dp-fedavg", "--target-epsilon", "5", "--adaptive-clip", "--rounds", "4"],
+     fk.DPFedAvg(rounds=4, noise_multiplier=None, target_epsilon=5.0, adaptive_clip=AdaptiveClip())),
+    (["--dp-fedavg", "--algorithm", "fedprox", "--weigh-by", "uniform"],
+     fk.FedProx(mu=0.01, **DP_FEDAVG, extensions=(UserDP(),))),
+    (["--dp-fedavg", "--algorithm", "fedopt", "--server-opt", "adam"],
+     fk.FedOpt(server_opt=Adam(lr=0.01), **DP_FEDAVG, extensions=(UserDP(),))),
+    (["--dp-fedavg", "--algorithm", "scaffold"], fk.SCAFFOLD(**DP_FEDAVG, extensions=(UserDP(),))),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_dp_flags_build_one_extension_in_the_workflow(argv, expected):
+    assert workflow(*argv) == expected
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--he"], fk.FedAvg(he=CKKS())),
+    (["--he", "--algorithm", "fedprox", "--mu", "0.1"], fk.FedProx(mu=0.1, he=CKKS())),
+    (["--he", "--algorithm", "cyclic", "--he-layers", "fc2.*"], fk.Cyclic(rounds=10, he=CKKS(layers="fc2.*"))),
+    (["--he", "--he-poly-modulus", "16384", "--he-coeff-mod-bits", "60,40,40,40,60", "--he-scale-bits", "40",
+      "--he-layers", "fc2.*", "conv1.weight"],
+     fk.FedAvg(he=CKKS(16384, (60, 40, 40, 40, 60), 40, ("fc2.*", "conv1.weight")))),
+    (["--he", "--dp-sgd", "--noise-multiplier", "0.5"], fk.FedAvg(he=CKKS(), extensions=(DPSGD(noise_multiplier=0.5),))),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_he_flags_build_the_ckks_settings(argv, expected):
+    assert workflow(*argv) == expected
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dp-sgd", "--dp-fedavg"], "choose one of --dp-sgd (example-level) and --dp-fedavg (user-level)"),
+    (["--noise-multiplier", "1"], "--noise-multiplier need --dp-sgd or --dp-fedavg"),
+    (["--target-epsilon", "3", "--sample-rate", "0.5"], "--target-epsilon, --sample-rate need --dp-sgd or --dp-fedavg"),
+    (["--adaptive-clip"], "--adaptive-clip need --dp-sgd or --dp-fedavg"),
+    (["--dp-sgd", "--sample-rate", "0.1"], "--sample-rate and --adaptive-clip are DP-FedAvg options"),
+    (["--dp-sgd", "--adaptive-clip"], "DP-SGD's sample rate is --batch-size / (examples per client)"),
+    (["--dp-sgd", "--delta", "2"], "delta must be in (0, 1)"),
+    (["--dp-fedavg", "--clients-per-round", "3"], "drop --clients-per-round"),
+    (["--dp-fedavg", "--weigh-by", "steps"], "DP-FedAvg weighs every client the same"),
+    (["--dp-fedavg", "--sample-rate", "0"], "sample_rate is the probability that a client joins a round"),
+    (["--dp-fedavg", "--algorithm", "cyclic"], "cyclic weight transfer runs no extensions"),
+    (["--dp-sgd", "--algorithm", "cyclic"], "use fedavg, fedprox, fedopt or scaffold with DP"),
+    (["--he-layers", "fc2.*"], "--he-layers only mean something with --he; add --he or drop them"),
+    (["--he-poly-modulus", "16384", "--he-scale-bits", "30"], "--he-poly-modulus, --he-scale-bits only mean something"),
+    (["--he", "--he-coeff-mod-bits", "60,forty,60"], "--he-coeff-mod-bits must be comma-separated whole numbers"),
+    (["--he", "--he-poly-modulus", "4096"], "allows at most 109 bits"),
+    (["--he", "--algorithm", "fedopt"], "FedAvg(he=...) cannot use the server optimizer"),
+    (["--he", "--algorithm", "scaffold"], "FedAvg(he=...) cannot run Scaffold"),
+    (["--he", "--aggregate", "median"], "FedAvg(he=...) cannot use the aggregation rule 'coordinate_median'"),
+    (["--he", "--dp-fedavg"], "cannot run UserDP"),
+    (["--straggle", "0.1"], "straggle > 0 needs a task_timeout (--task-timeout SECONDS)"),
+    (["--seed", "-1"], "Experiment.seed must be an integer >= 0"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_refusals_exit_2_with_what_to_change(args, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--no-progress", "--out", str(tmp_path / "run"), *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_an_unknown_algorithm_is_refused_by_name():
+    with pytest.raises(fk.ConfigError, match="unknown algorithm 'fedmagic'; choose one of: fedavg, fedprox"):
+        workflow_from_args(flags(), "fedmagic")
+
+
+def test_output_flags_do_not_change_the_experiment_and_it_repeats_exactly():
+    a = experiment_from_args(flags("--rounds", "2", "--clients", "3", "--json", "--no-progress", "--out", "x"))
+    b = experiment_from_args(flags("--rounds", "2", "--clients", "3"))
+    assert a == b
+    first, second = (e.simulator().run(progress=False) for e in (a, b))
+    assert first.model_sha256 == second.model_sha256
+
+
+def test_compare_builds_one_experiment_per_algorithm():
+    args = flags("--algorithms", "fedavg,cyclic", "--rounds", "3", "--partition", "dirichlet", command="compare")
+    fedavg, cyclic = (experiment_from_args(args, name) for name in args.algorithms)
+    assert fedavg.workflow == fk.FedAvg(rounds=3) and cyclic.workflow == fk.Cyclic(rounds=3)
+    assert fedavg.data == cyclic.data == DataSpec(partition="dirichlet")
+
+
+# ------------------------------------------------------------------------------ --resume
+
+def test_cli_json_holds_the_flags_and_resume_rebuilds_the_same_experiment(tmp_path, capsys):
+    argv = ["--algorithm", "fedprox", "--mu", "0.1", "--partition", "dirichlet", "--clients", "4", "--rounds", "2",
+            "--dp-sgd", "--noise-multiplier", "0.5"]
+    assert main(["run", *argv, "--no-progress", "--json", "--out", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "cli.json").read_text())
+    assert (saved["algorithm"], saved["mu"], saved["dp_sgd"], saved["noise_multiplier"]) == ("fedprox", 0.1, True, 0.5)
+    assert "resume" not in saved and "json" not in saved
+    resumed = resumed_args(parser(), flags("--resume", str(tmp_path)))
+    assert experiment_from_args(resumed) == experiment_from_args(flags(*argv))
+    assert resumed.out == str(tmp_path)
+
+
+def test_a_cli_json_of_an_older_fedkit_still_resumes(tmp_path):
+    """A run directory written before the settings became objects: flags only, some of them missing."""
+    (tmp_path / "cli.json").write_text(json.dumps({"algorithm": "fedopt", "server_opt": "adam", "rounds": 3,
+                                                   "clients": 4, "he": False, "he_layers": None, "device": "auto"}))
+    exp = experiment_from_args(resumed_args(parser(), flags("--resume", str(tmp_path))))
+    assert exp == Experiment(data=DataSpec(clients=4), workflow=fk.FedOpt(rounds=3, server_opt=Adam(lr=0.01)))
+
+
+def test_an_interrupted_run_resumes_to_the_model_of_an_uninterrupted_one(tmp_path, capsys, monkeypatch):
+    argv = ["--partition", "dirichlet", "--clients", "4", "--rounds", "4", "--algorithm", "scaffold", "--crash", "0.1",
+            "--min-clients", "2", "--json", "--no-progress"]
+    assert main(["run", *argv, "--out", str(tmp_path / "whole")]) == 0
+    whole = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    def interrupt_after_round_2(record):
+        if record.round == 1:
+            raise KeyboardInterrupt  # as Ctrl-C: the round is checkpointed first
+
+    original = fk.Simulator.run
+    monkeypatch.setattr(fk.Simulator, "run", lambda self, *a, **kw: (
+        self.on_round.append(interrupt_after_round_2), original(self, *a, **kw))[1])
+    assert main(["run", *argv, "--out", str(tmp_path / "cut")]) == 130
+    assert "continue with: fedkit run --resume" in capsys.readouterr().err
+    monkeypatch.setattr(fk.Simulator, "run", original)
+    assert main(["run", "--resume", str(tmp_path / "cut"), "--json", "--no-progress"]) == 0
+    resumed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert resumed["rounds"] == whole["rounds"] == 4 and resumed["model_sha256"] == whole["model_sha256"]
+
+
+def test_resume_refuses_new_settings(tmp_path, capsys):
+    (tmp_path / "cli.json").write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--resume", str(tmp_path), "--rounds", "5", "--mu", "0.2"])
+    assert e.value.code == 2 and "drop --rounds, --mu" in capsys.readouterr().err

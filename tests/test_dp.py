@@ -1,6 +1,5 @@
 """Differential privacy: Opacus' accountant, DP-SGD on clients, DP-FedAvg on the server, budgets, filters, CLI."""
 
-import argparse
 import math
 
 import pytest
@@ -16,10 +15,12 @@ import fedkit as fk  # noqa: E402
 from fedkit import checkpoint  # noqa: E402
 from fedkit.data import ClientData  # noqa: E402
 from fedkit.exchange import FilterContext  # noqa: E402
-from fedkit.privacy.dp import (DPSGD, AdaptiveClip, ClientBudget, ClipUpdate, DPFedAvg, ServerDP,  # noqa: E402
-                               account, adapt_clip, add_dp_arguments, add_noise, clip_update, dp_from_args, epsilon,
-                               noise_multiplier_for, noisy_mean, split_noise)
-from fedkit.workflows.scatter_gather import update_norm  # noqa: E402
+from fedkit.cli import experiment_from_args, parser  # noqa: E402
+from fedkit.experiment import Experiment  # noqa: E402
+from fedkit.privacy.dp import (DPSGD, AdaptiveClip, BudgetExhausted, ClipUpdate, DPFedAvg, UserDP,  # noqa: E402
+                               account, adapt_clip, add_noise, clip_update, epsilon, noise_multiplier_for, noisy_mean,
+                               split_noise)
+from fedkit.weights import norm as update_norm  # noqa: E402
 
 OPACUS = {"rdp": RDPAccountant, "prv": PRVAccountant}
 
@@ -48,11 +49,12 @@ def stop_after(round_index):
     return listener
 
 
-def dp_sgd_sim(digits, rounds=3, clients=4, dp=DPSGD(noise_multiplier=1.0), out=None, on_round=(), **fedavg):
+def dp_sgd_sim(digits, rounds=3, clients=4, dp=DPSGD(noise_multiplier=1.0), out=None, on_round=(), extensions=(),
+               **fedavg):
     parts = fk.data.iid(digits.train, clients=clients, seed=0)
-    return fk.Simulator(fk.FedAvg(rounds=rounds, **fedavg), model=lambda: fk.models.for_data(digits), clients=parts,
-                        test=digits.test, train=fk.TrainConfig(lr=0.1, dp=dp, validate=False), seed=0, out=out,
-                        on_round=list(on_round))
+    return fk.Simulator(fk.FedAvg(rounds=rounds, extensions=(dp, *extensions), **fedavg),
+                        model=lambda: fk.models.for_data(digits), clients=parts, test=digits.test,
+                        train=fk.TrainConfig(lr=0.1, validate=False), seed=0, out=out, on_round=list(on_round))
 
 
 # ------------------------------------------------------------------------------------------- accounting
@@ -208,6 +210,9 @@ def test_target_epsilon_sets_the_dp_sgd_noise(digits):
         n, steps = int(r["samples"].iloc[0]), int(r["steps"].iloc[0])
         assert r["noise_multiplier"].iloc[0] == noise_multiplier_for(2.0, 1e-5, 16 / n, 3 * steps)
     assert 1.9 <= run.history.series("client_epsilon")[-1] <= 2.0
+    planned = dp_sgd_sim(digits, rounds=3, dp=DPSGD(target_epsilon=2.0))  # the planned rounds: the workflow's
+    assert planned.workflow.extensions[0].rounds == 3
+    assert planned.run(progress=False).history.series("client_epsilon") == run.history.series("client_epsilon")
 
 
 def test_a_model_opacus_cannot_train_gets_a_clear_error(digits):
@@ -216,23 +221,29 @@ def test_a_model_opacus_cannot_train_gets_a_clear_error(digits):
                                    torch.nn.Flatten(), torch.nn.Linear(144, 10))
     parts = fk.data.iid(digits.train, clients=2, seed=0)
     with pytest.raises(fk.ConfigError, match=r"DP-SGD cannot train Sequential.*BatchNorm.*ModuleValidator\.fix"):
-        fk.Simulator(fk.FedAvg(rounds=1), model=with_batchnorm, clients=parts,
-                     train=fk.TrainConfig(dp=DPSGD(noise_multiplier=1.0)))
-    fixed = fk.Simulator(fk.FedAvg(rounds=1), model=lambda: ModuleValidator.fix(with_batchnorm()), clients=parts,
-                         train=fk.TrainConfig(dp=DPSGD(noise_multiplier=1.0), validate=False)).run(progress=False)
+        fk.Simulator(fk.FedAvg(rounds=1, extensions=(DPSGD(noise_multiplier=1.0),)), model=with_batchnorm, clients=parts)
+    fixed = fk.Simulator(fk.FedAvg(rounds=1, extensions=(DPSGD(noise_multiplier=1.0),)),
+                         model=lambda: ModuleValidator.fix(with_batchnorm()), clients=parts,
+                         train=fk.TrainConfig(validate=False)).run(progress=False)
     assert fixed.status == "done" and fixed.history.series("client_epsilon")[0] > 0
 
 
-def test_dp_sgd_budget_stops_the_run_or_the_client_refuses(digits):
+def test_dp_sgd_budget_stops_the_run_and_the_client_refuses(digits, tmp_path):
     free = dp_sgd_sim(digits, rounds=3).run(progress=False).history.series("client_epsilon")
     target = (free[1] + free[2]) / 2  # room for two rounds, not three
-    budget = DPSGD(noise_multiplier=1.0, target_epsilon=target)
-    stopped = dp_sgd_sim(digits, rounds=3, dp=budget, extensions=(ClientBudget(target),)).run(progress=False)
+    budget = DPSGD(noise_multiplier=1.0, target_epsilon=target)  # one object: the client's refusal and the server's stop
+    stopped = dp_sgd_sim(digits, rounds=3, dp=budget, out=tmp_path).run(progress=False)
     assert stopped.status == "done" and len(stopped.history) == 2
     assert stopped.history.events[-1]["what"] == "stopped" and "privacy budget: round 2" in stopped.summary()["stopped"]
     assert stopped.summary()["client_epsilon"] == free[1] <= target
-    with pytest.raises(fk.RoundFailed, match="BudgetExhausted: client 'site-1' has spent epsilon .* past its target"):
-        dp_sgd_sim(digits, rounds=3, dp=budget, max_retries=0).run(progress=False)
+    # the client half refuses on its own too: a third round from the spent state
+    state = checkpoint.load(tmp_path).client_states["site-1"]
+    trainer = fk.Trainer(lambda: fk.models.for_data(digits), fk.TrainConfig(lr=0.1, validate=False))
+    part = fk.data.iid(digits.train, clients=4, seed=0)[0]
+    task = fk.Task("train", fk.DXO(fk.DataKind.WEIGHTS, stopped.weights, {fk.MetaKey.HOOKS: (budget,)}), round=2)
+    with pytest.raises(BudgetExhausted, match="client 'site-1' has spent epsilon .* past its target"):
+        trainer.execute(task, fk.ClientContext("site-1", ClientData(part, part.subset([])), dict(state),
+                                               torch.device("cpu"), 0), fk.Signal())
 
 
 def test_dp_sgd_resume_ends_with_the_same_weights_and_epsilon(digits, tmp_path):
@@ -256,7 +267,6 @@ def test_dp_sgd_runs_with_fedprox_and_the_proximal_term_acts(digits):
 
 @pytest.mark.parametrize("bad, match", [
     (dict(), "DPSGD needs noise_multiplier"),
-    (dict(target_epsilon=1.0), "DPSGD needs noise_multiplier"),
     (dict(noise_multiplier=-1.0), "noise_multiplier must be a finite number >= 0"),
     (dict(noise_multiplier=1.0, max_grad_norm=0.0), "max_grad_norm must be a finite number > 0"),
     (dict(noise_multiplier=1.0, delta=1.0), r"delta must be in \(0, 1\)"),
@@ -266,8 +276,8 @@ def test_dp_sgd_runs_with_fedprox_and_the_proximal_term_acts(digits):
 def test_bad_dp_sgd_settings_are_explained(bad, match):
     with pytest.raises(fk.ConfigError, match=match):
         DPSGD(**bad)
-    with pytest.raises(fk.ConfigError, match="TrainConfig.dp must be a fedkit.privacy.dp.DPSGD"):
-        fk.TrainConfig(dp={"noise_multiplier": 1.0})
+    with pytest.raises(fk.ConfigError, match="TrainConfig takes no dp: DP-SGD is one object .* put it in the workflow"):
+        fk.TrainConfig(dp=DPSGD(noise_multiplier=1.0))
 
 
 # ------------------------------------------------------------------------------------------ DP-FedAvg
@@ -389,12 +399,16 @@ def test_poisson_sampling_is_seeded_and_may_draw_nobody(tiny_model):
 @pytest.mark.parametrize("make, match", [
     (lambda: DPFedAvg(aggregate=fk.aggregate.coordinate_median), "DPFedAvg sets aggregate itself"),
     (lambda: DPFedAvg(clients_per_round=3), "DPFedAvg sets clients_per_round itself"),
-    (lambda: ServerDP(clip=math.inf, noise_multiplier=1.0), "infinite clip norm"),
-    (lambda: ServerDP(noise_multiplier=None), "needs noise_multiplier"),
-    (lambda: ServerDP(sample_rate=1.5), r"sample_rate must be a number > 0 and <= 1"),
-    (lambda: ServerDP(adaptive_clip=0.5), "adaptive_clip must be an AdaptiveClip"),
+    (lambda: UserDP(clip=math.inf, noise_multiplier=1.0), "infinite clip norm"),
+    (lambda: UserDP(noise_multiplier=None), "needs noise_multiplier"),
+    (lambda: UserDP(sample_rate=0.5), "UserDP takes no sample_rate .* the accountant uses the workflow's"),
+    (lambda: UserDP(adaptive_clip=0.5), "adaptive_clip must be an AdaptiveClip"),
     (lambda: AdaptiveClip(target_quantile=2.0), "target_quantile must be a number >= 0 and <= 1"),
-    (lambda: ClientBudget(0.0), "target_epsilon must be a number > 0"),
+    (lambda: DPSGD(noise_multiplier=1.0, target_epsilon=0.0), "target_epsilon must be a number > 0"),
+    (lambda: fk.FedAvg(clients_per_round=2, extensions=(UserDP(),)), "assumes Poisson sampling.*clients_per_round=2"),
+    (lambda: fk.FedAvg(sample_rate=0.5, extensions=(UserDP(),)), "weigh=fk.aggregate.uniform"),
+    (lambda: fk.FedAvg(sample_rate=0.5, weigh=fk.aggregate.uniform, aggregate=fk.aggregate.coordinate_median,
+                       extensions=(UserDP(),)), "an aggregate or weigh of your own would be ignored"),
 ])
 def test_bad_dp_fedavg_settings_are_explained(make, match):
     with pytest.raises(fk.ConfigError, match=match):
@@ -474,8 +488,8 @@ def test_dp_sgd_happens_in_the_trainer_before_any_result_filter(digits):
         return dxo
 
     parts = fk.data.iid(digits.train, clients=2, seed=0)
-    sim = fk.Simulator(fk.FedAvg(rounds=1), model=lambda: fk.models.for_data(digits), clients=parts,
-                       train=fk.TrainConfig(dp=DPSGD(noise_multiplier=1.0), validate=False),
+    sim = fk.Simulator(fk.FedAvg(rounds=1, extensions=(DPSGD(noise_multiplier=1.0),)),
+                       model=lambda: fk.models.for_data(digits), clients=parts, train=fk.TrainConfig(validate=False),
                        client_result_filters=[he.encrypt, check], server_result_filters=[he.decrypt])
     run = sim.run(progress=False)
     assert run.status == "done" and arrived == [(True, True)] * 2  # privatized (it has an epsilon), then encrypted
@@ -497,31 +511,30 @@ def test_history_summary_and_privacy_utility_plot(tiny_model, tmp_path):
     assert len(fig.layout.shapes) == 1  # the non-private run: a reference line
 
 
-# ------------------------------------------------------------------------------------------------ CLI
+# ------------------------------------------------------------------------------- settings, one home each
 
-def parse(*argv, rounds=10):
-    p = argparse.ArgumentParser()
-    add_dp_arguments(p.add_argument_group("differential privacy"))
-    args = p.parse_args(list(argv))
-    args.rounds = rounds
-    return args
+def flags_workflow(*argv):
+    """The workflow `fedkit run` builds from ``argv`` (the CLI alone maps flags to objects)."""
+    return experiment_from_args(parser().parse_args(["run", *argv])).workflow
 
 
-def test_cli_helpers_build_dp_sgd_and_dp_fedavg(tiny_model):
-    assert dp_from_args(parse()) == dp_from_args(parse()) and dp_from_args(parse()).train is None
-    sgd = dp_from_args(parse("--dp-sgd", "--noise-multiplier", "1.2", "--max-grad-norm", "0.5"))
-    assert sgd.train == DPSGD(noise_multiplier=1.2, max_grad_norm=0.5) and sgd.workflow == {}
-    budget = dp_from_args(parse("--dp-sgd", "--target-epsilon", "3", "--delta", "1e-6"))
-    assert budget.train == DPSGD(target_epsilon=3.0, rounds=10, delta=1e-6)
-    assert budget.workflow["extensions"] == (ClientBudget(3.0),)
-    fed = dp_from_args(parse("--dp-fedavg", "--clip-norm", "0.5", "--noise-multiplier", "0.8", "--sample-rate", "0.5",
-                             "--dp-accountant", "prv"))
-    wf = fk.FedProx(rounds=2, mu=0.01, **fed.merge({"min_clients": None, "clients_per_round": None}))
+def test_experiment_builds_dp_sgd_and_dp_fedavg_as_one_extension(tiny_model):
+    assert flags_workflow().extensions == () and Experiment().workflow.extensions == ()
+    sgd = flags_workflow("--dp-sgd", "--noise-multiplier", "1.2", "--max-grad-norm", "0.5")
+    assert sgd.extensions == (DPSGD(noise_multiplier=1.2, max_grad_norm=0.5),)
+    budget = flags_workflow("--dp-sgd", "--target-epsilon", "3", "--delta", "1e-6", "--rounds", "10")
+    assert budget.extensions == (DPSGD(target_epsilon=3.0, delta=1e-6, rounds=10),)  # rounds: the workflow's
+    wf = flags_workflow("--dp-fedavg", "--clip-norm", "0.5", "--noise-multiplier", "0.8", "--sample-rate", "0.5",
+                        "--dp-accountant", "prv", "--algorithm", "fedprox", "--rounds", "2")
     assert wf.sample_rate == 0.5 and wf.min_clients == 0
-    assert wf.extensions == (fk.workflows.Proximal(0.01),
-                             ServerDP(clip=0.5, noise_multiplier=0.8, sample_rate=0.5, rounds=10, accountant="prv"))
-    run = fk.Simulator(wf, model=tiny_model, clients=clients_of(*[diff_of(3.0)] * 4, result_filters=fed.client_result_filters))
-    assert run.run(progress=False).history.rounds[-1].metrics["epsilon"] > 0
+    prox, user = wf.extensions
+    assert prox == fk.workflows.Proximal(0.01) and (user.clip, user.noise_multiplier, user.accountant) == (0.5, 0.8, "prv")
+    assert (user.sampling, user.rounds) == (0.5, 2)
+    exp = Experiment.preset("smoke", workflow=DPFedAvg(rounds=2, clip=0.5, noise_multiplier=0.8, sample_rate=0.5,
+                                                       accountant="prv"))
+    assert exp.workflow.extensions[0] == user  # the same extension, written in a cell
+    run = fk.Simulator(wf, model=tiny_model, clients=clients_of(*[diff_of(3.0)] * 4)).run(progress=False)
+    assert run.history.rounds[-1].metrics["epsilon"] > 0
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -529,9 +542,50 @@ def test_cli_helpers_build_dp_sgd_and_dp_fedavg(tiny_model):
     (["--noise-multiplier", "1"], "--noise-multiplier need --dp-sgd or --dp-fedavg"),
     (["--dp-sgd", "--sample-rate", "0.1"], "--sample-rate and --adaptive-clip are DP-FedAvg options"),
     (["--dp-sgd", "--delta", "2"], r"delta must be in \(0, 1\)"),
-    (["--dp-fedavg", "--sample-rate", "0"], "sample_rate must be a number > 0"),
+    (["--dp-fedavg", "--sample-rate", "0"], r"sample_rate .* must be in \(0, 1\]"),
+    (["--dp-fedavg", "--clients-per-round", "3"], "drop --clients-per-round"),
+    (["--dp-fedavg", "--algorithm", "cyclic"], "cyclic weight transfer runs no extensions"),
 ])
-def test_cli_helpers_explain_bad_combinations(argv, match):
+def test_experiment_explains_bad_dp_combinations(argv, match):
     with pytest.raises(fk.ConfigError, match=match):
-        dp_from_args(parse(*argv))
+        flags_workflow(*argv)
 
+
+def test_the_accountant_cannot_be_told_another_sample_rate(tiny_model):
+    """Regression: FedAvg(sample_rate=1.0) with a DP extension that said 0.01 reported epsilon ~1 where it was ~30."""
+    with pytest.raises(fk.ConfigError, match="UserDP takes no sample_rate"):
+        fk.FedAvg(sample_rate=1.0, weigh=fk.aggregate.uniform, extensions=(UserDP(sample_rate=0.01),))
+    import dataclasses
+    changed = dataclasses.replace(DPFedAvg(rounds=20, noise_multiplier=1.0, sample_rate=0.01), sample_rate=1.0)
+    assert changed.extensions[0].sampling == 1.0  # re-bound to the workflow that samples
+    run = fk.Simulator(changed, model=tiny_model, clients=clients_of(*[diff_of(0.1)] * 4)).run(progress=False)
+    acc = RDPAccountant()
+    for _ in range(20):
+        acc.step(noise_multiplier=1.0, sample_rate=1.0)
+    assert run.history.last("epsilon") == acc.get_epsilon(delta=1e-5) > 20
+
+
+def test_a_workflow_that_chooses_its_own_clients_cannot_run_dp_fedavg():
+    class PowerOfChoice(fk.FedAvg):
+        def targets(self, fl, round):
+            return list(fl.client_names)[:2]
+
+    with pytest.raises(fk.ConfigError, match="PowerOfChoice chooses its clients itself .* epsilon would be wrong"):
+        PowerOfChoice(sample_rate=0.5, weigh=fk.aggregate.uniform, extensions=(UserDP(),))
+
+
+def test_the_dp_fedavg_noise_cannot_be_skipped_by_calling_step_alone():
+    """Regression: FedAvg.step(...) without fl skipped on_aggregate, where DP-FedAvg adds its noise."""
+    wf = DPFedAvg(rounds=1, noise_multiplier=1.0, sample_rate=1.0)
+    results = {"c0": fk.DXO(fk.DataKind.WEIGHT_DIFF, {"w": torch.ones(3)}, {"num_samples": 1})}
+    with pytest.raises(fk.ConfigError, match="UserDP changes the aggregate in on_aggregate .* without fl the step would skip"):
+        wf.step({"w": torch.zeros(3)}, results)
+    assert fk.FedAvg().step({"w": torch.zeros(3)}, results)["w"].tolist() == [1.0, 1.0, 1.0]  # nothing to skip: fine
+
+
+def test_a_dp_sgd_client_that_skips_the_private_steps_is_rejected(tiny_model):
+    """An executor of your own that ignores DP-SGD's client half must not pass as private."""
+    sim = fk.Simulator(fk.FedAvg(rounds=1, extensions=(DPSGD(noise_multiplier=1.0),), max_retries=0), model=tiny_model,
+                       clients=clients_of(diff_of(0.1), diff_of(0.1)))
+    with pytest.raises(fk.RoundFailed, match="did not run the client half of DPSGD"):
+        sim.run(progress=False)

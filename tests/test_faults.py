@@ -9,7 +9,7 @@ import fedkit as fk
 from fedkit.data import ClientData
 from fedkit.faults import corrupt
 from fedkit.server import Reply
-from fedkit.workflows.scatter_gather import screen
+from fedkit.global_model import screen
 
 
 def diff_of(value, samples=1):

@@ -62,6 +62,54 @@ def test_curves_of_a_real_run():
     assert all(0.0 <= v <= 1.0 for v in fig.data[0].y)
 
 
+def he_history() -> History:
+    """Like an HE run: the server cannot read its model, so only the clients' scores of it are recorded."""
+    h = History()
+    for i, (a, l) in enumerate([(0.5, 1.5), (0.625, 1.25), (0.75, 1.0)]):
+        h.append(RoundRecord(round=i, seconds=0.1, metrics={"client_accuracy": a, "client_loss": l,
+                                                            "clients_validated": 2, "he_encrypt_s": 0.5}))
+    return h
+
+
+def test_curves_of_an_he_run_are_the_clients_scores():
+    fig = plots.curves({"he": he_history(), "plain": make_history([0.25, 0.5])})
+    assert [t.name for t in fig.data] == ["he (on clients)", "plain"]
+    assert list(fig.data[0].x) == [1, 2, 3] and list(fig.data[0].y) == [0.5, 0.625, 0.75]
+    assert list(fig.data[1].y) == [0.25, 0.5]
+    loss = plots.curves(he_history(), metric="loss")
+    assert loss.data[0].name == "run (on clients)" and list(loss.data[0].y) == [1.5, 1.25, 1.0]
+    other = plots.curves(he_history(), metric="he_encrypt_s")  # not a score: drawn as is
+    assert other.data[0].name == "run" and list(other.data[0].y) == [0.5] * 3
+
+
+def with_metrics(h: History, **series) -> History:
+    """``h`` with each round's metrics extended by ``series`` (name: one value per round)."""
+    return History([RoundRecord(r.round, r.seconds, {**r.metrics, **{k: v[r.round] for k, v in series.items()}})
+                    for r in h])
+
+
+def test_privacy_utility_picks_each_runs_epsilon_and_names_the_kind():
+    dp_sgd = with_metrics(make_history([0.25, 0.5, 0.75]), client_epsilon=[0.5, 1.0, 1.5])
+    fig = plots.privacy_utility({"dp-sgd": dp_sgd, "plain": make_history([0.875])})
+    assert [(t.name, list(t.x), list(t.y)) for t in fig.data] == [("dp-sgd", [0.5, 1.0, 1.5], [0.25, 0.5, 0.75])]
+    assert fig.layout.xaxis.title.text == "epsilon, example-level (DP-SGD, worst client)"
+    assert len(fig.layout.shapes) == 1 and fig.layout.shapes[0].y0 == 0.875  # the non-private reference
+
+    dp_fedavg = with_metrics(make_history([0.5, 0.625]), epsilon=[2.0, 3.0])
+    mixed = plots.privacy_utility({"dp-fedavg": dp_fedavg, "dp-sgd": dp_sgd})
+    assert [list(t.x) for t in mixed.data] == [[2.0, 3.0], [0.5, 1.0, 1.5]]
+    assert mixed.layout.xaxis.title.text == "epsilon (user- and example-level mixed)"
+    only_user = plots.privacy_utility({"dp-fedavg": dp_fedavg, "dp-sgd": dp_sgd}, epsilon="epsilon")
+    assert [t.name for t in only_user.data] == ["dp-fedavg"] and len(only_user.layout.shapes) == 1
+    assert only_user.layout.xaxis.title.text == "epsilon, user-level (DP-FedAvg)"
+
+
+def test_privacy_utility_of_he_with_dp_sgd_uses_the_clients_scores():
+    he_dp = with_metrics(he_history(), client_epsilon=[0.5, 1.0, 1.5])
+    fig = plots.privacy_utility({"he+dp-sgd": he_dp})
+    assert list(fig.data[0].x) == [0.5, 1.0, 1.5] and list(fig.data[0].y) == [0.5, 0.625, 0.75]
+
+
 def test_client_curves():
     clients = {0: {"site-1": {"train_loss": 2.0}, "site-2": {"train_loss": 3.0}},
                1: {"site-1": {"train_loss": 1.0}, "site-2": {"train_loss": 1.5}},

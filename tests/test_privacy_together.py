@@ -37,8 +37,8 @@ def test_local_dp_noise_is_added_before_encryption(digits):
 
 
 def test_dp_sgd_with_he_reports_epsilon_and_encrypts(digits):
-    train = fk.TrainConfig(dp=fk.DPSGD(noise_multiplier=1.0, max_grad_norm=1.0))
-    run = digits_sim(digits, fk.FedAvg(rounds=2, he=fk.he.CKKS()), train=train).run(progress=False)
+    dp = fk.DPSGD(noise_multiplier=1.0, max_grad_norm=1.0)
+    run = digits_sim(digits, fk.FedAvg(rounds=2, he=fk.he.CKKS(), extensions=(dp,))).run(progress=False)
     rounds = run.history.to_dataframe()
     assert (rounds["client_epsilon"] > 0).all() and rounds["client_epsilon"].is_monotonic_increasing
     assert (rounds["bytes_cipher_up"] > 0).all()
@@ -46,7 +46,7 @@ def test_dp_sgd_with_he_reports_epsilon_and_encrypts(digits):
 
 
 def test_dp_fedavg_server_noise_with_he_is_refused():
-    with pytest.raises(fk.ConfigError, match="cannot run DP-FedAvg's server step.*Put DP on the clients"):
+    with pytest.raises(fk.ConfigError, match="cannot run UserDP: it clips each client's update and adds noise to their sum in plaintext.*put DP on the clients"):
         fk.DPFedAvg(rounds=2, he=fk.he.CKKS())
 
 
@@ -59,3 +59,26 @@ def test_cli_he_and_dp_sgd_together(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["run", "--he", "--dp-fedavg", "--rounds", "1", "--no-progress", "--out", str(tmp_path / "x")])
     assert e.value.code == 2
+
+
+def test_cli_he_with_cyclic_runs_encrypted_not_plaintext(tmp_path, capsys):
+    """Regression: `fedkit run --he --algorithm cyclic` exited 0 and trained in plaintext, scored by the server."""
+    import json
+    assert main(["run", "--he", "--algorithm", "cyclic", "--clients", "3", "--rounds", "2", "--json", "--no-progress",
+                 "--out", str(tmp_path)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["accuracy_on"] == "clients' validation splits"  # the server could not read the model
+    history = fk.History.load(tmp_path)
+    assert all(r.metrics["bytes_cipher_up"] > 0 and "accuracy" not in r.metrics for r in history)
+    assert history.results["he"]["scheme"] == "CKKS"
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--he", "--algorithm", "fedopt"], "cannot use the server optimizer"),
+    (["--he", "--algorithm", "scaffold"], "cannot run Scaffold"),
+    (["--he", "--aggregate", "krum"], "cannot use the aggregation rule 'krum(f=1)'"),
+])
+def test_cli_refuses_what_it_cannot_run_encrypted(tmp_path, capsys, argv, match):
+    with pytest.raises(SystemExit) as e:
+        main(["run", *argv, "--rounds", "1", "--no-progress", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and match in capsys.readouterr().err and not (tmp_path / "x").exists()

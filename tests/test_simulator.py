@@ -318,3 +318,28 @@ def test_live_weights_are_read_when_asked_and_frozen_at_the_end(tiny_model):
     live.wait(10)
     assert reads[0] >= 2.0 and live._live is None
     assert live.weights["weight"].item() == 1.0 + len(live.history)
+
+
+def test_executors_replace_the_standard_ones_by_task_name(tiny_model):
+    calls = []
+
+    def halve(task, ctx, abort):  # a train executor of your own, for every dataset client
+        calls.append(ctx.client)
+        return fk.DXO(fk.DataKind.WEIGHT_DIFF, {k: -v / 2 for k, v in task.data.data.items()},
+                      {fk.MetaKey.NUM_SAMPLES: len(ctx.data.train)})
+
+    d = fk.Dataset(torch.zeros(10, 1), torch.zeros(10, dtype=torch.long), 2)
+    sim = fk.Simulator(fk.FedAvg(rounds=2), model=tiny_model, clients=[d, d], executors={"train": halve})
+    run = sim.run(progress=False)
+    assert calls == ["site-1", "site-2"] * 2 and run.weights["weight"].item() == 0.25
+    assert type(sim.clients[0].executors["validate"]).__name__ == "Evaluator"  # the others stay
+    with pytest.raises(fk.ConfigError, match="executors maps task names to executors"):
+        fk.Simulator(fk.FedAvg(rounds=1), model=tiny_model, clients=[d], executors={"train": 3})
+
+
+def test_a_controller_run_without_a_clients_side_refuses_instead_of_waiting(tiny_model):
+    from fedkit.server import Channel, Server, ServerContext
+
+    fl = ServerContext(Server({"weight": torch.ones(1, 1)}), ("c0",), Channel(), fk.Signal(), fk.History(), seed=0)
+    with pytest.raises(RuntimeError, match="no clients' side serves this ServerContext's channel"):
+        fk.FedAvg(rounds=1).control_flow(fl)

@@ -190,3 +190,20 @@ def test_nbytes():
     assert W.nbytes({}) == 0
     lin = torch.nn.Linear(10, 3)
     assert W.nbytes(lin.state_dict()) == (30 + 3) * 4
+
+
+def test_flatten_keeps_floating_entries_in_order_and_unflatten_undoes_it():
+    w = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "count": torch.tensor(7),
+         "b": torch.tensor([0.5], dtype=torch.float64)}
+    vector, spec = W.flatten(w)
+    assert vector.dtype == torch.float64 and vector.tolist() == [0, 1, 2, 3, 4, 5, 0.5]
+    assert [name for name, *_ in spec] == ["a", "b"]  # the integer buffer is not part of the vector
+    back = W.unflatten(vector, spec)
+    assert torch.equal(back["a"], w["a"]) and back["a"].dtype == torch.float32 and back["b"].dtype == torch.float64
+    assert W.norm(w) == pytest.approx(float(vector.norm()))
+
+
+def test_unflatten_refuses_a_vector_of_the_wrong_size():
+    _, spec = W.flatten({"a": torch.zeros(3)})
+    with pytest.raises(UpdateError, match="a vector of 3 numbers for this spec, got shape \\(4,\\)"):
+        W.unflatten(torch.zeros(4), spec)

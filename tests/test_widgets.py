@@ -1,10 +1,18 @@
 """The widget panel, driven as a person would: set values, click Run or Stop, read the figures."""
 
+import dataclasses
 import threading
 import time
 
+from types import SimpleNamespace
+
+import pytest
+
 import fedkit as fk
-from fedkit.widgets import ComparisonView, Dashboard, ExperimentPanel
+from fedkit.experiment import DataSpec
+from fedkit.history import History, RoundRecord
+from fedkit.metrics import LABELS
+from fedkit.widgets import WORKFLOWS, ComparisonView, Dashboard, ExperimentPanel, experiment_from_controls
 
 
 def test_panel_runs_an_experiment_and_fills_the_figures():
@@ -65,6 +73,51 @@ def test_finished_runs_accumulate_in_the_comparison():
     assert panel.comparison.figure.data == ()
 
 
+def test_the_panel_maps_its_controls_to_typed_objects():
+    panel = ExperimentPanel()
+    assert panel.settings() == fk.Experiment.preset("quickstart")  # the default panel is the README's job
+    assert panel.controls() == dict(dataset="digits", clients=8, partition="dirichlet", alpha=0.5, algorithm="fedavg",
+                                    mu=0.01, rounds=20, local_epochs=1, lr=0.05, seed=0)
+    panel.algorithm.value, panel.mu.value, panel.rounds.value, panel.clients.value = "fedprox", 0.1, 5, 4
+    panel.local_epochs.value, panel.partition.value, panel.seed.value = 2, "shards", 3
+    assert panel.settings() == fk.Experiment(data=DataSpec(clients=4, partition="shards"),
+                                             workflow=fk.FedProx(rounds=5, mu=0.1), train=fk.TrainConfig(epochs=2), seed=3)
+    assert panel.label() == "fedprox shards E=2 lr=0.05 #1"
+
+
+def test_the_panel_keeps_what_it_has_no_control_for_and_runs_it(digits):
+    base = fk.Experiment.preset("smoke", train=fk.TrainConfig(batch_size=32, momentum=0.5), device="cpu", model="mlp")
+    panel = ExperimentPanel(base, algorithm="scaffold")
+    assert (panel.clients.value, panel.rounds.value, panel.partition.value) == (3, 2, "iid")  # the base's values
+    expected = dataclasses.replace(base, workflow=fk.SCAFFOLD(rounds=2))  # the menu's workflow, with its defaults
+    assert panel.settings() == expected
+    run = panel.start()
+    assert panel.wait(120) is run and run.status == "done" and len(run.history) == 2
+    assert run.simulator.train == fk.TrainConfig(batch_size=32, momentum=0.5) and str(run.simulator.device) == "cpu"
+    assert expected.simulator(data=digits).run(progress=False).model_sha256 == run.model_sha256  # the same in a cell
+
+
+@pytest.mark.parametrize("algorithm, expected", [
+    ("fedavg", fk.FedAvg(rounds=3)), ("fedprox", fk.FedProx(rounds=3, mu=0.5)), ("fedopt", fk.FedOpt(rounds=3)),
+    ("scaffold", fk.SCAFFOLD(rounds=3)), ("cyclic", fk.Cyclic(rounds=3)),
+])
+def test_experiment_from_controls_is_what_a_cell_writes(algorithm, expected):
+    exp = experiment_from_controls(fk.Experiment(), algorithm=algorithm, rounds=3, mu=0.5, alpha=0.2)
+    assert exp == fk.Experiment(data=DataSpec(alpha=0.2), workflow=expected)
+    assert list(WORKFLOWS) == ["fedavg", "fedprox", "fedopt", "scaffold", "cyclic"]
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: experiment_from_controls(fk.Experiment(), algorithm="fedmagic"), "not in the panel's menu; choose one of"),
+    (lambda: experiment_from_controls(fk.Experiment(), batch_size=8), "the panel has no control batch_size"),
+    (lambda: ExperimentPanel(rounds=5, dp=True), "the panel has no control dp; its controls are: dataset, clients"),
+    (lambda: ExperimentPanel(partition="random"), "partition 'random' is not known"),
+])
+def test_bad_controls_are_refused_with_what_there_is(make, match):
+    with pytest.raises(fk.ConfigError, match=match):
+        make()
+
+
 def test_dashboard_and_comparison_work_from_a_history_alone(digits):
     run = fk.Simulator(fk.FedAvg(rounds=2), model=lambda: fk.models.for_data(digits),
                        clients=fk.data.iid(digits.train, 2), test=digits.test).run(progress=False)
@@ -75,3 +128,71 @@ def test_dashboard_and_comparison_work_from_a_history_alone(digits):
     view = ComparisonView()
     view.add("a", run)
     assert list(view.figure.data[0].y) == run.history.series("accuracy")
+
+
+# ---------------------------------------------------- dashboards of hand-made histories: HE, DP-SGD, DP-FedAvg
+
+def history(metrics, clients=lambda i: {}):
+    """Three rounds: ``metrics`` maps each round metric to its three values; ``clients(i)`` gives round i's rows."""
+    return History([RoundRecord(round=i, seconds=0.1, metrics={k: v[i] for k, v in metrics.items()},
+                                clients=clients(i)) for i in range(3)])
+
+
+def lines(fig):
+    return {t.name: (list(t.x), list(t.y)) for t in fig.data}
+
+
+HE = history({"client_accuracy": [0.5, 0.625, 0.75], "client_loss": [1.5, 1.25, 1.0], "clients_validated": [3] * 3,
+              "bytes_down": [10, 10, 10], "bytes_up": [20, 20, 20], "he_encrypt_s": [0.5] * 3},
+             lambda i: {"site-1": {"train_loss": 2.0 - i}, "site-2": {"train_loss": 3.0 - i}})
+DP_SGD = history({"accuracy": [0.25, 0.5, 0.75], "loss": [2.0, 1.0, 0.5], "client_epsilon": [0.5, 1.0, 1.5]},
+                 lambda i: {"site-1": {"train_loss": 1.0, "epsilon": 0.5 * (i + 1), "epsilon_next": 0.5 * (i + 2),
+                                       "delta": 1e-5},
+                            "site-2": {"train_loss": 1.0, "epsilon": 0.25 * (i + 1), "delta": 1e-5}})
+DP_FEDAVG = history({"accuracy": [0.25, 0.5, 0.75], "loss": [2.0, 1.0, 0.5], "epsilon": [2.0, 3.0, 4.0],
+                     "delta": [1e-5] * 3, "noise_multiplier": [1.0] * 3, "clip": [1.0] * 3})
+
+
+def test_dashboard_of_an_he_run_draws_the_clients_scores():
+    dash = Dashboard()
+    dash.update(HE)
+    assert lines(dash.accuracy) == {LABELS["client_accuracy"]: ([1, 2, 3], [0.5, 0.625, 0.75]),
+                                    LABELS["client_loss"]: ([1, 2, 3], [1.5, 1.25, 1.0])}
+    assert lines(dash.clients) == {"site-1": ([1, 2, 3], [2.0, 1.0, 0.0]), "site-2": ([1, 2, 3], [3.0, 2.0, 1.0])}
+    assert lines(dash.privacy) == {}  # HE alone spends no epsilon
+
+
+def test_dashboard_of_a_dp_sgd_run_draws_the_example_level_epsilon():
+    dash = Dashboard()
+    dash.update(DP_SGD)
+    assert lines(dash.accuracy) == {"accuracy": ([1, 2, 3], [0.25, 0.5, 0.75]), "loss": ([1, 2, 3], [2.0, 1.0, 0.5])}
+    assert lines(dash.privacy) == {LABELS["client_epsilon"]: ([1, 2, 3], [0.5, 1.0, 1.5])}
+
+
+def test_dashboard_of_a_dp_fedavg_run_draws_the_user_level_epsilon():
+    dash = Dashboard()
+    dash.update(DP_FEDAVG)
+    assert lines(dash.accuracy) == {"accuracy": ([1, 2, 3], [0.25, 0.5, 0.75]), "loss": ([1, 2, 3], [2.0, 1.0, 0.5])}
+    assert lines(dash.privacy) == {LABELS["epsilon"]: ([1, 2, 3], [2.0, 3.0, 4.0])}
+
+
+def test_dashboard_draws_both_epsilons_and_follows_a_new_run():
+    both = history({"client_accuracy": [0.5, 0.5, 0.5], "client_loss": [1.0] * 3, "epsilon": [2.0, 3.0, 4.0],
+                    "client_epsilon": [0.5, 1.0, 1.5]})
+    dash = Dashboard()
+    dash.update(both)
+    dash.update(both)  # one trace per line still
+    assert [t.name for t in dash.privacy.data] == [LABELS["epsilon"], LABELS["client_epsilon"]]
+    assert [list(t.y) for t in dash.privacy.data] == [[2.0, 3.0, 4.0], [0.5, 1.0, 1.5]]
+    assert [list(t.y) for t in dash.accuracy.data] == [[0.5, 0.5, 0.5], [1.0, 1.0, 1.0]]
+    dash.update(DP_SGD)  # the same dashboard, another run: its lines replace the old ones
+    assert [t.name for t in dash.accuracy.data] == ["accuracy", "loss"]
+    assert lines(dash.privacy) == {LABELS["client_epsilon"]: ([1, 2, 3], [0.5, 1.0, 1.5])}
+
+
+def test_comparison_of_an_he_run_shows_its_clients_scores():
+    view = ComparisonView()
+    view.add("he", SimpleNamespace(history=HE))
+    view.add("dp", SimpleNamespace(history=DP_SGD))
+    assert [(t.name, list(t.y)) for t in view.figure.data] == [("he (on clients)", [0.5, 0.625, 0.75]),
+                                                                ("dp", [0.25, 0.5, 0.75])]

@@ -1,10 +1,13 @@
-"""Privacy, composed rather than inherited: each technique is a set of filters and small functions.
+"""Privacy plug-ins, composed rather than inherited: each technique is a few small files.
 
-* `dp`: differential privacy — DP-SGD on clients, DP-FedAvg on the server, Opacus' accountants.
+* `dp`: differential privacy with Opacus: `accounting` (the maths), `dp_sgd` (example-level DP-SGD),
+  `dp_fedavg` (user-level DP-FedAvg) and `clipping` (its clip and noise stages, and a client filter).
 * `filters`: FLARE's heuristic privacy filters (exclude variables, percentile privacy), no formal guarantee.
-* `he`: homomorphic encryption of model updates (CKKS with TenSEAL), e.g. ``FedAvg(rounds=20, he=he.CKKS())``.
+* `he`: homomorphic encryption with CKKS (TenSEAL): `ckks` (settings), `he_layout`, `he_keys`,
+  `he_filters` (the clients' half) and `he_model` (the server's encrypted global model).
 
-Opacus and TenSEAL are imported only when a run uses them, so ``import fedkit`` works without them.
+The layers below never import this package; the simulator plugs it in. Opacus and TenSEAL are
+imported only when a run uses them, so ``import fedkit`` works without them.
 """
 
 from . import dp, filters, he

@@ -1,8 +1,9 @@
 """The clients' half of homomorphic encryption: provisioning of the keys, and the two client filters.
 
 `DecryptGlobal` (a task-data filter) decrypts the encrypted layers of the global model a task carries,
-before any executor sees it; `EncryptUpdate` (a result filter) multiplies a WEIGHT_DIFF by the
-client's aggregation weight and encrypts it, after any other filter (e.g. DP clipping and noise).
+before any executor sees it; `EncryptUpdate` (a result filter) encrypts a WEIGHT_DIFF after any other
+filter (e.g. DP clipping and noise). The server weighs the ciphertexts itself: aggregation weights
+(sample counts) are public, the updates are not.
 
 Where the secret lives: each client keeps the federation's secret context in its own state, under
 ``state["he"]`` (as bytes, so that it survives a checkpoint in the clients' part, ``clients.pt``; the
@@ -13,18 +14,17 @@ TenSEAL cannot derive keys from a seed, so they are created once per run and sto
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Mapping
 
+from ..client import Client
 from ..errors import ConfigError, UpdateError
-from ..exchange import DXO, DataKind, FilterContext, MetaKey, Weights
-from .he import (CIPHERTEXTS, META_KEY, STATE_KEY, CKKS, ClientKeys, Layout, digest, key_id, new_keys, pack, to_bytes,
-                 to_tensor, unpack)
-
-if TYPE_CHECKING:
-    from ..client import Client
+from ..exchange import DXO, DataKind, FilterContext, MetaKey, Task, Weights
+from .ckks import CIPHERTEXTS, META_KEY, STATE_KEY, CKKS
+from .he_keys import ClientKeys, digest, key_id, new_keys, to_bytes, to_tensor
+from .he_layout import Layout, pack, unpack
 
 DECRYPT_S = "he_decrypt_s"  # seconds the client spent decrypting a task's model: task meta, then result metrics
-ENCRYPT_S = "he_encrypt_s"  # seconds the client spent weighing, packing and encrypting its update: result metrics
+ENCRYPT_S = "he_encrypt_s"  # seconds the client spent packing and encrypting its update: result metrics
 
 
 def client_keys(state: dict[str, Any]) -> ClientKeys:
@@ -38,12 +38,12 @@ def client_keys(state: dict[str, Any]) -> ClientKeys:
     return keys
 
 
-def provision(ckks: CKKS, clients: Mapping[str, "Client"], weigh: Callable[[DXO], float]) -> tuple[bytes, str]:
+def provision(ckks: CKKS, clients: Mapping[str, Client]) -> tuple[bytes, str]:
     """Give every client the federation's secret context and the HE filters; return what the server gets:
     the public context bytes and the key id.
 
     This is FLARE's provisioning step (in a deployment, run offline by the project admin); the simulator
-    runs it when an encrypted FedAvg starts. The secret context goes into the clients' state only. A
+    runs it before a run whose workflow asks for HE, and hands the server the public part only. The secret context goes into the clients' state only. A
     resumed run finds the keys in the clients' restored state and keeps them, so that they still
     decrypt the global model the checkpoint holds encrypted.
     """
@@ -68,7 +68,7 @@ def provision(ckks: CKKS, clients: Mapping[str, "Client"], weigh: Callable[[DXO]
         keys = client_keys(c.state)
         # decrypt before any other filter reads the model; encrypt after every other filter (DP noise...) has run
         c.task_data_filters = [DecryptGlobal(keys), *(f for f in c.task_data_filters if not isinstance(f, DecryptGlobal))]
-        c.result_filters = [*(f for f in c.result_filters if not isinstance(f, EncryptUpdate)), EncryptUpdate(keys, weigh)]
+        c.result_filters = [*(f for f in c.result_filters if not isinstance(f, EncryptUpdate)), EncryptUpdate(keys)]
     return public, kid
 
 
@@ -107,17 +107,16 @@ class DecryptGlobal:
 
 
 class EncryptUpdate:
-    """Client result filter: weigh the update by the client's aggregation weight and encrypt its selected layers.
+    """Client result filter: encrypt the selected layers of a WEIGHT_DIFF.
 
     Only the WEIGHT_DIFF answers to tasks that carried an encrypted model are encrypted, with the
     task's layout; every answer to such a task reports the client's HE seconds in its metrics. The
     encrypted DXO holds the plaintext layers, the ciphertexts under ``"__ckks__"``, and in
-    ``meta["he"]`` the key id, the layout, the weight used and a digest of the ciphertexts.
+    ``meta["he"]`` the key id, the layout and a digest of the ciphertexts.
     """
 
-    def __init__(self, keys: ClientKeys, weigh: Callable[[DXO], float]) -> None:
+    def __init__(self, keys: ClientKeys) -> None:
         self.keys = keys
-        self.weigh = weigh
 
     def __call__(self, dxo: DXO, ctx: FilterContext) -> DXO:
         spec = ctx.task.data.meta.get(META_KEY)
@@ -130,36 +129,22 @@ class EncryptUpdate:
             return dxo.with_data(dxo.data, **{MetaKey.METRICS: metrics})
         started = time.perf_counter()
         layout = Layout.from_meta(spec["layout"])
-        weight = float(self.weigh(dxo))
-        chunks = self.keys.encrypt(pack(dxo.data, layout, f"client {ctx.client!r}'s update") * weight, layout)
+        chunks = self.keys.encrypt(pack(dxo.data, layout, f"client {ctx.client!r}'s update"), layout)
         names = set(layout.names)
         plain = {k: v for k, v in dxo.data.items() if k not in names}
-        he = {"key_id": self.keys.key_id, "layout": spec["layout"], "weight": weight,
-              "digest": digest(self.keys.key_id, chunks)}
+        he = {"key_id": self.keys.key_id, "layout": spec["layout"], "digest": digest(self.keys.key_id, chunks)}
         metrics[ENCRYPT_S] = time.perf_counter() - started
         return DXO(dxo.kind, {**plain, CIPHERTEXTS: chunks}, {**dxo.meta, MetaKey.METRICS: metrics, META_KEY: he})
 
 
-def global_plaintext(weights: Weights, server_state: dict[str, Any], client_state: dict[str, Any]) -> Weights:
-    """The global model in plaintext, as a client sees it: ``weights`` (the server's) with the layers the
-    server holds only as ciphertexts decrypted by the client whose state is ``client_state``.
+def decrypt_global(task_data: DXO, client_state: dict[str, Any], keys: list[str]) -> Weights:
+    """The global model in plaintext as the client whose state is ``client_state`` reads it from a task's
+    data (``fl.model.task_data({})``), in the order of ``keys``.
 
-    This is how a run's owner gets the final model with HE on: from a client, never from the server.
-    Without HE, ``weights`` as they are.
+    This is how a run's owner gets the final model with HE on: through a client, never from the server.
     """
-    held = server_state.get(STATE_KEY)
-    if held is None:
-        return weights
-    layout = Layout.from_meta(held["layout"])
-    decrypted = unpack(client_keys(client_state).decrypt([to_bytes(c) for c in held["global"]], layout), layout)
-    merged = {**weights, **decrypted}
-    return {k: merged[k] for k in held["keys"]}
-
-
-def server_layers(weights: Weights, server_state: dict[str, Any]) -> Weights:
-    """The layers of ``weights`` the server holds in plaintext: with HE, all but the encrypted ones."""
-    held = server_state.get(STATE_KEY)
-    if held is None:
-        return weights
-    encrypted = set(held["layout"]["names"])
-    return {k: v for k, v in weights.items() if k not in encrypted}
+    if task_data.meta.get(META_KEY) is None:
+        return dict(task_data.data)
+    task = Task("read_model", task_data)
+    data = DecryptGlobal(client_keys(client_state))(task_data, FilterContext("client", "task", "owner", task)).data
+    return {k: data[k] for k in keys}

@@ -4,21 +4,25 @@ NVFlare lists several workflows in one job and runs them in sequence; `Chain` is
 share the server (so the global model one part leaves is where the next one starts), the clients
 (with their state: a trained local model, standardized data...) and the history.
 
-Each part counts its own rounds from 0, as if it ran alone; the chain shifts them by the rounds of
-the parts before it wherever a round leaves the part: in the tasks clients receive (and so in the
-seeds they derive), in client sampling and in the history. ``Chain(FedAvg(rounds=2), FedAvg(rounds=2))``
-therefore gives exactly the run of ``FedAvg(rounds=4)``.
+Each part counts its own rounds from 0, as if it ran alone; the chain hands it a `ServerContext`
+whose ``offset`` is the rounds of the parts before it. Every round that leaves the part goes
+through that context (tasks, and so the seeds clients derive, client sampling, events, the
+history), so ``Chain(FedAvg(rounds=2), FedAvg(rounds=2))`` gives exactly the run of ``FedAvg(rounds=4)``.
+
+Encryption is one setting of the whole chain: every part that uses the global model must declare
+the same ``he``; a part that would read the model in plaintext (cross-site evaluation) is refused
+beside an encrypted one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
-from typing import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from torch import nn
 
 from ..errors import ConfigError
-from ..exchange import Task
-from ..history import RoundRecord
-from ..server import Controller, Reply, ServerContext
+from ..server import Controller, ServerContext
 
 
 @dataclass(frozen=True, init=False)
@@ -44,10 +48,29 @@ class Chain(Controller):
                 raise ConfigError(f"Chain part {i} ({type(p).__name__}) has rounds = {r!r}; a part must say how "
                                   "many history rounds it records, as an integer >= 0")
         object.__setattr__(self, "parts", tuple(parts))
+        _ = self.he  # refuse mixed encryption now, not when the run starts
 
     @property
     def rounds(self) -> int:  # type: ignore[override]
         return sum(p.rounds for p in self.parts)
+
+    @property
+    def he(self) -> Any:  # type: ignore[override]
+        """The encryption every part that uses the global model shares (None: plaintext)."""
+        users = [p for p in self.parts if p.uses_model]
+        settings = {p.he for p in users}
+        if len(settings) > 1:
+            plain = [type(p).__name__ for p in users if p.he is None]
+            raise ConfigError(f"Chain mixes an encrypted global model with parts that use it in plaintext "
+                              f"({', '.join(plain)}); with HE the server cannot read the model, so every part that "
+                              "sends or reads it must run encrypted (FedAvg(he=...), Cyclic(he=...)). Cross-site "
+                              "evaluation cannot: the clients' scores of the global model are in each round's "
+                              "client_accuracy instead")
+        return settings.pop() if settings else None
+
+    def check_model(self, model: nn.Module) -> None:
+        for p in self.parts:
+            p.check_model(model)
 
     def control_flow(self, fl: ServerContext) -> None:
         offset = 0
@@ -58,33 +81,5 @@ class Chain(Controller):
             # round was checkpointed. Running them again would, e.g., scale data a second time.
             finished = end <= fl.start_round if part.rounds > 0 else offset < fl.start_round
             if not finished:
-                part.control_flow(shifted(fl, offset))
+                part.control_flow(replace(fl, offset=fl.offset + offset, start_round=max(0, fl.start_round - offset)))
             offset = end
-
-
-@dataclass
-class _Shifted(ServerContext):
-    """A `ServerContext` whose rounds are ``offset`` later on the way out (tasks, sampling, history)."""
-
-    offset: int = 0
-
-    def broadcast_and_wait(self, task: Task, targets: Sequence[str] | None = None) -> dict[str, Reply]:
-        return super().broadcast_and_wait(replace(task, round=task.round + self.offset), targets)
-
-    def sample_clients(self, k: int | None, round: int) -> list[str]:
-        return super().sample_clients(k, round + self.offset)
-
-    def sample_poisson(self, rate: float, round: int) -> list[str]:
-        return super().sample_poisson(rate, round + self.offset)
-
-    def end_round(self, round: int, replies: dict[str, Reply], started: float, **metrics: float) -> RoundRecord:
-        return super().end_round(round + self.offset, replies, started, **metrics)
-
-
-def shifted(fl: ServerContext, by: int) -> ServerContext:
-    """``fl`` as a part that starts ``by`` rounds into the run sees it (``start_round`` shifted back too)."""
-    start = max(0, fl.start_round - by)
-    if isinstance(fl, _Shifted):  # a chain inside a chain: offsets add up
-        return replace(fl, offset=fl.offset + by, start_round=start)
-    values = {f.name: getattr(fl, f.name) for f in fields(fl) if f.init}
-    return _Shifted(**{**values, "start_round": start}, offset=by)

@@ -5,7 +5,8 @@ NVFlare's ``CrossSiteModelEval``: the server asks each client for its local mode
 on its validation split (``validate``). The result is a matrix, model owner by data owner. Use it
 after training to see how well the global model serves each site, and how far a site's own model
 carries to the others (a strong diagonal with weak off-diagonal entries is the mark of non-IID
-data). Local models travel to other clients: only use it where the sites may see each other's models.
+data). Local models travel to other clients and through the server in plaintext: only use it where the
+sites may see each other's models, and never in a run with HE (a `Chain` with an encrypted part refuses it).
 
 >>> from fedkit.workflows import Chain, FedAvg
 >>> wf = Chain(FedAvg(rounds=5), CrossSiteEval())                  # doctest: +SKIP
@@ -44,22 +45,22 @@ class CrossSiteEval(Controller):
     validate_task: str = "validate"
 
     def control_flow(self, fl: ServerContext) -> None:
-        if GLOBAL in fl.clients:
+        if GLOBAL in fl.client_names:
             raise ConfigError(f"a client is named {GLOBAL!r}, the name cross-site evaluation gives the global "
                               "model's row; rename that client")
         started = time.perf_counter()
         rnd = fl.start_round
         submitted = require_ok(fl.broadcast_and_wait(
-            Task(self.submit_task, DXO(DataKind.WEIGHTS, fl.server.weights), round=rnd)), rnd)
+            Task(self.submit_task, fl.model.task_data({}), round=rnd)), rnd)
         models = {}
         for name in fl.client_names:  # before any validation: a client's local model must be the trained one
             result = submitted[name]
             if result.kind != DataKind.WEIGHTS:
                 raise UpdateError(f"client {name!r} answered {self.submit_task} with {result.kind.value}; "
                                   "expected WEIGHTS (its local model)")
-            check_update(result.data, fl.server.weights, f"client {name!r}")
+            check_update(result.data, fl.model.weights, f"client {name!r}")
             models[name] = result.data
-        models[GLOBAL] = fl.server.weights
+        models[GLOBAL] = fl.model.weights
         matrix: dict[str, Any] = {m: {} for m in METRICS}
         samples: dict[str, int] = {}
         for owner, weights in models.items():

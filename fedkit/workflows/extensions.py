@@ -1,37 +1,80 @@
-"""Extensions of scatter-and-gather: what FedProx and SCAFFOLD add to FedAvg, as small composable parts.
+"""Algorithms that extend scatter-and-gather, each one object with a server half and a client half.
 
-An extension has two hooks: ``task_meta(fl)`` adds entries to the meta of every training task (the
-standard `fedkit.Trainer` reads them), and ``after_aggregate(fl, results)`` updates server state
-once a round's valid results are in. ``FedAvg(extensions=(Proximal(0.01), Scaffold()))`` composes them.
+An `Extension` is FedAvg plus one idea. Its server half is the hooks below, called by `FedAvg`'s
+loop at fixed points; its client half is `fedkit.train.TrainHook`'s two methods, run by the
+standard trainer on every client that gets one of FedAvg's training tasks (the object travels with
+the task, so a setting both halves need, like FedProx's mu, has one home). Every hook does nothing
+unless overridden, so an extension written in a cell overrides only what it changes:
 
-Three more hooks are optional, called only when an extension has them (in the order of ``extensions``):
-``before_round(fl, round) -> str | None`` returns a reason to stop the run before that round (a spent
-privacy budget); ``on_aggregate(fl, round, results, diff) -> diff`` changes the aggregate before it moves
-the global model (DP-FedAvg's noise on the sum); ``round_metrics(fl) -> dict`` adds numbers to the
-round's record (the privacy spent so far). `fedkit.privacy.dp.ServerDP` uses all three.
+>>> class CountRounds(Extension):
+...     def round_metrics(self, fl, results):
+...         return {"clients_heard": len(results)}
+
+``FedAvg(extensions=(Proximal(0.01), Scaffold()))`` composes them, in order.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from torch import nn
 
 from ..errors import ConfigError, UpdateError
-from ..exchange import DXO
+from ..exchange import DXO, Weights
 from ..server import ServerContext
+from ..train import LocalTraining, TrainHook, correction_hook, proximal_hook
 from ..weights import check_update
 
+if TYPE_CHECKING:
+    from .scatter_gather import FedAvg
 
-class Extension(Protocol):
-    def task_meta(self, fl: ServerContext) -> dict[str, Any]: ...
 
-    def after_aggregate(self, fl: ServerContext, results: dict[str, DXO]) -> None: ...
+class Extension(TrainHook):
+    """One algorithm on top of FedAvg. Server half: the methods here; client half: `TrainHook`'s.
+
+    ``needs_plaintext`` says why the server half cannot run on an encrypted model (None: it can);
+    `FedAvg` refuses the extension with HE, quoting it.
+    """
+
+    needs_plaintext: ClassVar[str | None] = None
+    # a result from an executor that skipped the client half is rejected, unless the server half alone keeps
+    # the algorithm's promise (DP-FedAvg clips again on the server): then the client half is only a courtesy
+    requires_client_half: ClassVar[bool] = True
+
+    def bind(self, workflow: "FedAvg") -> "Extension":
+        """This extension as used by ``workflow``: take settings the workflow owns, refuse contradictions.
+
+        `FedAvg` calls it when it is built; DP-FedAvg takes its sampling rate from here.
+        """
+        return self
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a model the client half cannot train (called once, when the simulator is built)."""
+
+    def task_meta(self, fl: ServerContext) -> dict[str, Any]:
+        """Entries to add to the meta of every training task (e.g. SCAFFOLD's control variate)."""
+        return {}
+
+    def before_round(self, fl: ServerContext, round: int) -> str | None:
+        """A reason to stop the run before ``round`` (a spent privacy budget), or None to go on."""
+        return None
+
+    def on_aggregate(self, fl: ServerContext, round: int, results: dict[str, DXO], diff: Weights) -> Weights:
+        """The aggregate the global model moves by (DP-FedAvg replaces it by its noisy clipped mean)."""
+        return diff
+
+    def after_aggregate(self, fl: ServerContext, results: dict[str, DXO]) -> None:
+        """Update server state once the round's valid results are in (SCAFFOLD's c)."""
+
+    def round_metrics(self, fl: ServerContext, results: dict[str, DXO]) -> dict[str, Any]:
+        """Numbers to add to the round's record (e.g. the privacy spent so far)."""
+        return {}
 
 
 @dataclass(frozen=True)
-class Proximal:
+class Proximal(Extension):
     """FedProx's client-side proximal term mu/2 * ||w - w_global||^2 (Li et al. 2020, "Federated
     Optimization in Heterogeneous Networks"). Use it when clients' data differ and local work is long:
     it keeps local models near the global one. mu around 0.001-0.1; 0 is FedAvg."""
@@ -39,29 +82,54 @@ class Proximal:
     mu: float = 0.01
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.mu, (int, float)) and self.mu >= 0):
+        if isinstance(self.mu, bool) or not (isinstance(self.mu, (int, float)) and self.mu >= 0):
             raise ConfigError(f"FedProx mu must be a number >= 0 (0 is plain FedAvg), got {self.mu!r}")
 
-    def task_meta(self, fl: ServerContext) -> dict[str, Any]:
-        return {"prox_mu": float(self.mu)}
-
-    def after_aggregate(self, fl: ServerContext, results: dict[str, DXO]) -> None:
-        return None
+    def client_begin(self, t: LocalTraining) -> None:
+        if self.mu > 0:
+            t.grad_hooks.append(proximal_hook(t.model, t.received, float(self.mu)))
 
 
 @dataclass(frozen=True)
-class Scaffold:
-    """SCAFFOLD's server half (Karimireddy et al. 2020, "SCAFFOLD: Stochastic Controlled Averaging for
-    Federated Learning"): keep the global control variate c, send it with the model, and move it by
-    |S|/N times the mean of the clients' control-variate changes. Clients correct their gradients by
-    c - c_i, which cancels client drift on non-IID data. c lives in the server state (checkpointed)."""
+class Scaffold(Extension):
+    """SCAFFOLD (Karimireddy et al. 2020, "SCAFFOLD: Stochastic Controlled Averaging for Federated
+    Learning"). The server keeps the global control variate c, sends it with the model, and moves it
+    by |S|/N times the mean of the clients' control-variate changes; each client corrects its
+    gradients by c - c_i, which cancels client drift on non-IID data, and returns the change of its
+    own c_i (option II: c_i+ = c_i - c + (x - y) / (K lr)). c lives in the server state and each c_i in
+    its client's state (both checkpointed)."""
+
+    needs_plaintext: ClassVar[str | None] = (
+        "its control variates (scaffold_c, scaffold_dc) travel and are aggregated in plaintext, which would "
+        "show the server what HE hides")
 
     def task_meta(self, fl: ServerContext) -> dict[str, Any]:
         c = fl.server.state.get("scaffold_c")
         if c is None:
-            c = {k: torch.zeros_like(v) for k, v in fl.server.weights.items() if v.is_floating_point()}
+            c = {k: torch.zeros_like(v) for k, v in fl.model.weights.items() if v.is_floating_point()}
             fl.server.state["scaffold_c"] = c
         return {"scaffold_c": c}
+
+    def client_begin(self, t: LocalTraining) -> None:
+        c = t.task.data.meta.get("scaffold_c")
+        if c is None:
+            raise ConfigError("a SCAFFOLD training task came without the server's control variate 'scaffold_c'")
+        params = dict(t.model.named_parameters())
+        c = {k: c[k].to(t.ctx.device) for k in params}
+        c_i = t.ctx.state.setdefault("scaffold_ci", {k: torch.zeros_like(v, device="cpu") for k, v in params.items()})
+        c_i = {k: v.to(t.ctx.device) for k, v in c_i.items()}
+        t.notes["scaffold"] = (c, c_i)
+        t.grad_hooks.append(correction_hook(t.model, {k: c[k] - c_i[k] for k in params}))
+
+    def client_end(self, t: LocalTraining) -> None:
+        c, c_i = t.notes["scaffold"]
+        # Option II assumes plain SGD steps of size lr; with momentum beta a step is about lr / (1 - beta)
+        # long, and without this correction c_i overshoots by 1 / (1 - beta) and the run diverges.
+        step_size = t.config.lr / (1.0 - t.config.momentum)
+        scale = 1.0 / (max(t.stats["steps"], 1) * step_size)
+        new_ci = {k: (c_i[k] - c[k] - t.diff[k].to(t.ctx.device) * scale).cpu() for k in c_i}
+        t.meta["scaffold_dc"] = {k: new_ci[k] - c_i[k].cpu() for k in new_ci}
+        t.ctx.state["scaffold_ci"] = new_ci
 
     def after_aggregate(self, fl: ServerContext, results: dict[str, DXO]) -> None:
         if not results:  # a round that sampled nobody (Poisson sampling) leaves c as it is
@@ -75,7 +143,7 @@ class Scaffold:
                                   "standard fk.Trainer (or an executor that reports its control-variate change)")
             check_update(dc, {k: c[k] for k in dc}, f"client {name!r} (SCAFFOLD control variate)")
             changes.append(dc)
-        scale = len(changes) / len(fl.clients)
+        scale = len(changes) / len(fl.client_names)
         fl.server.state["scaffold_c"] = {
             k: v + scale * torch.stack([dc[k] for dc in changes]).mean(0) if k in changes[0] else v
             for k, v in c.items()

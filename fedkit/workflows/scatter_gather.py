@@ -12,94 +12,34 @@ screened out with their reason in the history; a round that falls short is retri
 FedOpt (Reddi et al. 2021, "Adaptive Federated Optimization") is the same loop with a server
 optimizer (`fedkit.server_opt`) applied to the aggregated difference; `FedOpt(...)` is a `FedAvg`
 with ``server_opt`` set. Use it when FedAvg's progress stalls on non-IID clients. FedProx and
-SCAFFOLD are `FedAvg` with an extension (`fedkit.workflows.extensions`), and so is DP-FedAvg
-(`fedkit.privacy.dp.DPFedAvg`): Poisson sampling (``sample_rate``) plus an extension that clips,
-adds noise to the sum and keeps the privacy accountant; its budget can end a run early.
+SCAFFOLD are `FedAvg` with an extension (`fedkit.workflows.extensions`), and so are DP-SGD and
+DP-FedAvg (`fedkit.privacy.dp_sgd`, `fedkit.privacy.dp_fedavg`); a privacy budget can end a run early.
+
+The loop never touches tensors itself: it asks the global model (``fl.model``) for the task data,
+to screen the replies and to apply the round. With ``he=CKKS()`` the simulator gives the server an
+encrypted model and the same loop aggregates ciphertexts; what cannot work on ciphertexts (a server
+optimizer, a rule other than the weighted mean, SCAFFOLD, DP-FedAvg's server step) is refused when
+the workflow is built, with the reason.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 
 from ..aggregate import Rule, by_samples, rule_name, weighted_mean
-from ..errors import ConfigError, RoundFailed, UpdateError
-from ..exchange import DXO, DataKind, Task, Weights
+from ..errors import ConfigError
+from ..exchange import DXO, MetaKey, Task, Weights
+from ..global_model import Encryption
 from ..server import Controller, Reply, ServerContext
 from ..server_opt import SGD, ServerOptimizer
+from ..train import has_client_half, hook_name
 from ..weights import add, check_update
 from .extensions import Extension, Proximal, Scaffold
-
-if TYPE_CHECKING:
-    from ..privacy.he import CKKS
-
-
-def update_norm(update: Weights) -> float:
-    """The L2 norm of all floating-point entries of an update, taken together."""
-    return float(torch.sqrt(sum((v.double() ** 2).sum() for v in update.values() if v.is_floating_point())))
-
-
-def screen(replies: dict[str, Reply], weights: Weights, max_norm_ratio: float | None) -> dict[str, DXO]:
-    """Keep the replies whose result is a finite WEIGHT_DIFF shaped like ``weights``; reject the rest in place.
-
-    With ``max_norm_ratio``, an update whose norm is more than that multiple of the median norm of
-    the round's other valid updates is rejected too (a heuristic against scaled garbage; it needs at
-    least three valid updates to say what is typical).
-    """
-    valid: dict[str, DXO] = {}
-    for name, reply in replies.items():
-        if not reply.ok:
-            continue
-        result = reply.result
-        try:
-            if result.kind != DataKind.WEIGHT_DIFF:
-                raise UpdateError(f"client {name!r} answered {result.kind.value}; expected WEIGHT_DIFF "
-                                  "(local weights minus the global weights it received)")
-            check_update(result.data, weights, f"client {name!r}")
-        except UpdateError as e:
-            reply.reject("rejected", str(e))
-            continue
-        valid[name] = result
-    if max_norm_ratio is not None and len(valid) >= 3:
-        norms = {n: update_norm(r.data) for n, r in valid.items()}
-        median = statistics.median(norms.values())
-        for name, norm in norms.items():
-            if median > 0 and norm > max_norm_ratio * median:
-                replies[name].reject("rejected", f"client {name!r} sent an update of norm {norm:.3g}, {norm / median:.0f}x "
-                                                 f"the round's median {median:.3g} (the limit is {max_norm_ratio:g}x)")
-                del valid[name]
-    return valid
-
-
-def gather(fl: ServerContext, wf: "FedAvg", rnd: int, data: Callable[[dict[str, Any]], DXO],
-           screen_replies: Callable[[dict[str, Reply]], dict[str, DXO]]) -> tuple[dict[str, Reply], dict[str, DXO], int]:
-    """Send round ``rnd``'s task to its clients until enough valid results are in; returns (replies, valid, attempts).
-
-    ``data(meta)`` is the task's DXO (the extensions' meta included); ``screen_replies`` keeps the valid
-    results and rejects the rest in place. A round short of ``min_clients`` is retried ``max_retries``
-    times, then `RoundFailed` stops the run with the global model untouched.
-    """
-    targets = wf.targets(fl, rnd)
-    need = len(targets) if wf.min_clients is None else min(wf.min_clients, len(targets))
-    for attempt in range(wf.max_retries + 1):
-        meta = {k: v for ext in wf.extensions for k, v in ext.task_meta(fl).items()}
-        task = Task(wf.task_name, data(meta), round=rnd, deadline=wf.task_timeout, attempt=attempt)
-        replies = fl.broadcast_and_wait(task, targets)
-        results = screen_replies(replies)
-        fl.record_failures(replies)
-        if len(results) >= need:
-            return replies, results, attempt + 1
-    failures = "; ".join(f"{n}: {r.error}" for n, r in replies.items() if not r.ok)
-    raise RoundFailed(
-        f"round {rnd}: only {len(results)} valid result(s) from {len(targets)} client(s) after "
-        f"{wf.max_retries + 1} attempt(s), and min_clients is {need}; the global model is left as the "
-        "last completed round made it. Lower min_clients, raise max_retries or task_timeout, or fix the "
-        f"failing clients. Failures in the last attempt: {failures}"
-    )
+from .gather import gather
 
 
 @dataclass(frozen=True)
@@ -129,7 +69,7 @@ class FedAvg(Controller):
     extensions: tuple[Extension, ...] = ()  # e.g. Proximal(mu) for FedProx, Scaffold() for SCAFFOLD
     server_opt: ServerOptimizer | None = None  # None: plain FedAvg, global + aggregate
     task_name: str = "train"
-    he: CKKS | None = None  # homomorphic encryption (fedkit.privacy.he.CKKS): the server sums ciphertexts; None: plaintext
+    he: Encryption | None = None  # homomorphic encryption (fedkit.privacy.he.CKKS): the server sums ciphertexts; None: plaintext
 
     def __post_init__(self) -> None:
         def whole(name: str, low: int, allow_none: bool) -> None:
@@ -170,31 +110,78 @@ class FedAvg(Controller):
         if self.server_opt is not None and not isinstance(self.server_opt, ServerOptimizer):
             raise ConfigError(f"FedAvg.server_opt must be a server optimizer (with init and step) such as "
                               f"fedkit.server_opt.SGD(momentum=0.6), or None for plain FedAvg; got {self.server_opt!r}")
-        if not isinstance(self.extensions, tuple) or not all(hasattr(e, "task_meta") for e in self.extensions):
-            raise ConfigError(f"extensions must be a tuple such as (Proximal(0.01),), got {self.extensions!r}")
+        if not isinstance(self.extensions, tuple) or not all(isinstance(e, Extension) for e in self.extensions):
+            raise ConfigError(f"extensions must be a tuple of fedkit.workflows.Extension objects such as "
+                              f"(Proximal(0.01),), got {self.extensions!r}")
+        object.__setattr__(self, "extensions", tuple(e.bind(self) for e in self.extensions))
         if self.he is not None:
-            from ..privacy.he_fedavg import check_workflow
-            check_workflow(self)
+            self._check_encryptable()
+
+    def _check_encryptable(self) -> None:
+        """Refuse, saying why, whatever needs to read the model or the updates on the server."""
+        if not isinstance(self.he, Encryption):
+            raise ConfigError(f"{type(self).__name__}.he must be fedkit.he.CKKS(...) or None, got {self.he!r}")
+        if self.server_opt is not None:
+            raise ConfigError(f"FedAvg(he=...) cannot use the server optimizer {self.server_opt!r}: it keeps moments of "
+                              "the aggregated update and scales them element by element, which needs the update in "
+                              "plaintext, and with HE the server only ever holds ciphertexts. Use FedAvg or FedProx with "
+                              "HE, or drop he= to use FedOpt")
+        if self.aggregate is not weighted_mean:
+            raise ConfigError(f"FedAvg(he=...) cannot use the aggregation rule {rule_name(self.aggregate)!r}: with HE "
+                              "the server only adds ciphertexts and scales them by public weights, so it can compute the "
+                              "weighted mean and nothing that compares, sorts or measures values (median, trimmed mean, "
+                              "Krum, clipping). Use the default aggregate=weighted_mean with HE, or drop he=")
+        for ext in self.extensions:
+            if ext.needs_plaintext:
+                raise ConfigError(f"FedAvg(he=...) cannot run {type(ext).__name__}: {ext.needs_plaintext}. Use FedAvg or "
+                                  "FedProx with HE (DP-SGD runs on the clients, before encryption), or drop he=")
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        for ext in self.extensions:
+            ext.check_model(model)
 
     def control_flow(self, fl: ServerContext) -> None:
-        if self.he is not None:  # the same loop over ciphertexts: fedkit/privacy/he_fedavg.py
-            from ..privacy.he_fedavg import encrypted_fedavg
-            return encrypted_fedavg(self, fl)
-        if self.min_clients is not None and self.min_clients > len(fl.clients):
-            raise ConfigError(f"min_clients={self.min_clients} but the federation has only {len(fl.clients)} clients")
+        if self.min_clients is not None and self.min_clients > len(fl.client_names):
+            raise ConfigError(f"min_clients={self.min_clients} but the federation has only {len(fl.client_names)} clients")
+        if fl.model.encryption != self.he:
+            raise ConfigError(f"{type(self).__name__} has he={self.he!r} but the server's model has encryption "
+                              f"{fl.model.encryption!r}: the run was not provisioned for it. A controller that runs "
+                              "another one must declare the same he (e.g. `he = inner.he`)")
         for rnd in range(fl.start_round, self.rounds):
             reason = self.stop_reason(fl, rnd)
             if reason is not None:  # e.g. the privacy budget: the last completed round stays the result
-                fl.history.events.append({"round": rnd, "what": "stopped", "reason": reason})
+                fl.event(rnd, "stopped", reason=reason)
                 return
             started = time.perf_counter()
-            replies, results, attempts = gather(
-                fl, self, rnd, lambda meta: DXO(DataKind.WEIGHTS, fl.server.weights, meta),
-                lambda replies: screen(replies, fl.server.weights, self.max_norm_ratio))
-            fl.server.weights = self.step(fl.server.weights, results, fl.server.state, rnd, fl)
+            replies, results, attempts = gather(fl, self.targets(fl, rnd), lambda attempt: self.task(fl, rnd, attempt),
+                                                lambda replies: self.screen(fl, replies), self.min_clients, self.max_retries)
+            fl.model.update(results, {n: self.weigh(r) for n, r in results.items()},
+                            lambda weights, valid: self.step(weights, valid, fl.server.state, rnd, fl))
             for ext in self.extensions:
                 ext.after_aggregate(fl, results)
-            fl.end_round(rnd, replies, started, attempts=attempts, **self.extension_metrics(fl))
+            fl.end_round(rnd, replies, started, attempts=attempts, **self.extension_metrics(fl, results))
+
+    def task(self, fl: ServerContext, round: int, attempt: int) -> Task:
+        """The training task of ``round``: the global model, the extensions' meta and their client halves."""
+        meta = {k: v for ext in self.extensions for k, v in ext.task_meta(fl).items()}
+        hooks = tuple(ext for ext in self.extensions if has_client_half(ext))
+        if hooks:
+            meta[MetaKey.HOOKS] = hooks
+        return Task(self.task_name, fl.model.task_data(meta), round=round, deadline=self.task_timeout, attempt=attempt)
+
+    def screen(self, fl: ServerContext, replies: dict[str, Reply]) -> dict[str, DXO]:
+        """The valid results of a round: screened by the model, and trained with every client half sent."""
+        valid = fl.model.screen(replies, self.max_norm_ratio)
+        wanted = [hook_name(ext) for ext in self.extensions if has_client_half(ext) and ext.requires_client_half]
+        for name in list(valid):
+            ran = valid[name].meta.get(MetaKey.HOOKS_RAN, ())
+            missing = [w for w in wanted if w not in ran]
+            if missing:
+                replies[name].reject("rejected", f"client {name!r} did not run the client half of {', '.join(missing)}: "
+                                                 "its train executor ignores the task's client_hooks. Use the standard "
+                                                 "fk.Trainer, or run the hooks in your executor (see fedkit.train.Trainer)")
+                del valid[name]
+        return valid
 
     def targets(self, fl: ServerContext, round: int) -> list[str]:
         """The clients of ``round``: Poisson-sampled with ``sample_rate``, else ``clients_per_round`` of them."""
@@ -202,17 +189,16 @@ class FedAvg(Controller):
             return fl.sample_poisson(self.sample_rate, round)
         return fl.sample_clients(self.clients_per_round, round)
 
-    def extension_metrics(self, fl: ServerContext) -> dict[str, Any]:
+    def extension_metrics(self, fl: ServerContext, results: dict[str, DXO]) -> dict[str, Any]:
         """What the extensions add to the round's metrics (e.g. epsilon spent)."""
-        return {k: v for ext in self.extensions if hasattr(ext, "round_metrics") for k, v in ext.round_metrics(fl).items()}
+        return {k: v for ext in self.extensions for k, v in ext.round_metrics(fl, results).items()}
 
     def stop_reason(self, fl: ServerContext, round: int) -> str | None:
         """Why the run must stop before ``round`` (an extension's ``before_round``, e.g. a spent privacy budget), or None."""
         for ext in self.extensions:
-            if hasattr(ext, "before_round"):
-                reason = ext.before_round(fl, round)
-                if reason is not None:
-                    return reason
+            reason = ext.before_round(fl, round)
+            if reason is not None:
+                return reason
         return None
 
     def step(self, weights: Weights, results: dict[str, DXO], state: dict[str, Any] | None = None,
@@ -220,17 +206,23 @@ class FedAvg(Controller):
         """One server update: aggregate the screened WEIGHT_DIFFs and apply the result to ``weights``.
 
         ``state`` is the run's state (``fl.server.state``, checkpointed); the server optimizer keeps
-        its own under ``"server_opt"``, made by ``server_opt.init`` on the first step. With ``fl``, each
-        extension's ``on_aggregate`` may then change the aggregate (DP-FedAvg's noise on the sum). A
-        round without results (Poisson sampling drew nobody) aggregates to zero.
+        its own under ``"server_opt"``, made by ``server_opt.init`` on the first step. Each extension's
+        ``on_aggregate`` may then change the aggregate (DP-FedAvg's noise on the sum); that needs the
+        run, so without ``fl`` a workflow with such an extension refuses to step. A round without
+        results (Poisson sampling drew nobody) aggregates to zero.
         """
+        changing = [type(e).__name__ for e in self.extensions if type(e).on_aggregate is not Extension.on_aggregate]
+        if fl is None and changing:
+            raise ConfigError(f"{', '.join(changing)} changes the aggregate in on_aggregate (e.g. DP-FedAvg's noise), which "
+                              "needs the run's ServerContext: call step(weights, results, state, round, fl) as FedAvg's "
+                              "loop does; without fl the step would skip it")
         if results:
             diff = self.aggregate([(r.data, self.weigh(r)) for r in results.values()])
             check_update(diff, weights, f"aggregation rule {rule_name(self.aggregate)!r}")
         else:
             diff = {k: torch.zeros_like(v) for k, v in weights.items()}
-        for ext in self.extensions:
-            if fl is not None and hasattr(ext, "on_aggregate"):
+        if fl is not None:
+            for ext in self.extensions:
                 diff = ext.on_aggregate(fl, round, results, diff)
                 check_update(diff, weights, f"extension {type(ext).__name__}")
         if self.server_opt is None:

@@ -43,6 +43,7 @@ class FedStats(Controller):
     """
 
     rounds: ClassVar[int] = 0
+    uses_model: ClassVar[bool] = False  # it never sends or reads the global model, so it runs beside HE
     bins: int = 10
     min_count: int = 10  # clients with fewer training samples withhold their numbers
 
@@ -123,6 +124,7 @@ class FederatedScaling(Controller):
     """
 
     rounds: ClassVar[int] = 0
+    uses_model: ClassVar[bool] = False
     stats: FedStats = FedStats()
     task_name: str = "standardize"
 

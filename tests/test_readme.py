@@ -1,0 +1,59 @@
+"""The README's "Write your own" examples run as written, and the custom workflow runs encrypted unchanged."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import fedkit as fk
+
+README = (Path(__file__).parent.parent / "README.md").read_text()
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def section(title: str) -> str:
+    start = README.index(f"## {title}")
+    end = README.find("\n## ", start + 1)
+    return README[start:end if end > 0 else None]
+
+
+@pytest.fixture(scope="module")
+def examples():
+    namespace: dict = {}
+    for block in re.findall(r"```python\n(.*?)```", section("Write your own"), re.S):
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own README, as a reader runs it
+    return namespace
+
+
+def test_the_custom_workflow_runs_and_learns(examples):
+    run = examples["run"]
+    assert run.status == "done" and len(run.history) == 1
+    assert run.summary()["final_accuracy"] > 0.7  # one local epoch from scratch on each client, then averaged
+
+
+def test_the_rules_in_the_readme_are_rules(examples):
+    ups = [({"w": torch.tensor([1.0, 0.0])}, 1.0), ({"w": torch.tensor([3.0, 0.0])}, 3.0),
+           ({"w": torch.tensor([2.5, 0.0])}, 1.0)]
+    assert examples["unweighted_mean"](ups)["w"].tolist() == pytest.approx([6.5 / 3, 0.0])
+    assert examples["closest_to_the_mean"](ups)["w"].tolist() == [2.5, 0.0]
+
+
+def test_the_custom_workflow_runs_encrypted_unchanged(examples):
+    pytest.importorskip("tenseal")
+
+    class EncryptedOneShot(examples["OneShot"]):
+        he = fk.he.CKKS()
+
+    data = examples["data"]
+    parts = fk.data.iid(data.train, 4)
+
+    def run(workflow):
+        return fk.Simulator(workflow, model=lambda: fk.models.for_data(data), clients=parts, seed=0).run(progress=False)
+
+    plain, encrypted = run(examples["OneShot"]()), run(EncryptedOneShot())
+    assert encrypted.summary()["accuracy_on"] == "clients' validation splits"
+    assert encrypted.history.rounds[0].metrics["bytes_cipher_up"] > 0
+    for k, v in plain.weights.items():
+        assert float((encrypted.weights[k] - v).abs().max()) <= 1e-6 * max(1.0, float(v.abs().max()))
