@@ -19,7 +19,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(BIN)/fedkit run --dataset digits --clients 8 --partition dirichlet --alpha 0.5 --rounds 20 --out runs/demo
+	$(BIN)/fedkit run --dataset digits --clients 8 --partition dirichlet --alpha 0.5 --rounds 20 --out runs/demo --overwrite
 	@echo "open runs/demo/plot.html in a browser, or: $(BIN)/jupyter lab notebooks/"
 
 test: setup

@@ -2,20 +2,27 @@
 
 Layout inside a run directory::
 
+    history.jsonl                         the run's history, a line per round and event (appended, never rewritten)
     checkpoints/round-00007/model.pt      global weights
                            server.pt      server state (e.g. server-optimizer moments)
                            clients.pt     each client's state, less its caches (keys starting with "_")
-                           history.json   the run's history so far
-    checkpoints/latest.json               {"round": 7, "dir": "round-00007", "files": {name: sha256}, ...}
+    checkpoints/latest.json               {"round": 7, "dir": "round-00007", "files": {name: sha256},
+                                           "history": {"bytes": ..., "sha256": ..., "rounds": 8, "events": ...}, ...}
 
 A round's folder is written under a temporary name and renamed when complete; ``latest.json`` is
 then replaced atomically (write, then rename), and only after that are older folders removed. A kill
-at any instant leaves either the previous checkpoint or the new one, never a mix. Tensors are loaded
-with ``torch.load(weights_only=True)``, so a checkpoint can never run code, and every file is checked
-against the SHA-256 in ``latest.json`` before it is used.
+at any instant leaves either the previous checkpoint or the new one, never a mix. The history is
+appended to ``history.jsonl`` before the folder is written, and ``latest.json`` records how many of its
+bytes belong to the checkpoint (with their SHA-256): lines appended after that, or an append cut short
+by a kill, are cut off when the run is resumed. Tensors are loaded with ``torch.load(weights_only=True)``,
+so a checkpoint can never run code, and every file is checked against the SHA-256 in ``latest.json``
+before it is used; what the files hold is then checked to have the structure a checkpoint has, and the
+round ``latest.json`` names to be the history's last.
 
 fedkit draws every random number from generators seeded by (seed, round, client, attempt), so the
 random state of a run is fully described by its seed and the round it reached.
+
+Format 1 (older fedkit) kept the whole history in ``round-NNNNN/history.json``; it is still read.
 """
 
 from __future__ import annotations
@@ -24,18 +31,24 @@ import hashlib
 import io
 import json
 import os
+import pickle
+import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
 from .exchange import Weights
-from .history import History
+from .history import LOG, History, HistoryLog, LogState, dumps as history_dumps, loads as history_loads, read_log, write_atomic
 
-FORMAT = 1
+FORMAT = 2
+READS = (1, 2)
 LATEST = "latest.json"
+TENSOR_FILES = ("model.pt", "server.pt", "clients.pt")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class CheckpointError(RuntimeError):
@@ -50,6 +63,16 @@ class Checkpoint:
     client_states: dict[str, dict[str, Any]]
     history: History
     fingerprint: str
+    log: LogState | None = None  # how far the run directory's history.jsonl belongs to it (None: format 1)
+
+    def check_clients(self, names: Iterable[str], where: str | Path = "") -> None:
+        """Raise `CheckpointError` unless the checkpoint holds a state for exactly the clients ``names``."""
+        names = sorted(names)
+        if sorted(self.client_states) != names:
+            raise CheckpointError(
+                f"the checkpoint{f' in {where}' if where else ''} holds the states of clients "
+                f"{sorted(self.client_states)}, but this federation's clients are {names}; it will not be resumed"
+            )
 
 
 _PLAIN = (torch.Tensor, int, float, bool, str, type(None))
@@ -81,13 +104,6 @@ def persistent(state: dict[str, Any], owner: str) -> dict[str, Any]:
     return out
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _tensor_bytes(obj: Any) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -95,17 +111,26 @@ def _tensor_bytes(obj: Any) -> bytes:
 
 
 def save(run_dir: str | Path, round: int, weights: Weights, server_state: dict[str, Any],
-         client_states: dict[str, dict[str, Any]], history: History, fingerprint: str) -> Path:
-    """Write the checkpoint of a completed ``round`` into ``run_dir/checkpoints`` and return its folder."""
+         client_states: dict[str, dict[str, Any]], history: History, fingerprint: str,
+         log: HistoryLog | None = None) -> Path:
+    """Write the checkpoint of a completed ``round`` into ``run_dir/checkpoints`` and return its folder.
+
+    With ``log`` (the run directory's `HistoryLog` of ``history``) the history is appended there and the
+    checkpoint records how much of it is its own; without, the whole history goes into the folder.
+    """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     files = {
         "model.pt": _tensor_bytes({k: v.detach().cpu() for k, v in weights.items()}),
         "server.pt": _tensor_bytes(persistent(server_state, "the server")),
         "clients.pt": _tensor_bytes({c: persistent(s, f"client {c!r}") for c, s in client_states.items()}),
-        "history.json": json.dumps(history.to_dict(), default=_jsonable).encode(),
     }
-    name = f"round-{round:05d}"
+    manifest: dict[str, Any] = {"format": FORMAT, "round": round, "dir": f"round-{round:05d}", "fingerprint": fingerprint}
+    if log is not None:
+        manifest["history"] = log.sync().to_dict()  # appended before the checkpoint that refers to it
+    else:
+        files["history.json"] = history_dumps(history.to_dict()).encode()
+    name = manifest["dir"]
     tmp = root / (name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -114,45 +139,106 @@ def save(run_dir: str | Path, round: int, weights: Weights, server_state: dict[s
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    manifest = {"format": FORMAT, "round": round, "dir": name, "fingerprint": fingerprint,
-                "files": {f: hashlib.sha256(d).hexdigest() for f, d in files.items()}}
-    _write_atomic(root / LATEST, json.dumps(manifest, indent=1).encode())
+    manifest["files"] = {f: hashlib.sha256(d).hexdigest() for f, d in files.items()}
+    write_atomic(root / LATEST, json.dumps(manifest, indent=1).encode())
     for old in root.iterdir():
         if old.is_dir() and old.name != name:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def _jsonable(v: Any) -> Any:
-    return v.tolist() if hasattr(v, "tolist") else str(v)
-
-
 def exists(run_dir: str | Path) -> bool:
     return (Path(run_dir) / "checkpoints" / LATEST).exists()
 
 
-def load(run_dir: str | Path) -> Checkpoint:
-    """Read and verify the latest checkpoint in ``run_dir``; raise `CheckpointError` if anything is off."""
-    root = Path(run_dir) / "checkpoints"
+def discard(run_dir: str | Path) -> None:
+    """Forget the checkpoint in ``run_dir`` (a new run starts there, with a new history): remove ``latest.json``;
+    the folders go with the next checkpoint."""
+    try:
+        (Path(run_dir) / "checkpoints" / LATEST).unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _manifest_problem(m: Any) -> str | None:
+    """What is wrong with a parsed ``latest.json`` (None: nothing)."""
+    if not isinstance(m, dict):
+        return f"is not a JSON object but a {type(m).__name__}"
+    if m.get("format") not in READS:
+        return f"has format {m.get('format')!r}; this fedkit reads formats {', '.join(map(str, READS))}"
+    rnd = m.get("round")
+    if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 0:
+        return f"says the last completed round is {rnd!r}; a round is an integer >= 0"
+    if m.get("dir") != f"round-{rnd:05d}":
+        return f"names the folder {m.get('dir')!r} for round {rnd}; that round's folder is 'round-{rnd:05d}'"
+    if not isinstance(m.get("fingerprint"), str):
+        return "has no fingerprint (the hash of the run's settings)"
+    files = m.get("files")
+    expected = set(TENSOR_FILES) | ({"history.json"} if "history" not in m else set())
+    if not isinstance(files, dict) or set(files) != expected:
+        listed = sorted(files) if isinstance(files, dict) else files
+        return f"lists the files {listed!r}; a checkpoint of this format has {sorted(expected)}"
+    bad = [f for f, d in files.items() if not (isinstance(d, str) and _HEX64.fullmatch(d))]
+    if bad:
+        return f"has no valid SHA-256 for {bad}"
+    if "history" in m:
+        h = m["history"]
+        ok = isinstance(h, dict) and set(h) == {"bytes", "sha256", "rounds", "events"}
+        ok = ok and all(isinstance(h[k], int) and not isinstance(h[k], bool) and h[k] >= 0 for k in ("bytes", "rounds", "events"))
+        if not ok or not (isinstance(h["sha256"], str) and _HEX64.fullmatch(h["sha256"])):
+            return f"describes the history as {h!r}; expected bytes, sha256, rounds and events of {LOG}"
+    return None
+
+
+def _unpickling_message(path: Path, e: Exception) -> str:
+    """Why ``path`` was refused, in our words: torch's message offers ways to load the file anyway
+    (with code execution allowed, or by allow-listing its classes), which is never the right advice here."""
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError):
+        m = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\s+was not an allowed global|\.?\s*Please use|\n\n|$)", text, re.S)
+        detail = " ".join((m.group(1) if m else "").split())
+        if not detail or "weights_only" in detail or "safe_globals" in detail:
+            detail = "something other than tensors and plain data"
+        return (f"checkpoint file {path} could not be read safely: it holds more than tensors and plain data "
+                f"({detail}), and loading it could run code, so it is refused. fedkit never writes such a file; if you "
+                "did not put it there, treat the run directory as tampered with: restore it from a backup or start a new run.")
+    first = text.splitlines()[0] if text else ""
+    if "weights_only" in first or "safe_globals" in first:
+        first = ""
+    return (f"checkpoint file {path} could not be read safely ({type(e).__name__}{': ' + first if first else ''}); it is "
+            "damaged or not a fedkit checkpoint file. Restore the run directory from a backup or start a new run.")
+
+
+def _is_str_dict(d: Any) -> bool:
+    return isinstance(d, dict) and all(isinstance(k, str) for k in d)
+
+
+def load(run_dir: str | Path, clients: Iterable[str] | None = None) -> Checkpoint:
+    """Read and verify the latest checkpoint in ``run_dir``; raise `CheckpointError` if anything is off.
+
+    ``clients``: the federation's client names, which the checkpoint's client states must match.
+    """
+    run_dir = Path(run_dir)
+    root = run_dir / "checkpoints"
     latest = root / LATEST
     if not latest.exists():
         raise CheckpointError(
-            f"there is no checkpoint in {Path(run_dir)} (no {latest.relative_to(Path(run_dir))}); nothing to resume. "
+            f"there is no checkpoint in {run_dir} (no {latest.relative_to(run_dir)}); nothing to resume. "
             "Check the path, or start a new run."
         )
     try:
         manifest = json.loads(latest.read_text())
-        folder = root / manifest["dir"]
-        expected = manifest["files"]
-        rnd, fingerprint = int(manifest["round"]), str(manifest["fingerprint"])
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, OSError) as e:
         raise CheckpointError(f"{latest} is corrupted or truncated ({type(e).__name__}: {e}); it cannot be resumed") from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{latest} has format {manifest.get('format')!r}; this fedkit reads format {FORMAT}")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise CheckpointError(f"{latest} {problem}; the checkpoint is malformed and will not be resumed. "
+                              "Restore the run directory from a backup or start a new run.")
+    rnd, fingerprint, folder = manifest["round"], manifest["fingerprint"], root / manifest["dir"]
     blobs = {}
-    for fname, digest in expected.items():
+    for fname, digest in manifest["files"].items():
         path = folder / fname
-        if not path.exists():
+        if not path.is_file():
             raise CheckpointError(f"checkpoint file {path} is missing; the checkpoint of round {rnd} is incomplete")
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != digest:
@@ -164,13 +250,80 @@ def load(run_dir: str | Path) -> Checkpoint:
 
     def tensors(fname: str) -> Any:
         try:
-            return torch.load(io.BytesIO(blobs[fname]), weights_only=True, map_location="cpu")
-        except Exception as e:  # unpickling refused or failed: say so without torch's deep traceback
-            raise CheckpointError(f"checkpoint file {folder / fname} could not be read safely "
-                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+            with warnings.catch_warnings():  # "Detected pickle protocol ...": the refusal below says what matters
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.load(io.BytesIO(blobs[fname]), weights_only=True, map_location="cpu")
+        except Exception as e:  # unpickling refused or failed: say so without torch's deep traceback and advice
+            raise CheckpointError(_unpickling_message(folder / fname, e)) from None
 
+    history, log = _history(run_dir, manifest, blobs, folder)
+    if not history.rounds:
+        raise CheckpointError(f"{latest} says round {rnd} was completed, but the checkpoint's history holds no rounds; "
+                              "the checkpoint is inconsistent and will not be resumed")
+    numbers = [r.round for r in history.rounds]
+    if any(b <= a for a, b in zip(numbers, numbers[1:])):
+        raise CheckpointError(f"the checkpoint's history has its rounds out of order ({numbers[:20]}...); "
+                              "it will not be resumed")
+    if numbers[-1] != rnd:
+        raise CheckpointError(
+            f"{latest} says round {rnd} was the last completed, but the checkpoint's history ends with round "
+            f"{numbers[-1]}; the checkpoint is inconsistent and will not be resumed. Restore the run directory "
+            "from a backup or start a new run."
+        )
+
+    weights = tensors("model.pt")
+    if not _is_str_dict(weights) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"checkpoint file {folder / 'model.pt'} does not hold a model's weights (a dict of "
+                              f"names to tensors) but {_kind(weights)}; it will not be resumed")
+    server_state = tensors("server.pt")
+    if not _is_str_dict(server_state):
+        raise CheckpointError(f"checkpoint file {folder / 'server.pt'} does not hold the server's state (a dict with "
+                              f"string keys) but {_kind(server_state)}; it will not be resumed")
+    client_states = tensors("clients.pt")
+    if not _is_str_dict(client_states) or not all(_is_str_dict(s) for s in client_states.values()):
+        raise CheckpointError(f"checkpoint file {folder / 'clients.pt'} does not hold the clients' states (a dict of "
+                              f"client names to dicts) but {_kind(client_states)}; it will not be resumed")
+    ckpt = Checkpoint(rnd, weights, server_state, client_states, history, fingerprint, log)
+    if clients is not None:
+        ckpt.check_clients(clients, run_dir)
+    return ckpt
+
+
+def _kind(obj: Any) -> str:
+    if isinstance(obj, dict):
+        kinds = sorted({f"{type(k).__name__} -> {type(v).__name__}" for k, v in obj.items()})[:4]
+        return f"a dict of {', '.join(kinds) or 'nothing'}"
+    return f"a {type(obj).__name__}"
+
+
+def _history(run_dir: Path, manifest: dict, blobs: dict[str, bytes], folder: Path) -> tuple[History, LogState | None]:
+    """The checkpoint's history: the first bytes of the run's history.jsonl it recorded (format 1: history.json)."""
+    if "history" not in manifest:
+        try:
+            return History.from_dict(history_loads(blobs["history.json"])), None
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"checkpoint file {folder / 'history.json'} is not a valid history ({e})") from None
+    state = LogState(**manifest["history"])
+    path = run_dir / LOG
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; the checkpoint of round {manifest['round']} keeps its history there. "
+                              "Restore the run directory from a backup or start a new run.")
+    with open(path, "rb") as f:
+        head = f.read(state.bytes)
+    if len(head) < state.bytes:
+        raise CheckpointError(f"{path} is truncated: it has {len(head)} bytes, and the checkpoint's history is its first "
+                              f"{state.bytes}; it cannot be resumed. Restore it from a backup or start a new run.")
+    if hashlib.sha256(head).hexdigest() != state.sha256:
+        raise CheckpointError(
+            f"{path} does not match the checkpoint (the SHA-256 of its first {state.bytes} bytes differs from "
+            f"{LATEST}'s): it was changed, or a new run was started in {run_dir}; it cannot be resumed"
+        )
     try:
-        history = History.from_dict(json.loads(blobs["history.json"]))
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint file {folder / 'history.json'} is not a valid history ({e})") from None
-    return Checkpoint(rnd, tensors("model.pt"), tensors("server.pt"), tensors("clients.pt"), history, fingerprint)
+        history = read_log(path, head, strict_end=True).history
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path} does not hold a valid history ({e}); it cannot be resumed") from None
+    if (len(history.rounds), len(history.events)) != (state.rounds, state.events):
+        raise CheckpointError(f"the first {state.bytes} bytes of {path} hold {len(history.rounds)} round(s) and "
+                              f"{len(history.events)} event(s), but {LATEST} says {state.rounds} and {state.events}; "
+                              "the checkpoint is inconsistent and will not be resumed")
+    return history, state

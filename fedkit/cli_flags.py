@@ -7,6 +7,10 @@ combinations that mean nothing with a message that names the flags to change. Th
 ``--algorithm``, ``--aggregate``, ``--weigh-by`` and ``--server-opt`` name to what it builds; their keys
 are the parser's choices.
 
+No option is ever ignored: `refuse_unused` refuses a flag given where it means nothing (``--mu`` without
+FedProx, ``--trim`` without the trimmed mean...), and `check_sizes` the settings the federation cannot
+meet (more clients per round than clients, Krum's f), both before anything is loaded or trained.
+
 >>> from types import SimpleNamespace
 >>> encryption_from_args(SimpleNamespace(he=True, he_poly_modulus=16384, he_coeff_mod_bits="60,40,40,60",
 ...                                      he_scale_bits=40, he_layers=["fc2.*"]))
@@ -16,7 +20,7 @@ CKKS(poly_modulus_degree=16384, coeff_mod_bit_sizes=(60, 40, 40, 60), scale_bits
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Collection, Sequence
 
 from . import aggregate, server_opt
 from .errors import ConfigError
@@ -55,7 +59,8 @@ SERVER_OPTS: dict[str, Callable[[Flags], Any]] = {
 def data_from_args(a: Flags) -> DataSpec:
     """The data flags (--dataset ... --shards-per-client) as a `DataSpec`."""
     return DataSpec(dataset=a.dataset, data_root=a.data_root, download=a.download, clients=a.clients,
-                    partition=a.partition, alpha=a.alpha, shards_per_client=a.shards_per_client)
+                    partition=a.partition, alpha=a.alpha, shards_per_client=a.shards_per_client,
+                    min_size=getattr(a, "min_size", None))  # absent from a cli.json written before the flag
 
 
 def train_from_args(a: Flags) -> TrainConfig:
@@ -66,7 +71,7 @@ def train_from_args(a: Flags) -> TrainConfig:
 def faults_from_args(a: Flags) -> Faults | None:
     """The fault flags as `Faults`, or None when no fault is asked for."""
     if a.straggle > 0 and a.task_timeout is None:
-        raise ConfigError("straggle > 0 needs a task_timeout (--task-timeout SECONDS): a straggler is a client "
+        raise ConfigError("--straggle > 0 needs a task_timeout (--task-timeout SECONDS): a straggler is a client "
                           "that answers after the deadline")
     f = Faults(dropout=a.dropout, crash=a.crash, straggle=a.straggle, corrupt=a.corrupt, seed=a.fault_seed)
     return f if f.any else None
@@ -160,7 +165,127 @@ def workflow_from_args(a: Flags, algorithm: str | None = None) -> Controller:
     name = algorithm or a.algorithm
     if name not in ALGORITHMS:
         raise ConfigError(f"unknown algorithm {name!r}; choose one of: {', '.join(ALGORITHMS)}")
-    return ALGORITHMS[name](a, encryption_from_args(a), privacy_from_args(a))
+    he = encryption_from_args(a)
+    if he is not None:
+        _check_encryptable(a, name)
+    return ALGORITHMS[name](a, he, privacy_from_args(a))
+
+
+# with --he the server holds only ciphertexts: it can add them and scale them by public weights, nothing more
+_HE_ONLY_ADDS = ("with --he the server holds only ciphertexts: it can add them and scale them by public weights, "
+                 "so it computes the weighted mean and nothing that compares, sorts or measures values")
+
+
+def _check_encryptable(a: Flags, algorithm: str) -> None:
+    """Refuse, in the flags' words, what cannot run with --he (the workflow would refuse it in the API's)."""
+    if algorithm == "fedopt":
+        raise ConfigError(f"--he cannot use the server optimizer of --algorithm fedopt (--server-opt {a.server_opt}): it "
+                          "keeps moments of the aggregated update and scales them element by element, which needs the "
+                          "update in plaintext. Use --algorithm fedavg or fedprox with --he, or drop --he to use fedopt")
+    if algorithm == "scaffold":
+        raise ConfigError("--he cannot run Scaffold (--algorithm scaffold): the server updates SCAFFOLD's control "
+                          "variate from the clients' updates in plaintext. Use --algorithm fedavg or fedprox with "
+                          "--he, or drop --he to use scaffold")
+    if algorithm != "cyclic" and a.aggregate != "mean":
+        raise ConfigError(f"--he cannot use the aggregation rule {aggregate.rule_name(RULES[a.aggregate](a))!r} "
+                          f"(--aggregate {a.aggregate}): {_HE_ONLY_ADDS}. Use --aggregate mean (the default) with "
+                          "--he, or drop --he")
+    if a.dp_fedavg:
+        raise ConfigError("--he cannot be used with --dp-fedavg: DP-FedAvg's server clips and adds noise to the sum of "
+                          "the updates in plaintext. Use --dp-sgd with --he (it runs on the clients, before "
+                          "encryption), or drop --he")
+
+
+def _algorithm(names: str) -> Callable[[bool], str]:
+    """What to add for ``names``: the --algorithm of a run, or (``compare``) a name in the --algorithms."""
+    return lambda compare: f"{names} in --algorithms" if compare else f"--algorithm {names}"
+
+
+_SCATTER_GATHER = "fedavg, fedprox, fedopt or scaffold"
+
+
+def _scatter_gather_only(why: str) -> tuple[Callable[[Flags, Sequence[str]], bool], Callable[[bool], str]]:
+    """A FedAvg-family flag: it means something when any algorithm but cyclic runs; ``why`` cyclic ignores it."""
+    return (lambda a, algs: any(n != "cyclic" for n in algs),
+            lambda compare: _algorithm(_SCATTER_GATHER)(compare) + f" ({why})")
+
+_FAULTS = ("dropout", "crash", "straggle", "corrupt")
+# flag (its dest) -> (does it mean something with these flags and algorithms?, what it needs, for a run or compare)
+_MEANINGFUL: dict[str, tuple[Callable[[Flags, Sequence[str]], bool], Callable[[bool], str]]] = {
+    "mu": (lambda a, algs: "fedprox" in algs, _algorithm("fedprox")),
+    "server_opt": (lambda a, algs: "fedopt" in algs, _algorithm("fedopt")),
+    "server_lr": (lambda a, algs: "fedopt" in algs, _algorithm("fedopt")),
+    "server_momentum": (lambda a, algs: "fedopt" in algs and a.server_opt == "sgd",
+                        lambda compare: _algorithm("fedopt")(compare) + " and --server-opt sgd (the adaptive ones keep no momentum)"),
+    "order": (lambda a, algs: "cyclic" in algs, _algorithm("cyclic")),
+    "clients_per_round": _scatter_gather_only("cyclic visits every client"),
+    "min_clients": _scatter_gather_only("cyclic needs every client"),
+    "max_retries": _scatter_gather_only("cyclic never retries"),
+    "task_timeout": _scatter_gather_only("cyclic sets no deadline"),
+    "weigh_by": _scatter_gather_only("cyclic averages nothing"),
+    "aggregate": _scatter_gather_only("cyclic averages nothing"),
+    "trim": (lambda a, algs: a.aggregate == "trimmed-mean", lambda compare: "--aggregate trimmed-mean"),
+    "byzantine": (lambda a, algs: a.aggregate in ("krum", "multi-krum"), lambda compare: "--aggregate krum or multi-krum"),
+    "alpha": (lambda a, algs: a.partition in ("dirichlet", "quantity"), lambda compare: "--partition dirichlet or quantity"),
+    "shards_per_client": (lambda a, algs: a.partition == "shards", lambda compare: "--partition shards"),
+    "min_size": (lambda a, algs: a.partition in ("dirichlet", "quantity"), lambda compare: "--partition dirichlet or quantity"),
+    "data_root": (lambda a, algs: a.dataset in ("mnist", "cifar10"), lambda compare: "--dataset mnist or cifar10"),
+    "download": (lambda a, algs: a.dataset in ("mnist", "cifar10"), lambda compare: "--dataset mnist or cifar10"),
+    "max_grad_norm": (lambda a, algs: a.dp_sgd, lambda compare: "--dp-sgd (DP-FedAvg clips with --clip-norm)"),
+    "clip_norm": (lambda a, algs: a.dp_fedavg, lambda compare: "--dp-fedavg (DP-SGD clips with --max-grad-norm)"),
+    "delta": (lambda a, algs: a.dp_sgd or a.dp_fedavg, lambda compare: "--dp-sgd or --dp-fedavg"),
+    "dp_accountant": (lambda a, algs: a.dp_sgd or a.dp_fedavg, lambda compare: "--dp-sgd or --dp-fedavg"),
+    "fault_seed": (lambda a, algs: any(getattr(a, f) > 0 for f in _FAULTS),
+                   lambda compare: "a fault to inject (--dropout, --crash, --straggle or --corrupt)"),
+}
+
+
+# what --dp-fedavg sets itself (fk.DPFedAvg's settings): flag (its dest) -> (the one value it honours, or None)
+_DP_FEDAVG_SETS = {"weigh_by": "uniform", "aggregate": "mean", "min_clients": None, "max_retries": None}
+
+
+def refuse_unused(a: Flags, given: Collection[str], algorithms: Sequence[str], compare: bool = False) -> None:
+    """Refuse the flags in ``given`` (dests of the flags typed) that mean nothing with the other flags and
+    ``algorithms`` (the run's one, or the list of ``fedkit compare``): such a flag would be ignored without a word."""
+    if a.dp_fedavg:
+        taken = [_flag(d) for d, honoured in _DP_FEDAVG_SETS.items() if d in given and getattr(a, d) != honoured]
+        if taken:
+            raise ConfigError(f"--dp-fedavg sets {', '.join(taken)} itself: DP-FedAvg weighs every client the same and "
+                              "adds noise to their plain mean (its sensitivity bound needs both), and goes on with "
+                              f"whichever sampled clients answer, never retrying a round; drop {', '.join(taken)}")
+    unused: dict[str, list[str]] = {}
+    for dest, (means_something, needs) in _MEANINGFUL.items():
+        if dest in given and not means_something(a, algorithms):
+            unused.setdefault(needs(compare), []).append(_flag(dest))
+    if unused:
+        raise ConfigError("; ".join(f"{', '.join(flags)} only {'means' if len(flags) == 1 else 'mean'} something with "
+                                    f"{needs}: add that or drop {', '.join(flags)}" for needs, flags in unused.items()))
+
+
+def check_sizes(a: Flags, algorithms: Sequence[str]) -> None:
+    """Refuse the federation settings that ``--clients`` clients cannot meet, before anything is loaded:
+    more clients per round, or more valid results a round needs, than there are, and a Krum that needs
+    more updates than a round gives."""
+    if all(n == "cyclic" for n in algorithms) or a.dp_fedavg:
+        return  # cyclic visits every client; DP-FedAvg samples them (and refuses these flags)
+    k, m, n = a.clients_per_round, a.min_clients, a.clients
+    if k is not None and k > n:
+        raise ConfigError(f"--clients-per-round {k} is more than the {n} clients of the federation (--clients {n}); "
+                          "lower --clients-per-round (leave it out for every client) or raise --clients")
+    per_round = n if k is None else k
+    if m is not None and m > per_round:
+        asked = f"--clients-per-round {k}" if k is not None else f"--clients {n}"
+        raise ConfigError(f"--min-clients {m} can never be met: a round asks only {per_round} clients ({asked}); "
+                          "lower --min-clients")
+    if a.aggregate in ("krum", "multi-krum") and per_round <= 2 * a.byzantine + 2:
+        raise ConfigError(f"--aggregate {a.aggregate} with --byzantine {a.byzantine} needs more than "
+                          f"2 x {a.byzantine} + 2 = {2 * a.byzantine + 2} updates a round, but a round asks only "
+                          f"{per_round} clients; lower --byzantine or raise --clients"
+                          + (" / --clients-per-round" if k is not None else ""))
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
 
 
 def experiment_from_args(a: Flags, algorithm: str | None = None) -> Experiment:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import traceback
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,14 +14,33 @@ from .exchange import (DXO, Aborted, ClientContext, DeadlineExceeded, ExecutorLi
                        Task, apply_filters, run_executor)
 from .faults import Faults
 from .preprocess import current_data
-
-if TYPE_CHECKING:
-    from .server import Server
+from .server import Server
 
 
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed that depends on every part (run seed, round, client index, ...) and nothing else."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class Refused(Exception):
+    """Raised by an executor (or an algorithm's client half) that declines a task instead of failing at it, such
+    as DP-SGD's `BudgetExhausted`. The reply is ``refused`` and is not retried (asking again changes nothing);
+    a round that falls short because of refusals ends the run cleanly, with the reason, rather than failing."""
+
+
+@dataclass
+class Answer:
+    """What a client made of one task: a result, or why not.
+
+    ``status`` is a `Reply`'s: ok, failed, refused, late or dropped (no answer at all); ``delay`` is an
+    injected straggler's simulated lateness.
+    """
+
+    status: str = "ok"
+    result: DXO | None = None
+    error: str = ""
+    detail: str = ""
+    delay: float = 0.0
 
 
 @dataclass(eq=False)
@@ -42,6 +61,9 @@ class Client:
     seed: int = 0
     state: dict[str, Any] = field(default_factory=dict)
     faults: Faults | None = None
+    # the engine's handle on this client's latest task (``is_alive()``, ``name``): while it runs, the client takes
+    # no other task
+    worker: Any = field(default=None, init=False, repr=False, compare=False)
 
     def fresh(self, seed: int, faults: Faults | None = None) -> "Client":
         """A copy with empty state, for a new run."""
@@ -73,29 +95,65 @@ class Client:
         # in list order: DP filters (clip, noise) must come before encryption, which makes the update opaque
         return apply_filters(self.result_filters, result, FilterContext("client", "result", self.name, task, ctx.seed))
 
-    def work(self, server: "Server", device: torch.device, abort: Signal) -> None:
-        """Pull tasks until the server has none for this client; answer each, or report its failure.
+    def fault(self, task: Task) -> dict[str, Any] | None:
+        """The fault injected into this client's answer to ``task`` (``{"fault": kind, ...}``), or None.
 
-        With ``faults`` set (for teaching and testing) this client may drop out, crash, straggle or
-        corrupt its result, as drawn for each task's round and attempt.
+        Drawn from ``faults`` for the task's round and attempt: the same every run.
         """
         faults = self.faults
+        kind = faults.draw(task.round, self.name, task.attempt) if faults is not None else None
+        if kind is None:
+            return None
+        fault: dict[str, Any] = {"fault": kind}
+        if kind == "corrupt":
+            fault["corruption"] = faults.corruption(task.round, self.name, task.attempt)
+        elif kind == "straggle":
+            fault["delay"] = faults.delay
+        return fault
+
+    def answer(self, task: Task, device: torch.device, abort: Signal, fault: dict[str, Any] | None = None) -> Answer:
+        """Run ``task`` (with the injected ``fault``, see `fault`) and say what came of it; raises only `Aborted`.
+
+        An engine may run this in a thread of its own: it touches only this client, never the server.
+        """
+        kind = fault["fault"] if fault else None
+        if kind == "dropout":
+            return Answer("dropped")  # took the task and vanished: the server hears nothing
+        try:
+            if kind == "crash":
+                raise RuntimeError("injected crash (fault injection)")
+            result = self.handle(task, device, abort.child(task.deadline))
+        except Aborted:
+            raise
+        except DeadlineExceeded as e:
+            return Answer("late", error=f"late: {e}")
+        except Refused as e:  # declined, not broken: e.g. a spent privacy budget
+            return Answer("refused", error=str(e))
+        except Exception as e:  # a failing client must not take the server down: report it
+            return Answer("failed", error=f"{type(e).__name__}: {e}", detail=traceback.format_exc())
+        if kind == "corrupt":
+            result = self.faults.damage(result, task.round, self.name, task.attempt)
+        return Answer("ok", result, delay=fault["delay"] if kind == "straggle" else 0.0)
+
+    def deliver(self, server: Server, task: Task, answer: Answer) -> None:
+        """Hand ``answer`` to the server (nothing for a dropout)."""
+        if answer.status == "dropped":
+            return
+        if answer.result is not None:
+            server.submit(self.name, task, answer.result, delay=answer.delay)
+        else:
+            server.fail(self.name, task, answer.error, answer.detail, status=answer.status)
+
+    def work(self, server: Server, device: torch.device, abort: Signal) -> None:
+        """Pull tasks until the server has none for this client; answer each in this thread, or report its failure.
+
+        With ``faults`` set (for teaching and testing) this client may drop out, crash, straggle or
+        corrupt its result, as drawn for each task's round and attempt; what was injected is noted on
+        the server's board for the history. (The `fedkit.engine.sequential` engine runs each answer in
+        a thread of its own, to stop waiting at the task's deadline.)
+        """
         while (task := server.pull(self.name)) is not None:
-            fault = faults.draw(task.round, self.name, task.attempt) if faults is not None else None
-            if fault == "dropout":
-                continue  # took the task and vanished: the server hears nothing
-            try:
-                if fault == "crash":
-                    raise RuntimeError("injected crash (fault injection)")
-                result = self.handle(task, device, abort.child(task.deadline))
-            except Aborted:
-                raise
-            except DeadlineExceeded as e:
-                server.fail(self.name, task, f"late: {e}", status="late")
-                continue
-            except Exception as e:  # a failing client must not take the server down: report it
-                server.fail(self.name, task, f"{type(e).__name__}: {e}", traceback.format_exc())
-                continue
-            if fault == "corrupt":
-                result = faults.damage(result, task.round, self.name, task.attempt)
-            server.submit(self.name, task, result, delay=faults.delay if fault == "straggle" else 0.0)
+            fault = self.fault(task)
+            if fault is not None:
+                server.note_fault(self.name, task, fault)
+            self.deliver(server, task, self.answer(task, device, abort, fault))

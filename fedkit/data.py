@@ -13,9 +13,11 @@ Partitioners are deterministic by seed and return a `Partition`: one index array
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -218,23 +220,102 @@ class Partition(Sequence[Dataset]):
         return df
 
 
-def _check(dataset: Dataset, clients: int) -> None:
-    if not isinstance(clients, (int, np.integer)) or isinstance(clients, bool) or clients < 1:
+SEED_LIMIT = 2**63  # seeds are whole numbers in [0, 2**63): what every generator in fedkit takes without folding
+
+
+def check_seed(seed: Any, what: str = "seed") -> int:
+    """``seed`` as an int, or `ConfigError` unless it is a whole number in [0, 2**63) (no bool, no float)."""
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"{what} must be a whole number in [0, 2**63) (e.g. 0), got {seed!r}")
+    return int(seed)
+
+
+def _whole(scheme: str, what: str, value: Any, low: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ConfigError(f"{scheme}: {what} must be a whole number >= {low}, got {value!r}")
+    return int(value)
+
+
+def _alpha(scheme: str, alpha: Any, meaning: str) -> float:
+    if isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, numbers.Real) or not (math.isfinite(alpha) and alpha > 0):
+        raise ConfigError(f"{scheme} alpha must be > 0 and finite ({meaning}), got {alpha!r}")
+    return float(alpha)
+
+
+def _check(dataset: Dataset, clients: Any, scheme: str = "partition", seed: Any = 0) -> int:
+    if not isinstance(dataset, Dataset):
+        hint = " (a fk.data.Data: pass its .train)" if isinstance(dataset, Data) else ""
+        raise ConfigError(f"{scheme}: dataset must be a fk.data.Dataset{hint}, got {type(dataset).__name__}")
+    if isinstance(clients, (bool, np.bool_)) or not isinstance(clients, (int, np.integer)) or clients < 1:
         raise ConfigError(f"clients must be a positive integer, got {clients!r}")
     if clients > len(dataset):
         raise ConfigError(
             f"cannot give {clients} clients at least one sample each: the dataset has only {len(dataset)} "
             "samples; use fewer clients or more data"
         )
+    check_seed(seed, f"{scheme}: seed")
+    return int(clients)
+
+
+def _min_size(scheme: str, min_size: Any, n: int, clients: int) -> int:
+    """The samples every client must get: ``min_size``, or by default min(10, n // clients), which always fits."""
+    if min_size is None:
+        return min(10, n // clients)
+    need = _whole(scheme, "min_size", min_size, 1)
+    if clients * need > n:
+        raise ConfigError(f"{scheme}: min_size={need} for each of {clients} clients needs {clients * need} samples, but "
+                          f"the dataset has only {n}; use min_size <= {n // clients}, fewer clients, or more data")
+    return need
 
 
 def _partition(dataset: Dataset, parts: list[np.ndarray], scheme: str) -> Partition:
     return Partition(dataset, tuple(np.sort(np.asarray(p, dtype=np.int64)) for p in parts), scheme)
 
 
+# How many independent draws the partitioners try before they make the last one fit. A draw that fits
+# within these is returned as it always was (so the partitions, and every run's model, stay the same);
+# past them the old rule raised after seconds to minutes, now the last draw is repaired (`_top_up`).
+DRAWS = 1000
+
+
+def _top_up(counts: np.ndarray, need: int) -> list[tuple[int, int, int, int]]:
+    """Moves that give every client (row of ``counts``, clients x classes) at least ``need`` samples.
+
+    Each move ``(donor, receiver, class, m)`` hands ``m`` samples of one class from a client with more than
+    ``need`` to one with fewer, smallest receivers first. It keeps the skew: a receiver gets more of the
+    classes it already holds (its largest first, from the largest client with samples of it to spare),
+    and only a receiver that holds none of those gets the largest client's most common class. Needs
+    ``need * clients <= counts.sum()`` (then some client always has more than ``need`` while one has
+    fewer); ``counts`` is updated in place.
+    """
+    sizes = counts.sum(axis=1)
+    moves = []
+    for r in np.argsort(sizes, kind="stable"):
+        while sizes[r] < need:
+            spare = sizes > need
+            donor = k = -1
+            for c in np.argsort(-counts[r], kind="stable"):
+                if counts[r, c] == 0:
+                    break
+                holders = spare & (counts[:, c] > 0)
+                if holders.any():
+                    donor, k = int(np.argmax(np.where(holders, sizes, -1))), int(c)
+                    break
+            if donor < 0:
+                donor = int(np.argmax(sizes))
+                k = int(np.argmax(counts[donor]))
+            m = int(min(need - sizes[r], sizes[donor] - need, counts[donor, k]))
+            counts[donor, k] -= m
+            counts[r, k] += m
+            sizes[donor] -= m
+            sizes[r] += m
+            moves.append((donor, int(r), k, m))
+    return moves
+
+
 def iid(dataset: Dataset, clients: int, seed: int = 0) -> Partition:
     """Shuffle and deal out: each client gets about the same number of samples of every class."""
-    _check(dataset, clients)
+    clients = _check(dataset, clients, "iid", seed)
     order = np.random.default_rng(seed).permutation(len(dataset))
     return _partition(dataset, np.array_split(order, clients), "iid")
 
@@ -246,31 +327,45 @@ def dirichlet(dataset: Dataset, clients: int, alpha: float, seed: int = 0, min_s
     IID. Following Hsu et al. 2019 ("Measuring the Effects of Non-Identical Data Distribution") and the
     NIID-Bench recipe, a client already holding its fair share gets no more of later classes, and the
     draw is repeated until every client has at least ``min_size`` samples (default: min(10, N/clients)).
+    With many clients (100 or more on digits) no draw may fit: after `DRAWS` draws the last one is
+    repaired, samples moving from the largest clients to the ones short of ``min_size``, so any
+    ``min_size`` with ``clients * min_size <= N`` works.
     """
-    _check(dataset, clients)
-    if not np.isfinite(alpha) or alpha <= 0:
-        raise ConfigError(f"dirichlet alpha must be > 0 (small = more skewed, e.g. 0.1; large = near IID), got {alpha!r}")
+    clients = _check(dataset, clients, "dirichlet", seed)
+    a = _alpha("dirichlet", alpha, "small = more skewed, e.g. 0.1; large = near IID")
     n = len(dataset)
-    need = min(10, n // clients) if min_size is None else int(min_size)
+    need = _min_size("dirichlet", min_size, n, clients)
     rng = np.random.default_rng(seed)
     labels = dataset.labels
     by_class = [np.flatnonzero(labels == k) for k in range(dataset.num_classes)]
-    for _ in range(1000):
-        parts: list[list[int]] = [[] for _ in range(clients)]
-        for idx in by_class:
+    concentration = np.full(clients, a)
+    fair = n / clients
+    for _ in range(DRAWS):
+        # counts[c, k]: class k's samples dealt to client c; chunks[k]: class k shuffled, cut at cuts[k]
+        counts = np.zeros((clients, len(by_class)), dtype=np.int64)
+        sizes = np.zeros(clients, dtype=np.int64)
+        chunks = []
+        for k, idx in enumerate(by_class):
             idx = rng.permutation(idx)
-            p = rng.dirichlet(np.full(clients, alpha))
-            p = p * np.array([len(c) < n / clients for c in parts])  # full clients take no more
-            p = p / p.sum() if p.sum() > 0 else np.full(clients, 1.0 / clients)
-            cuts = (np.cumsum(p) * len(idx)).astype(int)[:-1]
-            for c, chunk in enumerate(np.split(idx, cuts)):
-                parts[c].extend(chunk.tolist())
-        if min(len(c) for c in parts) >= need:
-            return _partition(dataset, [np.array(c) for c in parts], f"dirichlet(alpha={alpha})")
-    raise ConfigError(
-        f"dirichlet(alpha={alpha}) could not give each of {clients} clients {need} samples in 1000 draws; "
-        "raise alpha, use fewer clients, or pass a smaller min_size"
-    )
+            p = rng.dirichlet(concentration)
+            p = p * (sizes < fair)  # full clients take no more
+            total = p.sum()
+            p = p / total if total > 0 else np.full(clients, 1.0 / clients)
+            ends = (np.cumsum(p) * len(idx)).astype(int)  # client c's chunk ends at ends[c]; the last takes the rest
+            ends[-1] = len(idx)
+            chunks.append(idx)
+            counts[0, k] = ends[0]
+            np.subtract(ends[1:], ends[:-1], out=counts[1:, k])
+            sizes += counts[:, k]
+        if sizes.min() >= need:
+            break
+    else:
+        _top_up(counts, need)  # the moves only change how many of each class a client has
+    # client c takes, of each class, the next counts[c, k] samples of that class's shuffled order
+    ends = np.cumsum(counts, axis=0)
+    starts = ends - counts
+    parts = [np.concatenate([chunks[k][starts[c, k]:ends[c, k]] for k in range(len(chunks))]) for c in range(clients)]
+    return _partition(dataset, parts, f"dirichlet(alpha={alpha})")
 
 
 def shards(dataset: Dataset, clients: int, shards_per_client: int = 2, seed: int = 0) -> Partition:
@@ -278,9 +373,8 @@ def shards(dataset: Dataset, clients: int, shards_per_client: int = 2, seed: int
 
     With 2 shards per client most clients see only two classes.
     """
-    _check(dataset, clients)
-    if shards_per_client < 1:
-        raise ConfigError(f"shards_per_client must be >= 1, got {shards_per_client}")
+    clients = _check(dataset, clients, "shards", seed)
+    shards_per_client = _whole("shards", "shards_per_client", shards_per_client, 1)
     total = clients * shards_per_client
     if total > len(dataset):
         raise ConfigError(f"{clients} clients x {shards_per_client} shards = {total} shards, more than the "
@@ -295,21 +389,29 @@ def shards(dataset: Dataset, clients: int, shards_per_client: int = 2, seed: int
 
 
 def quantity_skew(dataset: Dataset, clients: int, alpha: float = 0.5, seed: int = 0, min_size: int | None = None) -> Partition:
-    """Quantity skew: labels stay IID but client sizes follow Dirichlet(alpha) proportions."""
-    _check(dataset, clients)
-    if not np.isfinite(alpha) or alpha <= 0:
-        raise ConfigError(f"quantity-skew alpha must be > 0 (small = very unequal sizes), got {alpha!r}")
+    """Quantity skew: labels stay IID but client sizes follow Dirichlet(alpha) proportions.
+
+    Every client gets at least ``min_size`` samples (default: min(10, N/clients)): draws that give one
+    fewer are repeated, and after `DRAWS` of them the last is repaired, the largest clients giving
+    samples to the smallest.
+    """
+    clients = _check(dataset, clients, "quantity_skew", seed)
+    a = _alpha("quantity_skew", alpha, "small = very unequal sizes")
     n = len(dataset)
-    need = min(10, n // clients) if min_size is None else int(min_size)
+    need = _min_size("quantity_skew", min_size, n, clients)
     rng = np.random.default_rng(seed)
     order = rng.permutation(n)
-    for _ in range(1000):
-        p = rng.dirichlet(np.full(clients, alpha))
+    concentration = np.full(clients, a)
+    for _ in range(DRAWS):
+        p = rng.dirichlet(concentration)
+        if not (np.all(np.isfinite(p)) and p.sum() > 0):  # an alpha so large or small that the draw degenerates
+            p = np.full(clients, 1.0 / clients)
         cuts = (np.cumsum(p) * n).astype(int)[:-1]
-        parts = np.split(order, cuts)
-        if min(len(c) for c in parts) >= need:
-            return _partition(dataset, parts, f"quantity_skew(alpha={alpha})")
-    raise ConfigError(
-        f"quantity_skew(alpha={alpha}) could not give each of {clients} clients {need} samples in 1000 draws; "
-        "raise alpha or use fewer clients"
-    )
+        sizes = np.diff(cuts, prepend=0, append=n)
+        if sizes.min() >= need:
+            break
+    else:
+        counts = sizes[:, None].copy()
+        _top_up(counts, need)
+        cuts = np.cumsum(counts[:, 0])[:-1]
+    return _partition(dataset, np.split(order, cuts), f"quantity_skew(alpha={alpha})")

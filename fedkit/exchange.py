@@ -105,6 +105,34 @@ class Task:
     attempt: int = 0
 
 
+@dataclass
+class Reply:
+    """What came back from one client for one task: a result or an error, with its cost."""
+
+    client: str
+    task: Task
+    result: DXO | None = None
+    error: str = ""
+    detail: str = ""  # the traceback, for debugging a failing executor
+    seconds: float = 0.0
+    bytes_down: int = 0  # task data as sent, after the server's task-data filters
+    bytes_up: int = 0  # result as sent, after the client's result filters
+    # ok, failed (raised), refused (declined, e.g. a spent privacy budget), dropped (no answer), late (past the
+    # deadline), rejected (screened out)
+    status: str = "pending"
+    # fault injection's ground truth (e.g. {"fault": "corrupt", "corruption": "scale"}), for the history only: no
+    # screen reads it, so what the server catches it catches as it would a real fault
+    injected: dict[str, Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.result is not None
+
+    def reject(self, status: str, reason: str) -> None:
+        """Discard this reply's result, recording why."""
+        self.result, self.status, self.error = None, status, reason
+
+
 class Aborted(Exception):
     """Raised inside a run when its abort `Signal` has been triggered."""
 

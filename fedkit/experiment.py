@@ -9,7 +9,7 @@ the panel maps its controls (`fedkit.widgets.experiment_from_controls`), and a n
 >>> import fedkit as fk
 >>> exp = Experiment.preset("smoke", workflow=fk.FedProx(rounds=3, mu=0.1))
 >>> exp.data
-DataSpec(dataset='digits', data_root='data', download=False, clients=3, partition='iid', alpha=0.5, shards_per_client=2)
+DataSpec(dataset='digits', data_root='data', download=False, clients=3, partition='iid', alpha=0.5, shards_per_client=2, min_size=None)
 >>> exp.workflow.rounds, exp.workflow.extensions
 (3, (Proximal(mu=0.1),))
 >>> exp.simulator().run(progress=False).status
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import data as fkdata, models
+from .data import check_seed
 from .errors import ConfigError
 from .faults import Faults
 from .server import Controller
@@ -37,9 +38,10 @@ Partitioner = Callable[["DataSpec", fkdata.Dataset, int], fkdata.Partition]
 # partition name -> how the training set is dealt to the clients, seeded by the experiment's seed
 PARTITIONERS: dict[str, Partitioner] = {
     "iid": lambda s, train, seed: fkdata.iid(train, s.clients, seed=seed),
-    "dirichlet": lambda s, train, seed: fkdata.dirichlet(train, s.clients, alpha=s.alpha, seed=seed),
+    "dirichlet": lambda s, train, seed: fkdata.dirichlet(train, s.clients, alpha=s.alpha, seed=seed, min_size=s.min_size),
     "shards": lambda s, train, seed: fkdata.shards(train, s.clients, s.shards_per_client, seed=seed),
-    "quantity": lambda s, train, seed: fkdata.quantity_skew(train, s.clients, alpha=s.alpha, seed=seed),
+    "quantity": lambda s, train, seed: fkdata.quantity_skew(train, s.clients, alpha=s.alpha, seed=seed,
+                                                            min_size=s.min_size),
 }
 PARTITIONS = tuple(PARTITIONERS)
 MODELS = ("auto", "mlp", "cnn", "simple")  # the kinds fedkit.models.for_data builds
@@ -66,12 +68,18 @@ class DataSpec:
     partition: str = "iid"  # iid, dirichlet, shards, quantity: IID first, so a baseline is one call away
     alpha: float = 0.5  # dirichlet / quantity: small = skewed; 0.5 is the usual "moderately non-IID" of the literature
     shards_per_client: int = 2  # shards: McMahan et al. 2017's pathological split, two classes per client
+    min_size: int | None = None  # dirichlet / quantity: samples every client gets at least; None: min(10, N / clients)
 
     def __post_init__(self) -> None:
         _choice("DataSpec", "dataset", self.dataset, fkdata.DATASETS)
         _choice("DataSpec", "partition", self.partition, PARTITIONS)
         _whole("DataSpec", "clients", self.clients, 1)
         _whole("DataSpec", "shards_per_client", self.shards_per_client, 1)
+        if self.min_size is not None:
+            _whole("DataSpec", "min_size", self.min_size, 1)
+            if self.partition not in ("dirichlet", "quantity"):
+                raise ConfigError(f"DataSpec.min_size only means something with partition 'dirichlet' or 'quantity', "
+                                  f"not {self.partition!r}; drop it")
         a = self.alpha
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not (a > 0 and math.isfinite(a)):
             raise ConfigError(f"DataSpec.alpha must be a finite number > 0, got {a!r}")
@@ -109,7 +117,7 @@ class Experiment:
             if not isinstance(getattr(self, name), kind):
                 raise ConfigError(f"Experiment.{name} must be a {example}, got {getattr(self, name)!r}")
         _choice("Experiment", "model", self.model, MODELS)
-        _whole("Experiment", "seed", self.seed, 0)
+        check_seed(self.seed, "Experiment.seed")
         if self.faults is not None and not isinstance(self.faults, Faults):
             raise ConfigError(f"Experiment.faults must be a fk.Faults(...) or None, got {self.faults!r}")
         if self.faults is not None and self.faults.straggle > 0 and getattr(self.workflow, "task_timeout", None) is None:

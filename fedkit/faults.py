@@ -12,6 +12,8 @@ deadline (``FedAvg(task_timeout=...)``) rejects them exactly as it would a reall
 
 from __future__ import annotations
 
+import math
+import numbers
 import zlib
 from dataclasses import dataclass
 
@@ -40,15 +42,21 @@ class Faults:
     def __post_init__(self) -> None:
         for kind in KINDS:
             p = getattr(self, kind)
-            if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+            if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p <= 1.0:
                 raise ConfigError(f"Faults.{kind} is a probability and must be in [0, 1], got {p!r}")
         total = sum(getattr(self, k) for k in KINDS)
         if total > 1.0 + 1e-9:
             raise ConfigError(f"the fault probabilities sum to {total:g}; a client can fail only one way per round, "
                               "so they must sum to at most 1")
-        if not self.delay > 0:
-            raise ConfigError(f"Faults.delay must be > 0 seconds, got {self.delay!r}")
-        bad = [c for c in self.corruptions if c not in CORRUPTIONS]
+        d = self.delay
+        if isinstance(d, bool) or not isinstance(d, numbers.Real) or not (d > 0 and math.isfinite(d)):
+            raise ConfigError(f"Faults.delay must be > 0 and finite (seconds), got {d!r}")
+        s = self.seed
+        if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)) or not 0 <= s < 2**63:
+            raise ConfigError(f"Faults.seed must be a whole number in [0, 2**63) (e.g. 0), got {s!r}")
+        if not isinstance(self.corruptions, (tuple, list)):
+            raise ConfigError(f"Faults.corruptions must be a tuple of names from {CORRUPTIONS}, got {self.corruptions!r}")
+        bad = [c for c in self.corruptions if not isinstance(c, str) or c not in CORRUPTIONS]
         if bad or not self.corruptions:
             raise ConfigError(f"Faults.corruptions must be a non-empty subset of {CORRUPTIONS}, got {self.corruptions!r}")
 
@@ -69,11 +77,18 @@ class Faults:
                 return kind
         return None
 
+    def corruption(self, round: int, client: str, attempt: int = 0) -> str:
+        """Which of ``corruptions`` `damage` applies to ``client``'s result in this round and attempt."""
+        return self._corruption(self.rng(round, client, attempt))
+
+    def _corruption(self, rng: np.random.Generator) -> str:
+        rng.random()  # the draw that chose 'corrupt'
+        return self.corruptions[int(rng.integers(len(self.corruptions)))]
+
     def damage(self, result: DXO, round: int, client: str, attempt: int = 0) -> DXO:
         """``result`` with its data damaged in one of ``corruptions``, chosen by the same seeded draw."""
         rng = self.rng(round, client, attempt)
-        rng.random()  # the draw that chose 'corrupt'
-        how = self.corruptions[int(rng.integers(len(self.corruptions)))]
+        how = self._corruption(rng)
         return corrupt(result, how, seed=int(rng.integers(2**31)))
 
 

@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import statistics
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from .errors import UpdateError
-from .exchange import DXO, DataKind, Weights
+from .exchange import DXO, DataKind, Reply, Weights
 from .weights import check_update, norm
-
-if TYPE_CHECKING:
-    from .server import Reply
 
 Step = Callable[[Weights, dict[str, DXO]], Weights]
 """How a workflow moves readable weights with a round's valid results: ``step(weights, results) -> new weights``."""
@@ -38,12 +35,13 @@ class Encryption:
     """
 
 
-def screen(replies: dict[str, "Reply"], reference: Weights, max_norm_ratio: float | None) -> dict[str, DXO]:
+def screen(replies: dict[str, Reply], reference: Weights, max_norm_ratio: float | None) -> dict[str, DXO]:
     """Keep the replies whose result is a finite WEIGHT_DIFF shaped like ``reference``; reject the rest in place.
 
     With ``max_norm_ratio``, an update whose norm is more than that multiple of the median norm of
     the round's other valid updates is rejected too (a heuristic against scaled garbage; it needs at
-    least three valid updates to say what is typical). Each rejected reply keeps its reason.
+    least three valid updates to say what is typical, see `screen_norms` for fewer). Each rejected
+    reply keeps its reason.
     """
     valid: dict[str, DXO] = {}
     for name, reply in replies.items():
@@ -70,6 +68,58 @@ def screen(replies: dict[str, "Reply"], reference: Weights, max_norm_ratio: floa
     return valid
 
 
+RECENT_NORMS = 20  # how many accepted update norms `screen_norms` remembers, as plain floats in the server state
+
+
+def screen_norms(replies: dict[str, Reply], valid: dict[str, DXO], max_norm_ratio: float, recent: list[float],
+                 model_norm: float) -> dict[str, DXO]:
+    """Reject the ``valid`` updates that are too large for what is typical; keep ``recent`` up to date.
+
+    `screen`'s norm check needs three peers. This one does not: what is typical is the median norm of
+    ``recent`` (the norms of the last `RECENT_NORMS` accepted updates, oldest first, as the caller
+    keeps them), or, before any update was accepted, ``model_norm`` (the global model's norm; 0:
+    unknown). With three valid updates or more, the round's median is typical, but no more than
+    ``max_norm_ratio`` times that: a round whose majority is garbage cannot vouch for itself. An
+    update above ``max_norm_ratio`` times what is typical is rejected in place, with its reason; the
+    norms of those kept are appended to ``recent``.
+
+    >>> import torch
+    >>> from fedkit.exchange import Task
+    >>> from fedkit.server import Reply
+    >>> task = Task("train", DXO(DataKind.WEIGHTS, {"w": torch.zeros(2)}))
+    >>> rs = {n: Reply(n, task, DXO(DataKind.WEIGHT_DIFF, {"w": torch.full((2,), v)}), status="ok")
+    ...       for n, v in (("a", 0.1), ("b", 1e4))}
+    >>> recent = [0.2, 0.1]
+    >>> sorted(screen_norms(rs, {n: r.result for n, r in rs.items()}, 10.0, recent, 1.0)), rs["b"].status
+    (['a'], 'rejected')
+    """
+    norms = {n: norm(r.data) for n, r in valid.items()}
+    if recent:
+        typical = statistics.median(recent)
+        what = f"the median norm {typical:.3g} of the last {len(recent)} accepted update(s)"
+    elif model_norm > 0:
+        typical, what = model_norm, f"the global model's own norm {model_norm:.3g} (no update accepted yet)"
+    else:
+        typical, what = 0.0, ""
+    if len(norms) >= 3:
+        median = statistics.median(norms.values())
+        if not typical or median <= max_norm_ratio * typical:
+            typical, what = median, f"the round's median {median:.3g}"
+        else:
+            typical, what = max_norm_ratio * typical, (f"{max_norm_ratio:g}x {what} (the round's median {median:.3g} is "
+                                                      "itself implausible)")
+    kept = {}
+    for name, size in norms.items():
+        if typical > 0 and size > max_norm_ratio * typical:
+            replies[name].reject("rejected", f"client {name!r} sent an update of norm {size:.3g}, {size / typical:.3g}x "
+                                             f"{what} (the limit is {max_norm_ratio:g}x)")
+        else:
+            kept[name] = valid[name]
+            recent.append(size)
+    del recent[:-RECENT_NORMS]
+    return kept
+
+
 class GlobalModel(ABC):
     """What a workflow may do with the global model; `PlainModel` and the encrypted model implement it.
 
@@ -90,7 +140,7 @@ class GlobalModel(ABC):
         """The model as a task carries it to the clients (WEIGHTS), with ``meta``."""
 
     @abstractmethod
-    def screen(self, replies: dict[str, "Reply"], max_norm_ratio: float | None) -> dict[str, DXO]:
+    def screen(self, replies: dict[str, Reply], max_norm_ratio: float | None) -> dict[str, DXO]:
         """The valid results of ``replies`` (WEIGHT_DIFFs that fit the model); the rest are rejected in place.
 
         An encrypted model also counts here what the replies cost (`observe`)."""
@@ -108,7 +158,7 @@ class GlobalModel(ABC):
         """What a checkpoint keeps: the tensors for ``model.pt`` (with HE: the plaintext layers) and entries
         for the server state (with HE: the ciphertexts and the public context, under ``"he"``)."""
 
-    def observe(self, replies: dict[str, "Reply"]) -> None:
+    def observe(self, replies: dict[str, Reply]) -> None:
         """Take note of what replies that are not screened cost (the encrypted model counts ciphertext bytes)."""
 
     def round_metrics(self) -> dict[str, float]:
@@ -133,7 +183,7 @@ class PlainModel(GlobalModel):
     def task_data(self, meta: dict[str, Any]) -> DXO:
         return DXO(DataKind.WEIGHTS, self._weights, meta)
 
-    def screen(self, replies: dict[str, "Reply"], max_norm_ratio: float | None) -> dict[str, DXO]:
+    def screen(self, replies: dict[str, Reply], max_norm_ratio: float | None) -> dict[str, DXO]:
         return screen(replies, self._weights, max_norm_ratio)
 
     def update(self, results: dict[str, DXO], weights: dict[str, float], step: Step) -> None:

@@ -16,44 +16,17 @@ import time
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
-import torch
 from torch import nn
 
 from . import metrics as M
 from .errors import ConfigError, Unreadable, UpdateError
-from .exchange import DXO, Filter, FilterContext, MetaKey, Signal, Task, Weights, apply_filters
+from .exchange import DXO, Filter, FilterContext, MetaKey, Reply, Signal, Task, Weights, apply_filters
 from .global_model import Encryption, GlobalModel, PlainModel
 
 from .history import History, RoundRecord
-
-if TYPE_CHECKING:
-    from .client import Client
-
-
-@dataclass
-class Reply:
-    """What came back from one client for one task: a result or an error, with its cost."""
-
-    client: str
-    task: Task
-    result: DXO | None = None
-    error: str = ""
-    detail: str = ""  # the traceback, for debugging a failing executor
-    seconds: float = 0.0
-    bytes_down: int = 0  # task data as sent, after the server's task-data filters
-    bytes_up: int = 0  # result as sent, after the client's result filters
-    status: str = "pending"  # ok, failed (raised), dropped (no answer), late (past the deadline), rejected (screened out)
-
-    @property
-    def ok(self) -> bool:
-        return self.result is not None
-
-    def reject(self, status: str, reason: str) -> None:
-        """Discard this reply's result, recording why."""
-        self.result, self.status, self.error = None, status, reason
 
 
 class Server:
@@ -71,7 +44,8 @@ class Server:
         self.result_filters = list(result_filters)
         self._queues: dict[str, deque[Task]] = {}
         self._replies: dict[str, dict[str, Reply]] = {}
-        self._started: dict[tuple[str, str], float] = {}
+        self._started: dict[tuple[str, str], float] = {}  # (task id, client) of the replies still awaited
+        self._closed: set[str] = set()  # tasks already collected: an answer to one comes too late and is ignored
         self._ids = itertools.count()
         self._lock = threading.Lock()
 
@@ -112,9 +86,12 @@ class Server:
     def submit(self, client: str, task: Task, result: DXO, delay: float = 0.0) -> None:
         """Accept ``client``'s result for ``task`` through the server's result filters.
 
-        ``delay`` adds simulated seconds to the reply's time (fault injection's stragglers).
+        ``delay`` adds simulated seconds to the reply's time (fault injection's stragglers). An answer
+        to a task already collected, or already settled (marked late), is ignored.
         """
         reply = self._reply(client, task)
+        if reply is None:
+            return
         reply.seconds += delay
         reply.bytes_up = result.nbytes
         if task.deadline is not None and reply.seconds > task.deadline:
@@ -124,16 +101,36 @@ class Server:
         reply.status = "ok"
 
     def fail(self, client: str, task: Task, error: str, detail: str = "", status: str = "failed") -> None:
-        """Record that ``client`` could not complete ``task``."""
+        """Record that ``client`` could not complete ``task`` (ignored once the reply is settled or collected)."""
         reply = self._reply(client, task)
-        reply.error, reply.detail, reply.status = error, detail, status
+        if reply is not None:
+            reply.error, reply.detail, reply.status = error, detail, status
 
-    def _reply(self, client: str, task: Task) -> Reply:
-        replies = self._replies.get(task.id)
-        if replies is None or client not in replies:
-            raise LookupError(f"client {client!r} answered task {task.id!r}, which it was never given")
-        reply = replies[client]
-        reply.seconds = time.perf_counter() - self._started.pop((task.id, client), time.perf_counter())
+    def note_fault(self, client: str, task: Task, fault: dict[str, Any]) -> None:
+        """Fault injection: record on ``client``'s reply to ``task`` what was injected, for the history.
+
+        The simulation's ground truth, so that every injected fault shows in the events whether or not
+        a screen caught it; no screen reads it.
+        """
+        with self._lock:
+            reply = self._replies.get(task.id, {}).get(client)
+            if reply is not None:
+                reply.injected = dict(fault)
+
+    def _reply(self, client: str, task: Task) -> Reply | None:
+        """``client``'s awaited reply to ``task``, claimed for its answer (with its time); None when the task was
+        collected or the reply already settled (a late answer, or a second one): such answers are ignored."""
+        with self._lock:
+            replies = self._replies.get(task.id)
+            if replies is None and task.id in self._closed:
+                return None
+            if replies is None or client not in replies:
+                raise LookupError(f"client {client!r} answered task {task.id!r}, which it was never given")
+            started = self._started.pop((task.id, client), None)
+            if started is None:
+                return None
+            reply = replies[client]
+        reply.seconds = time.perf_counter() - started
         return reply
 
     def collect(self, task: Task) -> dict[str, Reply]:
@@ -143,14 +140,12 @@ class Server:
         """
         with self._lock:
             replies = self._replies.pop(task.id, {})
-        for reply in replies.values():
-            if reply.status == "pending":
-                reply.status, reply.error = "dropped", "no answer: the client dropped out"
-                self._started.pop((task.id, reply.client), None)
+            self._closed.add(task.id)
+            for reply in replies.values():
+                if reply.status == "pending":
+                    reply.status, reply.error = "dropped", "no answer: the client dropped out"
+                    self._started.pop((task.id, reply.client), None)
         return replies
-
-
-Engine = Callable[[Sequence["Client"], Server, torch.device, Signal], None]
 
 
 @dataclass
@@ -261,14 +256,22 @@ class ServerContext:
         self.history.events.append({"round": round + self.offset, "what": what, **fields})
 
     def record_failures(self, replies: dict[str, Reply]) -> None:
-        """Add every reply that is not ok to the history's events, with its reason (rounds as sent)."""
+        """Add every reply that is not ok to the history's events, with its reason (rounds as sent).
+
+        With fault injection, every injected fault shows too: a failure it caused carries ``fault`` (and
+        the corruption), and one that went unnoticed (a reply that passed every check) is an event of
+        its own, ``what: "injected"``. So the events hold every injected fault, screened or not.
+        """
         for name, r in replies.items():
-            if not r.ok:
-                entry = {"round": r.task.round, "attempt": r.task.attempt, "client": name, "what": r.status,
-                         "reason": r.error}
-                if r.task.name == self.validate_task:
-                    entry.update(task=r.task.name, reason=f"{r.task.name} task: {r.error}")
-                self.history.events.append(entry)
+            if r.ok and not r.injected:
+                continue
+            entry = {"round": r.task.round, "attempt": r.task.attempt, "client": name,
+                     "what": r.status if not r.ok else "injected", "reason": r.error if not r.ok else _unnoticed(r)}
+            if r.task.name == self.validate_task:
+                entry.update(task=r.task.name, reason=f"{r.task.name} task: {entry['reason']}")
+            if r.injected:
+                entry.update(r.injected)
+            self.history.events.append(entry)
 
     def score_on_clients(self, targets: Sequence[str], round: int) -> dict[str, float]:
         """Send the global model to ``targets`` to score on their validation splits; their weighted mean.
@@ -310,8 +313,10 @@ class ServerContext:
         metrics = {**self.model.round_metrics(), **metrics}
         clients = {}
         for name, r in replies.items():
-            row = {"status": r.status, "samples": 0, "steps": 0, "seconds": r.seconds, "bytes_down": r.bytes_down,
-                   "bytes_up": r.bytes_up}
+            row = {"status": r.status, "attempt": r.task.attempt, "samples": 0, "steps": 0, "seconds": r.seconds,
+                   "bytes_down": r.bytes_down, "bytes_up": r.bytes_up}
+            if r.injected:
+                row["fault"] = r.injected["fault"]
             if r.ok:
                 row.update(samples=r.result.meta.get(MetaKey.NUM_SAMPLES, 0),
                            steps=r.result.meta.get(MetaKey.NUM_STEPS, 0),
@@ -332,6 +337,18 @@ class ServerContext:
 
 def _finite(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _unnoticed(reply: Reply) -> str:
+    """Why an injected fault left no failure: the reply it damaged passed every check."""
+    fault = reply.injected or {}
+    if fault.get("fault") == "straggle":
+        return (f"injected straggle: answered {fault.get('delay', 0):g} s late and accepted, as the task has no "
+                "deadline (set task_timeout to cut stragglers)")
+    if fault.get("fault") == "corrupt":
+        return (f"injected corruption {fault.get('corruption')!r} passed every check of the server and was accepted "
+                "(no screen caught it)")
+    return f"injected {fault.get('fault')!r} passed every check of the server and was accepted"
 
 
 def require_ok(replies: dict[str, Reply], round: int) -> dict[str, DXO]:
@@ -357,6 +374,11 @@ class Controller(ABC):
     @abstractmethod
     def control_flow(self, fl: ServerContext) -> None:
         """Run the workflow to the end, using ``fl.broadcast_and_wait`` and ``fl.end_round``."""
+
+    def check_federation(self, clients: Sequence[str]) -> None:
+        """Refuse, with how to fix it, settings that cannot work with these ``clients`` (their names), such as
+        more clients per round than there are. The simulator asks before the first round; the default accepts
+        any federation."""
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse, with how to fix it, a model this workflow cannot train (DP-SGD cannot train BatchNorm)."""

@@ -18,35 +18,39 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import inspect
 import json
 import math
+import numbers
+import os
 import queue
 import threading
 import time
 import traceback
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from . import checkpoint, metrics as M, plots
+from . import rundir
 from . import weights as W
 from .checkpoint import CheckpointError
 from .client import Client, derive_seed
-from .data import ClientData, Dataset
-from .engine import sequential
+from .data import ClientData, Dataset, check_seed
+from .engine import Engine, sequential
 from .errors import ConfigError
 from .exchange import Aborted, ExecutorLike, Filter, Signal, Weights
 from .faults import Faults
 from .global_model import GlobalModel, PlainModel
-from .history import History, RoundRecord
+from .history import LOG, History, HistoryLog, RoundRecord, strict
 from .preprocess import Standardize
 from .privacy.ckks import STATE_KEY
 from .privacy.he_filters import decrypt_global, provision
 from .privacy.he_model import EncryptedModel
-from .server import Channel, Controller, Engine, Server, ServerContext
+from .server import Channel, Controller, Server, ServerContext
 from .stats import StatsExecutor
 from .train import Evaluator, ModelFn, SubmitModel, TrainConfig, Trainer, evaluate, load_weights, resolve_device
 
@@ -79,7 +83,8 @@ class Run:
         return f"<fedkit Run {self.status}: {len(self.history)} round(s), accuracy {s['final_accuracy']:.4f}{where}>"
 
     def abort(self, reason: str = "aborted by the user") -> None:
-        """Ask the run to stop at the next batch boundary; the last completed global model is kept."""
+        """Ask the run to stop: training stops at the next batch, and a client blocked inside its executor is
+        left behind at once; the last completed global model is kept."""
         self.signal.trigger(reason)
 
     def wait(self, timeout: float | None = None) -> "Run":
@@ -146,17 +151,79 @@ class Run:
         }
 
     def save(self, directory: str | Path | None = None) -> Path:
-        """Write history (JSON, CSV), final model (``model.pt``), summary and ``plot.html`` into ``directory``."""
+        """Write history (JSON, CSV), final model (``model.pt``), summary and ``plot.html`` into ``directory``.
+
+        The JSON files are strict JSON: a number that is NaN or infinite (an accuracy never measured) is ``null``.
+        """
         directory = Path(directory or self.run_dir or "runs/latest")
         directory.mkdir(parents=True, exist_ok=True)
         self.history.save(directory)
         torch.save(self.weights, directory / "model.pt")
-        (directory / "summary.json").write_text(json.dumps({**self.summary(), "run_dir": str(directory)}, indent=1))
-        (directory / "config.json").write_text(json.dumps(self.simulator.describe(), indent=1, default=str))
+        (directory / "summary.json").write_text(_strict_json({**self.summary(), "run_dir": str(directory)}))
+        (directory / "config.json").write_text(_strict_json(self.simulator.describe()))
         if len(self.history):
             plots.curves({"run": self}).write_html(directory / "plot.html", include_plotlyjs="directory")
         self.run_dir = directory
         return directory
+
+
+class SaveError(RuntimeError):
+    """A run whose results could not be written into its run directory."""
+
+
+def _strict_json(obj: Any) -> str:
+    """Indented strict JSON: NaN and infinities as null, unknown objects as their text."""
+    return json.dumps(strict(obj), indent=1, allow_nan=False)
+
+
+# what a run writes into its directory: name -> is it a folder
+_RUN_DIR_ENTRIES = {"model.pt": False, "summary.json": False, "config.json": False, "history.json": False, LOG: False,
+                    "rounds.csv": False, "clients.csv": False, "plot.html": False, "plotly.min.js": False,
+                    "checkpoints": True}
+
+
+def _check_run_dir(path: Path) -> None:
+    """Refuse, before the first round, a run directory the run could not write its results into."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        if existing == path:
+            raise ConfigError(f"out={str(path)!r} is a file, not a directory; a run writes several files (model.pt, "
+                              "history, checkpoints) into its directory. Give the path of a directory (it is created "
+                              "if missing), or move the file away.")
+        raise ConfigError(f"out={str(path)!r} cannot be created: {existing} is a file, not a directory. Give a path "
+                          "whose parents are directories (or do not exist yet).")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".fedkit-write-test-{threading.get_ident()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"out={str(path)!r} cannot be written to ({e.strerror or e}); give a directory you can write "
+                          "into, or fix its permissions") from None
+    for name, folder in _RUN_DIR_ENTRIES.items():
+        p = path / name
+        if (p.exists() or p.is_symlink()) and p.is_dir() != folder:
+            raise ConfigError(f"{p} is {'a file' if folder else 'a directory'}, but the run writes its "
+                              f"{'checkpoints into a directory' if folder else 'file ' + repr(name)} there; remove or "
+                              "rename it, or give another out=")
+        if p.is_file() and not os.access(p, os.W_OK):
+            raise ConfigError(f"{p} is read-only, and the run writes its {name!r} there; make it writable, remove it, "
+                              "or give another out=")
+
+
+def _save_failed(run: "Run", error: BaseException) -> None:
+    """Saving a run at its end failed: the run fails (with a run's own error kept first), and says so."""
+    reason = f"{type(error).__name__}: {error}"
+    run.history.events.append({"round": len(run.history), "what": "save_failed",
+                               "reason": f"saving the run into {run.run_dir} failed: {reason}"})
+    if run.status != "failed":
+        ended = "finished its rounds" if run.status == "done" else "was aborted"
+        run.error = SaveError(f"the run {ended}, but its results could not be saved into {run.run_dir} ({reason}). "
+                              "run.weights and run.history still hold them: run.save(another_directory) writes them "
+                              "elsewhere")
+        run.error.__cause__ = error
+        run.status = "failed"
 
 
 def _privacy(history: History) -> dict[str, float | None]:
@@ -176,9 +243,63 @@ def _as_model_fn(model: ModelFn | nn.Module) -> ModelFn:
     if isinstance(model, nn.Module):
         template = copy.deepcopy(model)
         return lambda: copy.deepcopy(template)
-    if not callable(model):
+    if not callable(model) or isinstance(model, type) and not issubclass(model, nn.Module):
         raise ConfigError(f"model must be an nn.Module or a function that builds one, got {type(model).__name__}")
+    try:
+        inspect.signature(model).bind()
+    except TypeError:
+        raise ConfigError(f"model must be a function of no arguments that builds an nn.Module (e.g. lambda: "
+                          f"fk.models.MLP(64, 10)); {getattr(model, '__name__', model)!r} needs arguments") from None
+    except ValueError:  # a builtin without a signature: calling it tells
+        pass
     return model
+
+
+def _build(model_fn: ModelFn) -> nn.Module:
+    """One model from ``model_fn``, refused unless it is an nn.Module with parameters to train."""
+    try:
+        model = model_fn()
+    except Exception as e:
+        raise ConfigError(f"building the model failed: model() raised {type(e).__name__}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must build an nn.Module, but model() returned {model!r:.80} (of type {type(model).__name__})")
+    if next(model.parameters(), None) is None:
+        raise ConfigError(f"model() built a {type(model).__name__} without parameters: there is nothing to train or "
+                          "average; give a model with at least one parameter")
+    return model
+
+
+def _check_fits(model: nn.Module, test: Dataset, clients: Sequence[Client]) -> None:
+    """Run ``model`` once on one client example and one test example; refuse a test set it cannot score.
+
+    Done when the simulator is built, so a test set of the wrong shape fails now, not after a round of training.
+    """
+    data = [getattr(getattr(c, "data", None), "train", None) for c in clients]
+    client = next((d for d in data if isinstance(d, Dataset) and len(d) > 0), None)
+    shape_of = lambda d: tuple(d.x.shape[1:])  # noqa: E731
+    shapes = f"test examples have shape {shape_of(test)}" + (f", the clients' {shape_of(client)}" if client else "")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for what, d in (("a client's", client), ("the test set's", test)):
+            if d is None or len(d) == 0:
+                continue
+            try:
+                with torch.no_grad():
+                    out = model(d.x[:1].to(device))
+            except Exception as e:
+                raise ConfigError(f"the model cannot take {what} examples ({shapes}): on one example it raised "
+                                  f"{type(e).__name__}: {e}") from None
+            if d is test:
+                top = int(test.y.max()) if len(test) else -1
+                if not (isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[0] == 1 and out.shape[1] > top):
+                    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                    raise ConfigError(f"the model cannot score the test set ({shapes}): on one test example it gives "
+                                      f"{got}, but scoring needs one score per class, shape (1, >= {top + 1}) for the "
+                                      f"test labels 0..{top}")
+    finally:
+        model.train(was_training)
 
 
 class Simulator:
@@ -197,6 +318,11 @@ class Simulator:
     with the public context only. The controller then runs in a thread of its own and reaches the
     clients only through the server's task board and a `fedkit.server.Channel` of names: nothing the
     server or the controller can reach holds a client object or a secret key.
+
+    With ``out``, a run (or a resume) holds an OS lock on that directory while it runs (`fedkit.rundir`):
+    a second run there is refused, naming the holder. A new run refuses a directory that holds a run
+    already (a checkpoint or a summary) unless ``overwrite=True``. Before the first round the workflow
+    checks its settings against the clients (``check_federation``: clients per round, Krum's f...).
     """
 
     def __init__(self, workflow: Controller, model: ModelFn | nn.Module, clients: ClientsLike,
@@ -205,19 +331,41 @@ class Simulator:
                  engine: Engine = sequential, server_filters: Sequence[Filter] = (),
                  server_result_filters: Sequence[Filter] = (), client_result_filters: Sequence[Filter] = (),
                  faults: Faults | None = None, executors: Mapping[str, ExecutorLike] | None = None,
-                 checkpoint_every: int = 1, on_round: Sequence[Callable[[RoundRecord], None]] = ()) -> None:
+                 checkpoint_every: int = 1, on_round: Sequence[Callable[[RoundRecord], None]] = (),
+                 overwrite: bool = False) -> None:
         if not isinstance(workflow, Controller):
             raise ConfigError(f"workflow must be a Controller such as fk.FedAvg(...), got {type(workflow).__name__}")
         if not isinstance(train, TrainConfig):
             raise ConfigError(f"train must be a fk.TrainConfig, got {type(train).__name__}")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) or not 0.0 <= val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
+        if isinstance(clients, (Dataset, ClientData, Client)):
+            raise ConfigError(f"clients must be a list of clients' data, got one {type(clients).__name__}; split a dataset "
+                              "over clients first, e.g. clients=fk.data.iid(dataset, clients=4)")
+        if isinstance(clients, (str, bytes, Mapping)) or not isinstance(clients, Iterable) or not hasattr(clients, "__len__"):
+            raise ConfigError(f"clients must be a list of Datasets (e.g. a fk.data partition), ClientData or fk.Client "
+                              f"objects, got {type(clients).__name__}")
         if len(clients) == 0:
             raise ConfigError("a federation needs at least one client; clients is empty")
+        if test is not None and not isinstance(test, Dataset):
+            raise ConfigError(f"test must be a fk.data.Dataset (e.g. data.test) or None, got {type(test).__name__}")
+        seed = check_seed(seed, "Simulator seed")
+        if out is not None and not isinstance(out, (str, os.PathLike)):
+            raise ConfigError(f"out must be a directory path (str or Path) or None, got {type(out).__name__}")
         if faults is not None and not isinstance(faults, Faults):
             raise ConfigError(f"faults must be a fk.Faults(...), got {type(faults).__name__}")
-        if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be an integer >= 1 (rounds), got {checkpoint_every!r}")
+        if not callable(engine):
+            raise ConfigError(f"engine must be a function such as fedkit.engine.sequential, got {type(engine).__name__}")
+        for name, value in (("server_filters", server_filters), ("server_result_filters", server_result_filters),
+                            ("client_result_filters", client_result_filters), ("on_round", on_round)):
+            if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+                raise ConfigError(f"{name} must be a list, got {type(value).__name__}")
+        if not all(callable(f) for f in on_round):
+            raise ConfigError(f"on_round must be a list of functions of a RoundRecord, got {list(on_round)!r:.80}")
+        if executors is not None and not isinstance(executors, Mapping):
+            raise ConfigError(f"executors must map task names to executors (a dict), got {type(executors).__name__}")
         executors = dict(executors or {})
         bad = [name for name, ex in executors.items() if not isinstance(name, str) or not callable(getattr(ex, "execute", ex))]
         if bad:
@@ -239,11 +387,17 @@ class Simulator:
         self.executors = executors
         self.checkpoint_every = checkpoint_every
         self.on_round = list(on_round)
-        workflow.check_model(self.model_fn())  # fail now, with how to fix the model, not in every client's first round
+        if not isinstance(overwrite, bool):
+            raise ConfigError(f"overwrite must be True or False, got {overwrite!r}")
+        self.overwrite = overwrite  # may a new run replace the run in `out`? (else it is refused)
+        probe = _build(self.model_fn)
+        workflow.check_model(probe)  # fail now, with how to fix the model, not in every client's first round
         self.clients = [self._client(i, c) for i, c in enumerate(clients)]
         names = [c.name for c in self.clients]
         if len(set(names)) != len(names):
             raise ConfigError(f"client names must be unique, got {names}")
+        if test is not None:
+            _check_fits(probe, test, self.clients)
 
     def _client(self, i: int, c: Dataset | ClientData | Client) -> Client:
         if isinstance(c, Client):
@@ -285,15 +439,32 @@ class Simulator:
 
         Interrupting the kernel (Ctrl-C) stops at the next batch and returns the run as ``aborted``;
         with ``out`` set, its last completed round is checkpointed and `resume` continues it.
+        A directory that holds a run already is refused unless ``overwrite=True``, and so is one that
+        another run is writing into (`fedkit.rundir`).
         """
-        return self._blocking(Run(self), None, progress, desc)
+        lock = self._claim(self.out, fresh=True)
+        try:
+            run = Run(self)
+            run._rundir_lock = lock
+            return self._blocking(run, None, progress, desc)
+        finally:
+            if lock is not None:
+                lock.release()
 
     def start(self) -> Run:
         """Start the workflow in a background thread; returns the `Run` handle at once."""
         run = Run(self)
-        run._thread = threading.Thread(target=self._execute, args=(run,), name="fedkit-run", daemon=True)
-        run.status = "running"
-        run._thread.start()
+        lock = run._rundir_lock = self._claim(run.run_dir, fresh=True)  # released by the run's thread when it ends
+        try:
+            if run.run_dir is not None:
+                _check_run_dir(run.run_dir)  # refused here and now, not in the background thread
+            run._thread = threading.Thread(target=self._execute, args=(run,), name="fedkit-run", daemon=True)
+            run.status = "running"
+            run._thread.start()
+        except BaseException:
+            if lock is not None:
+                lock.release(undo=True)
+            raise
         return run
 
     def resume(self, run_dir: str | Path | None = None, progress: bool = True) -> Run:
@@ -305,16 +476,56 @@ class Simulator:
         build again (in the notebook, or by ``fedkit run --resume DIR`` from the saved arguments).
         """
         run_dir = Path(run_dir or self.out or "")
-        ckpt = checkpoint.load(run_dir)
-        if ckpt.fingerprint != self.fingerprint():
-            saved = run_dir / "config.json"
-            raise CheckpointError(
-                f"the checkpoint in {run_dir} was written by a run with other settings (workflow, training, data "
-                f"split, model or seed differ; see {saved}); build the Simulator as it was, or start a new run"
-            )
-        run = Run(self)
-        run.run_dir = run_dir
-        return self._blocking(run, ckpt, progress)
+        # the lock first: a resume while the run still goes is refused (the lock file goes with the lock)
+        lock = self._claim(run_dir if run_dir.is_dir() else None, fresh=False)
+        try:
+            ckpt = checkpoint.load(run_dir)
+            if ckpt.fingerprint != self.fingerprint():
+                saved = run_dir / "config.json"
+                raise CheckpointError(
+                    f"the checkpoint in {run_dir} was written by a run with other settings (workflow, training, data "
+                    f"split, model or seed differ; see {saved}); build the Simulator as it was, or start a new run"
+                )
+            ckpt.check_clients([c.name for c in self.clients], run_dir)
+            self._check_checkpoint_model(ckpt, run_dir)
+            run = Run(self)
+            run.run_dir = run_dir
+            run._rundir_lock = lock
+            return self._blocking(run, ckpt, progress)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _claim(self, run_dir: str | Path | None, fresh: bool) -> rundir.RunDirLock | None:
+        """Before the first round: the workflow's check of this federation, then the lock of the run directory
+        (None without one); ``fresh``: a new run, which must not replace a run there unless ``overwrite``."""
+        self.workflow.check_federation([c.name for c in self.clients])
+        if run_dir is None:
+            return None
+        try:
+            return rundir.claim(run_dir, fresh=fresh, overwrite=self.overwrite)
+        except rundir.RunExists as e:
+            raise rundir.RunExists(f"out={str(e.directory)!r} holds {e.found}, and a new run there would replace it: "
+                                   "continue it with Simulator.resume() if it was interrupted, give another out=, or "
+                                   "build the Simulator with overwrite=True to replace it", e.directory, e.found) from None
+
+    def _check_checkpoint_model(self, ckpt: checkpoint.Checkpoint, run_dir: Path) -> None:
+        """Refuse a checkpoint whose model does not fit this simulator's (names, shapes; with HE its encrypted part)."""
+        initial = self.initial_weights()
+        try:
+            if self.workflow.he is None:
+                W.check_update(ckpt.weights, initial, "the checkpoint's model")
+                return
+            he = ckpt.server_state.get(STATE_KEY)
+            if not isinstance(he, dict) or not {"public_context", "key_id", "layout", "keys", "global"} <= set(he):
+                raise ValueError(f"its server state has no encrypted model under {STATE_KEY!r} (public_context, key_id, "
+                                 "layout, keys, global)")
+            if not (isinstance(he["global"], list) and all(isinstance(c, torch.Tensor) for c in he["global"])
+                    and isinstance(he["keys"], list) and isinstance(he["key_id"], str)):
+                raise ValueError("its encrypted model is malformed (global must be a list of tensors, keys a list)")
+            W.check_update(ckpt.weights, {k: v for k, v in initial.items() if k in ckpt.weights}, "the checkpoint's model")
+        except ValueError as e:  # UpdateError included
+            raise CheckpointError(f"the checkpoint in {run_dir} does not fit this simulator's model: {e}") from None
 
     def _blocking(self, run: Run, ckpt: checkpoint.Checkpoint | None, progress: bool, desc: str = "rounds") -> Run:
         bar = _progress(self.workflow, progress, done=ckpt.round + 1 if ckpt else 0, desc=desc)
@@ -331,7 +542,10 @@ class Simulator:
                  extra_listeners: Sequence[Callable] = ()) -> None:
         t0 = time.perf_counter()
         run.status = "running"
+        log: HistoryLog | None = None
         try:
+            if run.run_dir is not None:
+                _check_run_dir(run.run_dir)
             clients = {c.name: c.fresh(derive_seed(self.seed, i, 1), self.faults) for i, c in enumerate(self.clients)}
             start_round = 0
             if ckpt is not None:
@@ -350,7 +564,7 @@ class Simulator:
             def save(round: int) -> None:
                 weights, extra = server.model.checkpoint()
                 checkpoint.save(run.run_dir, round, weights, {**server.state, **extra},
-                                {n: c.state for n, c in clients.items()}, run.history, fingerprint)
+                                {n: c.state for n, c in clients.items()}, run.history, fingerprint, log=log)
                 saved["round"] = round
 
             def track(record: RoundRecord) -> None:
@@ -360,7 +574,13 @@ class Simulator:
 
             if run.run_dir is not None:
                 run.run_dir.mkdir(parents=True, exist_ok=True)
-                (run.run_dir / "config.json").write_text(json.dumps(self.describe(), indent=1, default=str))
+                (run.run_dir / "config.json").write_text(_strict_json(self.describe()))
+                if ckpt is None:
+                    checkpoint.discard(run.run_dir)  # a new run, a new history: an older run's checkpoint is void
+                try:  # the history, appended as it grows; a resumed one is cut back to its checkpoint's
+                    log = HistoryLog(run.run_dir / LOG, run.history, ckpt.log if ckpt is not None else None)
+                except ValueError as e:
+                    raise CheckpointError(str(e)) from None
             fl = ServerContext(server, tuple(clients), Channel(), run.signal, run.history, self.seed,
                                evaluate=self._evaluator(), start_round=start_round)
             listeners = [track, *self.on_round, *extra_listeners]
@@ -377,16 +597,32 @@ class Simulator:
             run.history.events.append({"round": len(run.history), "what": "failed", "reason": f"{type(e).__name__}: {e}",
                                        "detail": traceback.format_exc()})
         finally:
-            if run._live is not None:  # stopped early: freeze the last completed round's model
+            try:
+                if run._live is not None:  # stopped early: freeze the last completed round's model
+                    try:
+                        run.weights = run.weights
+                    except Exception:  # a client that cannot decrypt must not hide the run's own error
+                        run._live = None
+                run.seconds = time.perf_counter() - t0
+                if run.run_dir is not None and (log is not None or run.weights):
+                    try:
+                        if log is not None:
+                            log.sync()  # the last events (aborted, failed)
+                        if run.weights:
+                            run.save()
+                    except Exception as e:  # the run fails (or keeps its own error): never a wait() that hangs
+                        _save_failed(run, e)
+                        try:
+                            if log is not None:
+                                log.sync()
+                        except Exception:
+                            pass
+            finally:
+                run._thread = None
                 try:
-                    run.weights = run.weights
-                except Exception:  # a client that cannot decrypt must not hide the run's own error
-                    run._live = None
-            run.seconds = time.perf_counter() - t0
-            if run.run_dir is not None and run.weights:
-                run.save()
-            run._thread = None
-            run._done.set()
+                    _release(run)  # the run directory, before anyone waiting for the run wakes up
+                finally:
+                    run._done.set()  # always: wait() must never hang
 
     def _provision(self, clients: dict[str, Client], ckpt: checkpoint.Checkpoint | None, history: History) -> GlobalModel:
         """The server's global model, plaintext or encrypted; with HE, the keys go to the clients first.
@@ -490,6 +726,13 @@ def _refuse_orders(channel: Channel, thread: threading.Thread) -> None:
             return
         order.error = Aborted("interrupted")
         order.done.set()
+
+
+def _release(run: Run) -> None:
+    """Give back the run directory's lock that ``run`` holds (`Simulator._claim`), once."""
+    lock = run.__dict__.pop("_rundir_lock", None)
+    if lock is not None:
+        lock.release()
 
 
 def _plaintext(model: GlobalModel, owner: Client) -> Weights:

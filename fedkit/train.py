@@ -8,6 +8,8 @@ rounds after the first pay no set-up.
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from dataclasses import InitVar, dataclass, field
 from typing import Any, Callable, Iterator, Protocol, Sequence
@@ -45,14 +47,14 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise ConfigError(f"TrainConfig.{name} must be an integer >= {low}, got {v!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ConfigError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
-        for name in ("momentum", "weight_decay"):
+        for name, rule, ok in (("lr", "a finite number > 0", lambda v: v > 0),
+                               ("momentum", "a number in [0, 1)", lambda v: 0 <= v < 1),
+                               ("weight_decay", "a finite number >= 0", lambda v: v >= 0)):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and v >= 0):
-                raise ConfigError(f"TrainConfig.{name} must be >= 0, got {v!r}")
-        if self.momentum >= 1:
-            raise ConfigError(f"TrainConfig.momentum must be < 1, got {self.momentum!r}")
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or not ok(v):
+                raise ConfigError(f"TrainConfig.{name} must be {rule}, got {v!r}")
+        if not isinstance(self.validate, bool):
+            raise ConfigError(f"TrainConfig.validate must be True or False, got {self.validate!r}")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -118,3 +118,12 @@ def test_every_round_leaving_a_part_is_shifted_also_in_nested_chains(tiny_model)
     draws = [ServerContext(None, tuple(c.name for c in clients), Channel(), fk.Signal(), fk.History(), seed=5)
              .sample_clients(1, r) for r in (2, 3)]
     assert shifted == draws and alone.history.events[0]["round"] == 0
+
+
+def test_a_chain_checks_every_part_against_the_federation_before_the_first_round(tiny_model):
+    seen = []
+    sim = fk.Simulator(Chain(FedStats(), FedAvg(rounds=1, clients_per_round=5)), model=tiny_model,
+                       clients=recording_clients(seen, n=3))
+    with pytest.raises(fk.ConfigError, match="clients_per_round"):
+        sim.run(progress=False)
+    assert seen == []  # refused before any task went out

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -242,3 +243,219 @@ def test_stateful_workflows_resume_exactly(digits, tmp_path, name):
         assert all("standardize" in s for s in ckpt.client_states.values())
     resumed = sim(tmp_path / "cut").resume(progress=False)
     assert resumed.model_sha256 == whole.model_sha256
+
+
+# ---- checkpoints trusted no further than they are checked
+
+def _ones(task, ctx, abort):
+    ctx.state["calls"] = ctx.state.get("calls", 0) + 1
+    return fk.DXO("WEIGHT_DIFF", {k: torch.full_like(v, 0.5) for k, v in task.data.data.items()}, {"num_samples": 1})
+
+
+def tiny_sim(out, model, rounds=3, on_round=(), **kw):
+    d = fk.Dataset(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long), 2)
+    clients = [fk.Client(name, ClientData(d, d), {"train": _ones}) for name in ("a", "b")]
+    return fk.Simulator(fk.FedAvg(rounds=rounds), model=model, clients=clients, out=out, on_round=list(on_round), **kw)
+
+
+@pytest.fixture
+def tiny_run(tmp_path, tiny_model):
+    """A 3-round run cut after round 1 (checkpoint of round 1), and how to build its simulator again."""
+    tiny_sim(tmp_path, tiny_model, on_round=[stop_after(1)]).run(progress=False)
+    return tmp_path, lambda **kw: tiny_sim(tmp_path, tiny_model, **kw)
+
+
+def _manifest(run_dir):
+    return json.loads((run_dir / "checkpoints" / "latest.json").read_text())
+
+
+def _write_manifest(run_dir, manifest):
+    (run_dir / "checkpoints" / "latest.json").write_text(json.dumps(manifest))
+
+
+def _replace_file(run_dir, fname, data: bytes):
+    """Put ``data`` in the checkpoint as ``fname``, with a matching SHA-256 in latest.json."""
+    m = _manifest(run_dir)
+    (run_dir / "checkpoints" / m["dir"] / fname).write_bytes(data)
+    m["files"][fname] = hashlib.sha256(data).hexdigest()
+    _write_manifest(run_dir, m)
+
+
+def _torch_bytes(obj):
+    import io
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _move_to_round(run_dir, rnd):
+    """Make latest.json say ``rnd`` (folder renamed to match): a checkpoint whose round disagrees with its history."""
+    m = _manifest(run_dir)
+    (run_dir / "checkpoints" / m["dir"]).rename(run_dir / "checkpoints" / f"round-{rnd:05d}")
+    m["round"], m["dir"] = rnd, f"round-{rnd:05d}"
+    _write_manifest(run_dir, m)
+
+
+@pytest.mark.parametrize("rnd", [6, 100, 0])
+def test_a_round_the_history_does_not_end_with_is_refused(tiny_run, rnd):
+    run_dir, sim = tiny_run
+    _move_to_round(run_dir, rnd)
+    with pytest.raises(fk.CheckpointError, match=f"says round {rnd} was the last completed, but the checkpoint's "
+                                                 "history ends with round 1"):
+        checkpoint.load(run_dir)
+    with pytest.raises(fk.CheckpointError, match="inconsistent"):
+        sim().resume(progress=False)  # neither a wrong model nor "done" without training
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(round=-5, dir="round--0005"), "last completed round is -5; a round is an integer >= 0"),
+    (dict(round="1"), "last completed round is '1'"),
+    (dict(round=True), "last completed round is True"),
+    (dict(dir="../../elsewhere"), "names the folder '../../elsewhere' for round 1; that round's folder is 'round-00001'"),
+    (dict(dir="round-00000"), "names the folder 'round-00000' for round 1"),
+    (dict(files=[]), "lists the files"),
+    (dict(fingerprint=None), "has no fingerprint"),
+    (dict(history={"bytes": "x"}), "describes the history"),
+    (dict(format=99), "has format 99; this fedkit reads formats 1, 2"),
+])
+def test_a_malformed_latest_json_is_refused(tiny_run, change, message):
+    run_dir, _ = tiny_run
+    _write_manifest(run_dir, {**_manifest(run_dir), **change})
+    with pytest.raises(fk.CheckpointError, match=re.escape(message)):
+        checkpoint.load(run_dir)
+
+
+@pytest.mark.parametrize("fname, obj, message", [
+    ("model.pt", [1.0, 2.0], "model.pt does not hold a model's weights (a dict of names to tensors) but a list"),
+    ("model.pt", {"weight": 3}, "model.pt does not hold a model's weights (a dict of names to tensors) but a dict of str -> int"),
+    ("model.pt", {1: torch.ones(1, 1)}, "model.pt does not hold a model's weights"),
+    ("server.pt", [torch.ones(1)], "server.pt does not hold the server's state (a dict with string keys) but a list"),
+    ("clients.pt", {"a": 5, "b": {}}, "clients.pt does not hold the clients' states (a dict of client names to dicts)"),
+    ("clients.pt", torch.ones(2), "clients.pt does not hold the clients' states"),
+])
+def test_correctly_hashed_but_malformed_tensors_are_refused(tiny_run, fname, obj, message):
+    run_dir, sim = tiny_run
+    _replace_file(run_dir, fname, _torch_bytes(obj))
+    with pytest.raises(fk.CheckpointError, match=re.escape(message)):
+        checkpoint.load(run_dir)
+    with pytest.raises(fk.CheckpointError, match=re.escape(message)):
+        sim().resume(progress=False)
+
+
+def test_client_states_must_be_the_federations_clients(tiny_run):
+    run_dir, sim = tiny_run
+    _replace_file(run_dir, "clients.pt", _torch_bytes({"a": {}, "mallory": {}}))
+    with pytest.raises(fk.CheckpointError, match=r"holds the states of clients \['a', 'mallory'\], but this "
+                                                 r"federation's clients are \['a', 'b'\]"):
+        sim().resume(progress=False)
+    with pytest.raises(fk.CheckpointError, match="holds the states of clients"):
+        checkpoint.load(run_dir, clients=["a", "b"])
+
+
+def test_a_model_of_other_shapes_is_refused(tiny_run):
+    run_dir, sim = tiny_run
+    _replace_file(run_dir, "model.pt", _torch_bytes({"weight": torch.ones(3, 3)}))
+    assert checkpoint.load(run_dir).weights["weight"].shape == (3, 3)  # well-formed on its own...
+    with pytest.raises(fk.CheckpointError, match="does not fit this simulator's model.*shape"):
+        sim().resume(progress=False)  # ...but not this model's
+
+
+def _rewrite_log(run_dir, edit):
+    """Rewrite the checkpointed part of history.jsonl with ``edit(lines)``, and latest.json to match it."""
+    m = _manifest(run_dir)
+    log = run_dir / "history.jsonl"
+    lines = log.read_bytes()[:m["history"]["bytes"]].decode().splitlines()
+    data = ("\n".join(edit(lines)) + "\n").encode()
+    log.write_bytes(data)
+    m["history"].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    _write_manifest(run_dir, m)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda ls: [ls[0], ls[1].replace('"round":0', '"round":"zero"'), *ls[2:]], "round must be an integer >= 0"),
+    (lambda ls: [ls[0], ls[1].replace('"metrics":', '"metrics":[],"x":'), *ls[2:]], "must have the keys round"),
+    (lambda ls: [ls[0], '{"round": [1, 2]}', *ls[2:]], "must be an object"),
+    (lambda ls: [ls[0], '{"gossip": 1}', *ls[1:]], "must hold one of round, event, results"),
+    (lambda ls: [ls[0], "not json", *ls[1:]], "is not JSON"),
+    (lambda ls: ['{"something": "else"}', *ls[1:]], "does not start with a fedkit history header"),
+    (lambda ls: ls[:2], "hold 1 round(s)"),  # a well-formed history shorter than latest.json says
+])
+def test_a_correctly_hashed_but_malformed_history_is_refused(tiny_run, edit, message):
+    run_dir, sim = tiny_run
+    _rewrite_log(run_dir, edit)
+    with pytest.raises(fk.CheckpointError, match=re.escape(message)):
+        checkpoint.load(run_dir)
+
+
+def test_a_history_log_changed_or_cut_is_refused(tiny_run):
+    run_dir, _ = tiny_run
+    log = run_dir / "history.jsonl"
+    data = log.read_bytes()
+    log.write_bytes(data.replace(b'"round":0', b'"round":7', 1))
+    with pytest.raises(fk.CheckpointError, match="history.jsonl does not match the checkpoint"):
+        checkpoint.load(run_dir)
+    log.write_bytes(data[:40])
+    with pytest.raises(fk.CheckpointError, match="history.jsonl is truncated: it has 40 bytes"):
+        checkpoint.load(run_dir)
+    log.unlink()
+    with pytest.raises(fk.CheckpointError, match="history.jsonl is missing"):
+        checkpoint.load(run_dir)
+
+
+def test_a_kill_mid_append_does_not_corrupt_a_resume(digits, tmp_path):
+    """Lines appended after the checkpoint, and a torn last line, are cut off when the run resumes."""
+    whole = digits_sim(digits, tmp_path / "whole", rounds=4).run(progress=False)
+    digits_sim(digits, tmp_path / "cut", rounds=4, on_round=[stop_after(1)]).run(progress=False)
+    log = tmp_path / "cut" / "history.jsonl"
+    checkpointed = _manifest(tmp_path / "cut")["history"]["bytes"]
+    assert log.stat().st_size > checkpointed  # the "aborted" event came after the checkpoint
+    with open(log, "ab") as f:
+        f.write(b'{"round":{"round":2,"seconds":0.1,"metrics":{"accuracy":0.99},"clients":{}}}\n{"event":{"rou')
+    assert len(fk.History.load(tmp_path / "cut")) == 3  # a reader skips the torn line
+    resumed = digits_sim(digits, tmp_path / "cut", rounds=4).resume(progress=False)
+    assert resumed.model_sha256 == whole.model_sha256
+    assert [r.round for r in resumed.history] == [0, 1, 2, 3]
+    assert resumed.history.series("accuracy") == pytest.approx(whole.history.series("accuracy"))
+    on_disk = fk.History.load(tmp_path / "cut")
+    assert on_disk.series("accuracy") == resumed.history.series("accuracy")
+    from fedkit.history import read_log
+    assert read_log(log).history.to_dict() == resumed.history.to_dict()
+
+
+def test_a_format_1_checkpoint_still_resumes(tiny_run, tiny_model, tmp_path):
+    """Older fedkit kept the whole history in the round's folder (history.json); such a checkpoint still resumes."""
+    run_dir, sim = tiny_run
+    whole = tiny_sim(tmp_path / "whole", tiny_model).run(progress=False)
+    ckpt = checkpoint.load(run_dir)
+    checkpoint.save(run_dir, ckpt.round, ckpt.weights, ckpt.server_state, ckpt.client_states, ckpt.history, ckpt.fingerprint)
+    m = _manifest(run_dir)
+    m["format"] = 1
+    _write_manifest(run_dir, m)
+    (run_dir / "history.jsonl").unlink()
+    assert "history.json" in m["files"] and checkpoint.load(run_dir).log is None
+    resumed = sim().resume(progress=False)
+    assert resumed.model_sha256 == whole.model_sha256 and len(resumed.history) == 3
+    assert checkpoint.load(run_dir).log is not None  # it goes on in the new format
+
+
+def test_a_new_run_in_a_directory_voids_its_old_checkpoint(tiny_run, tiny_model):
+    run_dir, _ = tiny_run
+    assert checkpoint.exists(run_dir)
+    # a new run there that ends before its first checkpoint: the old one (of another history) is not resumed
+    tiny_sim(run_dir, tiny_model, on_round=[stop_after(0)], checkpoint_every=2, overwrite=True).run(progress=False)
+    with pytest.raises(fk.CheckpointError, match="no checkpoint in"):
+        checkpoint.load(run_dir)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("payload", [pickle.dumps(_Exploit()), _torch_bytes({"m": torch.nn.Linear(1, 1)})],
+                         ids=["os.system", "module"])
+def test_a_refused_pickle_never_suggests_loading_it_anyway(finished, payload):
+    run_dir, _ = finished
+    _replace_file(run_dir, "model.pt", payload)
+    with pytest.raises(fk.CheckpointError) as e:
+        checkpoint.load(run_dir)
+    message = str(e.value)
+    assert "could not be read safely" in message and "loading it could run code" in message
+    for advice in ("weights_only", "add_safe_globals", "safe_globals", "trusted source", "can still be loaded"):
+        assert advice not in message, message

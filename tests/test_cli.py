@@ -1,6 +1,7 @@
 """`fedkit run`: the acceptance numbers, the JSON summary, and clear errors with exit code 2."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -180,22 +181,22 @@ def test_he_flags_build_the_ckks_settings(argv, expected):
     (["--adaptive-clip"], "--adaptive-clip need --dp-sgd or --dp-fedavg"),
     (["--dp-sgd", "--sample-rate", "0.1"], "--sample-rate and --adaptive-clip are DP-FedAvg options"),
     (["--dp-sgd", "--adaptive-clip"], "DP-SGD's sample rate is --batch-size / (examples per client)"),
-    (["--dp-sgd", "--delta", "2"], "delta must be in (0, 1)"),
+    (["--dp-sgd", "--delta", "2"], "--delta: must be in (0, 1), got 2"),
     (["--dp-fedavg", "--clients-per-round", "3"], "drop --clients-per-round"),
     (["--dp-fedavg", "--weigh-by", "steps"], "DP-FedAvg weighs every client the same"),
-    (["--dp-fedavg", "--sample-rate", "0"], "sample_rate is the probability that a client joins a round"),
+    (["--dp-fedavg", "--sample-rate", "0"], "--sample-rate: must be in (0, 1], got 0"),
     (["--dp-fedavg", "--algorithm", "cyclic"], "cyclic weight transfer runs no extensions"),
     (["--dp-sgd", "--algorithm", "cyclic"], "use fedavg, fedprox, fedopt or scaffold with DP"),
     (["--he-layers", "fc2.*"], "--he-layers only mean something with --he; add --he or drop them"),
     (["--he-poly-modulus", "16384", "--he-scale-bits", "30"], "--he-poly-modulus, --he-scale-bits only mean something"),
     (["--he", "--he-coeff-mod-bits", "60,forty,60"], "--he-coeff-mod-bits must be comma-separated whole numbers"),
     (["--he", "--he-poly-modulus", "4096"], "allows at most 109 bits"),
-    (["--he", "--algorithm", "fedopt"], "FedAvg(he=...) cannot use the server optimizer"),
-    (["--he", "--algorithm", "scaffold"], "FedAvg(he=...) cannot run Scaffold"),
-    (["--he", "--aggregate", "median"], "FedAvg(he=...) cannot use the aggregation rule 'coordinate_median'"),
-    (["--he", "--dp-fedavg"], "cannot run UserDP"),
+    (["--he", "--algorithm", "fedopt"], "--he cannot use the server optimizer of --algorithm fedopt (--server-opt sgd)"),
+    (["--he", "--algorithm", "scaffold"], "--he cannot run Scaffold (--algorithm scaffold)"),
+    (["--he", "--aggregate", "median"], "--he cannot use the aggregation rule 'coordinate_median' (--aggregate median)"),
+    (["--he", "--dp-fedavg"], "--he cannot be used with --dp-fedavg"),
     (["--straggle", "0.1"], "straggle > 0 needs a task_timeout (--task-timeout SECONDS)"),
-    (["--seed", "-1"], "Experiment.seed must be an integer >= 0"),
+    (["--seed", "-1"], "--seed: must be a whole number in [0, 2**63) (e.g. 0), got -1"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_refusals_exit_2_with_what_to_change(args, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
@@ -273,3 +274,150 @@ def test_resume_refuses_new_settings(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["run", "--resume", str(tmp_path), "--rounds", "5", "--mu", "0.2"])
     assert e.value.code == 2 and "drop --rounds, --mu" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ refusals before the first round
+
+def test_version_and_help_give_every_default_once(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"fedkit {fk.__version__}"
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, default in [("--algorithm", "fedavg"), ("--clients", "8"), ("--partition", "iid"), ("--rounds", "10"),
+                          ("--lr", "0.05"), ("--batch-size", "16"), ("--local-epochs", "1"), ("--model", "auto"),
+                          ("--seed", "0"), ("--server-momentum", "0.6"), ("--clients-per-round", "all")]:
+        entry = re.search(rf" {flag} [A-Z_{{]\S*( [A-Z_]+)? (.*?)(?= --[a-z]|$)", text).group(2)
+        assert entry.count("default") == 1 and f"(default: {default}" in entry, (flag, entry)
+
+
+def test_every_error_has_one_format_and_a_hint(capsys):
+    for argv, prog, words in [([], "fedkit", "no command"), (["run", "--rounds", "zero"], "fedkit run", "--rounds"),
+                              (["run", "--lr-rate", "1"], "fedkit run", "unrecognized arguments: --lr-rate"),
+                              (["compare", "--algorithms", "fedmagic"], "fedkit compare", "--algorithms")]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(lines) == 2, lines
+        assert lines[0].startswith(f"{prog}: error: ") and words in lines[0] and lines[1].startswith("hint: ")
+    main_hint = "did you mean --lr?"
+    with pytest.raises(SystemExit):
+        main(["run", "--lr-rate", "1"])
+    assert main_hint in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("out, message", [
+    (lambda t: (t / "f").write_text("x") and t / "f", "is a file, not a directory"),
+    (lambda t: (t / "f").write_text("x") and t / "f" / "sub", "is a file, not a directory"),
+    (lambda t: "/proc/fedkit-run", "cannot be created"),
+], ids=["a file", "under a file", "in /proc"])
+def test_an_out_that_cannot_be_a_run_directory_exits_2(tmp_path, capsys, out, message):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--rounds", "1", "--clients", "2", "--no-progress", "--out", str(out(tmp_path))])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "(--out)" in err and "hint: choose another --out" in err
+
+
+def test_a_finished_run_is_replaced_only_with_overwrite(tmp_path, capsys):
+    argv = ["run", "--clients", "2", "--no-progress", "--json", "--out", str(tmp_path)]
+    assert main([*argv, "--rounds", "2"]) == 0
+    before = {f: (tmp_path / f).read_text() for f in ("summary.json", "cli.json")}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--rounds", "1"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and f"--out {tmp_path} holds a finished run of 2 round(s)" in err
+    assert f"fedkit run --resume {tmp_path}" in err and "add --overwrite" in err
+    assert json.loads(out.splitlines()[-1])["status"] == "refused"
+    assert {f: (tmp_path / f).read_text() for f in before} == before  # not a byte changed
+    assert main([*argv, "--rounds", "1", "--overwrite"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["rounds"] == 1
+    assert json.loads((tmp_path / "cli.json").read_text())["rounds"] == 1 and "overwrite" not in before["cli.json"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[]", "holds a JSON list, not the flags of a run"),
+    ('"x"', "holds a JSON str, not the flags of a run"),
+    ('{"rounds": "x"}', "holds a setting that cannot work (--rounds: expected a whole number, got 'x')"),
+    ('{"clients": -1}', "(--clients: must be >= 1, got -1)"),
+    ('{"seed": 1180591620717411303424}', "(--seed: must be a whole number in [0, 2**63)"),
+    ('{"dp_sgd": "yes"}', 'holds dp_sgd="yes", but --dp-sgd is a switch'),
+    ('{"lr": null}', "holds lr=null, but --lr needs a value"),
+    ('{"bogus": 1}', "holds settings this fedkit does not know (bogus)"),
+    ("{", "is not valid JSON"),
+], ids=["list", "string", "rounds", "clients", "seed", "switch", "null", "unknown", "broken"])
+def test_a_damaged_cli_json_is_refused(tmp_path, capsys, content, message):
+    (tmp_path / "cli.json").write_text(content)
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--resume", str(tmp_path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--resume", "{d}", "--out", "{d}-other"], "continues {d} in place, so --out {d}-other would be ignored"),
+    (["--resume", "{d}", "--rounds", "10"], "drop --rounds"),  # the default value, typed: still refused
+    (["--resume", "{d}", "--overwrite"], "--overwrite replaces it: choose one"),
+    (["--mu", "0.1"], "--mu only means something with --algorithm fedprox: add that or drop --mu"),
+    (["--max-grad-norm", "2", "--clip-norm", "2"], "--max-grad-norm only means something with --dp-sgd"),
+    (["--algorithm", "fedopt", "--server-opt", "adam", "--server-momentum", "0.9"], "and --server-opt sgd"),
+    (["--trim", "0.2", "--byzantine", "2"], "--trim only means something with --aggregate trimmed-mean"),
+    (["--alpha", "0.3"], "--alpha only means something with --partition dirichlet or quantity"),
+    (["--algorithm", "cyclic", "--clients-per-round", "2"], "--clients-per-round only means something with"),
+    (["--dp-fedavg", "--max-retries", "3"], "--dp-fedavg sets --max-retries itself"),
+    (["--fault-seed", "3"], "--fault-seed only means something with a fault to inject"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_options_that_would_be_ignored_are_refused(tmp_path, capsys, argv, message):
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "cli.json").write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--no-progress", *[a.format(d=d) for a in argv]])
+    assert e.value.code == 2 and message.format(d=d) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--aggregate", "krum", "--byzantine", "10"], "--aggregate krum with --byzantine 10 needs more than 2 x 10 + 2 = 22"),
+    (["--aggregate", "trimmed-mean", "--trim", "0.6"], "--trim: must be in [0, 0.5), got 0.6"),
+    (["--min-clients", "20"], "--min-clients 20 can never be met: a round asks only 8 clients (--clients 8)"),
+    (["--clients-per-round", "20"], "--clients-per-round 20 is more than the 8 clients of the federation"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_settings_the_federation_cannot_meet_are_refused_before_the_first_round(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--no-progress", "--json", "--out", str(tmp_path / "run"), *argv])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and message in err
+    assert json.loads(out.splitlines()[-1]) == {"status": "refused", "error": err.splitlines()[0].split("error: ", 1)[1],
+                                                "run_dir": str(tmp_path / "run")}
+    assert not (tmp_path / "run").exists()  # no failed run directory, no NaN summary
+
+
+def test_a_failed_run_prints_its_json_summary_too(tmp_path, capsys):
+    rc = main(["run", "--crash", "1", "--rounds", "2", "--clients", "2", "--max-retries", "0", "--no-progress", "--json",
+               "--out", str(tmp_path)])
+    out, err = capsys.readouterr()
+    summary = json.loads(out.splitlines()[-1])
+    assert rc == 1 and summary["status"] == "failed" and "RoundFailed" in summary["error"]
+    assert summary["run_dir"] == str(tmp_path) and "rounds" in summary
+    assert err.splitlines()[-2].startswith("fedkit run: error: the run failed: RoundFailed")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--he", "--he-layers", "nothing-matches"], "--he-layers pattern 'nothing-matches' matches no"),
+    (["--dp-fedavg", "--target-epsilon", "0.0001"], "no noise multiplier reaches epsilon 0.0001"),
+], ids=["he layers", "dp budget"])
+def test_a_run_refused_as_it_starts_leaves_nothing_behind(tmp_path, capsys, argv, message):
+    out = tmp_path / "new" / "run"
+    assert main(["run", "--rounds", "1", "--clients", "3", "--no-progress", "--out", str(out), *argv]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+def test_min_size_reaches_the_partition_and_is_refused_where_it_means_nothing(capsys):
+    exp = experiment_from_args(flags("--clients", "300", "--partition", "dirichlet", "--alpha", "0.1", "--min-size", "3"))
+    assert exp.data.min_size == 3
+    assert min(len(p) for p in exp.data.partition_of(exp.load())) >= 3  # 300 clients: the draw no longer gives up
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--min-size", "3", "--no-progress"])
+    assert e.value.code == 2 and "--min-size only means something with --partition dirichlet or quantity" in \
+        capsys.readouterr().err

@@ -311,3 +311,96 @@ def test_bad_shards():
         D.shards(tagged(50), clients=2, shards_per_client=0)
     with pytest.raises(fedkit.ConfigError, match="shards"):
         D.shards(tagged(10), clients=4, shards_per_client=3)  # 12 shards > 10 samples
+
+
+# ------------------------------------------------------------- partitions: many clients, min_size
+
+def digest(parts: Partition) -> str:
+    import hashlib
+    return hashlib.sha256(b"".join(i.astype(np.int64).tobytes() + b"|" for i in parts.indices)).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("fn, kwargs, expected", [
+    # what the 1000-draw rule gave before the repair existed: a draw that fits is still returned unchanged
+    (D.dirichlet, dict(clients=8, alpha=0.5, seed=0), "b1c4b3fd5ebe8002"),  # the quickstart preset's split
+    (D.dirichlet, dict(clients=20, alpha=0.1, seed=3), "6fd079d65fe8418d"),  # fits on the 4th draw
+    (D.dirichlet, dict(clients=10, alpha=0.3, seed=1, min_size=60), "684a88d0f2edb47f"),
+    (D.quantity_skew, dict(clients=8, alpha=0.5, seed=0), "3cd83aab635988e7"),
+    (D.quantity_skew, dict(clients=5, alpha=0.3, seed=2), "93e57c50402680e4"),
+])
+def test_partitions_that_fit_are_the_same_as_before(digits, fn, kwargs, expected):
+    assert digest(fn(digits.train, **kwargs)) == expected
+
+
+@pytest.mark.parametrize("fn", [D.dirichlet, D.quantity_skew])
+@pytest.mark.parametrize("clients, alpha", [(100, 0.5), (200, 0.1), (500, 0.5)])
+def test_many_clients_always_get_min_size(digits, fn, clients, alpha):
+    import time
+    t0 = time.perf_counter()
+    parts = fn(digits.train, clients=clients, alpha=alpha, seed=1)
+    assert time.perf_counter() - t0 < 20  # was: a ConfigError after 1000 draws and 2-9 s
+    n = len(digits.train)
+    sizes = np.array([len(i) for i in parts.indices])
+    assert len(parts) == clients and sizes.min() >= min(10, n // clients)
+    assert np.array_equal(np.sort(np.concatenate(parts.indices)), np.arange(n))
+    again = fn(digits.train, clients=clients, alpha=alpha, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(parts.indices, again.indices))
+
+
+def test_repaired_dirichlet_keeps_its_label_skew(digits):
+    skewed = D.dirichlet(digits.train, clients=100, alpha=0.1, seed=0)
+    iid = D.iid(digits.train, clients=100, seed=0)
+    assert largest_class_share(skewed) > 0.6 > largest_class_share(iid) + 0.2
+    explicit = D.dirichlet(digits.train, clients=100, alpha=0.5, seed=0, min_size=14)  # 100 x 14 <= 1437
+    assert min(len(i) for i in explicit.indices) == 14
+
+
+def test_quantity_skew_that_used_to_fail_now_fits(digits):
+    parts = D.quantity_skew(digits.train, clients=20, alpha=0.5, seed=0)  # no draw in 1000 gave everyone 10
+    sizes = np.array([len(i) for i in parts.indices])
+    assert sizes.min() >= 10 and sizes.max() > 5 * sizes.min()  # still unequal sizes
+
+
+def test_top_up_moves_from_the_largest_to_the_short():
+    counts = np.array([[50, 0], [0, 1], [0, 0], [3, 30]])
+    moves = D._top_up(counts, need=10)
+    assert counts.sum(axis=1).min() >= 10 and counts.sum() == 84 and (counts >= 0).all()
+    assert counts[1].tolist() == [0, 10]  # topped up with the class it already held
+    assert counts[2].tolist() == [10, 0] and counts[3, 1] == 21  # an empty client gets the largest one's main class
+    assert all(m > 0 for *_, m in moves)
+
+
+@pytest.mark.parametrize("fn", [D.dirichlet, D.quantity_skew])
+def test_min_size_that_cannot_fit_says_the_largest_that_can(fn):
+    with pytest.raises(fedkit.ConfigError, match=r"min_size=6 for each of 10 clients needs 60 samples, but the dataset has "
+                                                 r"only 50; use min_size <= 5"):
+        fn(tagged(50), clients=10, alpha=0.5, min_size=6)
+
+
+BAD = [
+    (D.dirichlet, dict(alpha="0.5"), "alpha must be > 0"), (D.dirichlet, dict(alpha=None), "alpha"),
+    (D.dirichlet, dict(alpha=True), "alpha"), (D.quantity_skew, dict(alpha="x"), "alpha"),
+    (D.dirichlet, dict(min_size="x"), "min_size must be a whole number >= 1"), (D.dirichlet, dict(min_size=2.5), "min_size"),
+    (D.dirichlet, dict(min_size=0), "min_size"), (D.quantity_skew, dict(min_size=-1), "min_size"),
+    (D.iid, dict(seed=-1), r"seed must be a whole number in \[0, 2\*\*63\)"), (D.iid, dict(seed=2**63), "seed"),
+    (D.dirichlet, dict(seed=1.7), "seed"), (D.shards, dict(seed="0"), "seed"), (D.quantity_skew, dict(seed=None), "seed"),
+    (D.shards, dict(shards_per_client=1.5), "shards_per_client must be a whole number"),
+    (D.shards, dict(shards_per_client="2"), "shards_per_client"), (D.iid, dict(clients="4"), "positive integer"),
+]
+
+
+@pytest.mark.parametrize("fn, kwargs, match", BAD)
+def test_bad_partition_arguments_are_config_errors(fn, kwargs, match):
+    args = dict(clients=2, **({"alpha": 0.5} if fn is D.dirichlet else {}))
+    with pytest.raises(fedkit.ConfigError, match=match):
+        fn(tagged(50), **{**args, **kwargs})
+
+
+def test_numpy_seed_and_largest_seed_accepted():
+    assert len(D.iid(tagged(20), 2, seed=np.int64(3))) == 2
+    assert len(D.dirichlet(tagged(20), 2, alpha=1.0, seed=2**63 - 1)) == 2
+
+
+def test_data_instead_of_a_dataset_is_explained(digits):
+    with pytest.raises(fedkit.ConfigError, match=r"pass its \.train"):
+        D.iid(digits, clients=2)

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -541,8 +542,8 @@ def test_experiment_builds_dp_sgd_and_dp_fedavg_as_one_extension(tiny_model):
     (["--dp-sgd", "--dp-fedavg"], "choose one of --dp-sgd"),
     (["--noise-multiplier", "1"], "--noise-multiplier need --dp-sgd or --dp-fedavg"),
     (["--dp-sgd", "--sample-rate", "0.1"], "--sample-rate and --adaptive-clip are DP-FedAvg options"),
-    (["--dp-sgd", "--delta", "2"], r"delta must be in \(0, 1\)"),
-    (["--dp-fedavg", "--sample-rate", "0"], r"sample_rate .* must be in \(0, 1\]"),
+    (["--dp-sgd", "--delta", "2"], r"--delta: must be in \(0, 1\)"),
+    (["--dp-fedavg", "--sample-rate", "0"], r"--sample-rate: must be in \(0, 1\]"),
     (["--dp-fedavg", "--clients-per-round", "3"], "drop --clients-per-round"),
     (["--dp-fedavg", "--algorithm", "cyclic"], "cyclic weight transfer runs no extensions"),
 ])
@@ -589,3 +590,52 @@ def test_a_dp_sgd_client_that_skips_the_private_steps_is_rejected(tiny_model):
                        clients=clients_of(diff_of(0.1), diff_of(0.1)))
     with pytest.raises(fk.RoundFailed, match="did not run the client half of DPSGD"):
         sim.run(progress=False)
+
+
+# ------------------------------------------------------------------------------- budgets and retries
+
+
+def test_a_budget_too_small_for_one_round_stops_the_run_cleanly(digits, tmp_path):
+    sim = dp_sgd_sim(digits, rounds=2, clients=2, dp=DPSGD(noise_multiplier=1.0, target_epsilon=0.01), out=tmp_path)
+    run = sim.run(progress=False)  # no RoundFailed: a spent budget is a clean stop
+    assert run.status == "done" and run.error is None and len(run.history) == 0
+    assert [(e["what"], e.get("client")) for e in run.history.events] == [("refused", "site-1"), ("refused", "site-2"),
+                                                                          ("stopped", None)]
+    assert run.summary()["stopped"].startswith("privacy budget: client 'site-1' has spent epsilon 0 ")
+    assert "min_clients" not in run.summary()["stopped"]
+    assert run.model_sha256 == fk.weights.sha256(sim.initial_weights())  # the model no round changed
+
+
+def test_a_client_that_refuses_mid_run_ends_it_with_the_last_completed_round(digits, tmp_path):
+    # site-1 is small: one round of DP-SGD on it (q = 1) would spend epsilon 4.7 > 3; the others have room for
+    # several. With seed 1, round 0 samples site-2 and site-3, round 1 site-1 and site-3: site-1 refuses round 1.
+    parts = [digits.train.subset(np.arange(16)), digits.train.subset(np.arange(16, 416)),
+             digits.train.subset(np.arange(416, 816))]
+    wf = fk.FedAvg(rounds=3, clients_per_round=2, extensions=(DPSGD(noise_multiplier=1.0, target_epsilon=3.0),))
+    run = fk.Simulator(wf, model=lambda: fk.models.for_data(digits), clients=parts, test=digits.test, seed=1,
+                       train=fk.TrainConfig(lr=0.1, validate=False), out=tmp_path).run(progress=False)
+    assert run.status == "done" and len(run.history) == 1 and sorted(run.history.rounds[0].clients) == ["site-2", "site-3"]
+    refused = [e for e in run.history.events if e["what"] == "refused"]
+    assert [(e["round"], e["client"]) for e in refused] == [(1, "site-1")]
+    assert run.summary()["stopped"].startswith("privacy budget: client 'site-1' has spent epsilon 0 (delta 1e-05); "
+                                               "another round would take it to 4.7")
+    ckpt = checkpoint.load(tmp_path)
+    assert ckpt.round == 0 and fk.weights.sha256(ckpt.weights) == run.model_sha256
+
+
+def test_a_retry_trains_only_the_clients_that_failed_and_the_accountant_counts_each_training(digits, tmp_path):
+    faults = fk.Faults(crash=0.25, corrupt=0.25, corruptions=("nan",), seed=7)
+    # round 0: site-1 crashes twice, site-3's first update is corrupt (trained, then rejected); round 1: no fault
+    parts = fk.data.iid(digits.train.subset(np.arange(600)), clients=3, seed=0)
+    wf = fk.FedAvg(rounds=2, max_retries=2, extensions=(DPSGD(noise_multiplier=1.0),))
+    run = fk.Simulator(wf, model=lambda: fk.models.for_data(digits), clients=parts, faults=faults, seed=0,
+                       train=fk.TrainConfig(lr=0.1, validate=False), out=tmp_path).run(progress=False)
+    assert run.status == "done" and [r.metrics["attempts"] for r in run.history] == [3, 1]
+    trained = {c: sum(faults.draw(r.round, c, a) not in ("crash", "dropout")
+                      for r in run.history for a in range(r.clients[c]["attempt"] + 1)) for c in ("site-1", "site-2", "site-3")}
+    assert trained == {"site-1": 2, "site-2": 2, "site-3": 3}  # site-2 answered at once: never asked again
+    states = checkpoint.load(tmp_path).client_states
+    for client, times in trained.items():
+        (z, q, steps), = states[client]["dp_sgd"]["history"]
+        assert steps == times * run.history.rounds[-1].clients[client]["steps"]
+        assert run.history.rounds[-1].clients[client]["epsilon"] == epsilon([[z, q, steps]], 1e-5)

@@ -65,7 +65,7 @@ def test_bad_data_settings(kwargs, match):
     (dict(train=None), r"Experiment.train must be a fk.TrainConfig\(...\)"),
     (dict(model="resnet"), "model 'resnet' is not known; choose one of: auto, mlp, cnn, simple"),
     (dict(faults={"crash": 0.1}), r"Experiment.faults must be a fk.Faults\(...\) or None"),
-    (dict(seed=-1), "Experiment.seed must be an integer >= 0"),
+    (dict(seed=-1), "Experiment.seed must be a whole number in \\[0, 2\\*\\*63\\)"),
     (dict(faults=fk.Faults(straggle=0.2)), "needs a workflow with a task_timeout"),
 ])
 def test_bad_settings(kwargs, match):

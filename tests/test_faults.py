@@ -1,5 +1,6 @@
 """Fault injection and fault tolerance: dropouts, crashes, stragglers, corrupt updates, retries."""
 
+import threading
 import time
 
 import pytest
@@ -8,8 +9,8 @@ import torch
 import fedkit as fk
 from fedkit.data import ClientData
 from fedkit.faults import corrupt
-from fedkit.server import Reply
-from fedkit.global_model import screen
+from fedkit.server import Reply, Server
+from fedkit.global_model import RECENT_NORMS, screen, screen_norms
 
 
 def diff_of(value, samples=1):
@@ -184,3 +185,132 @@ def test_min_clients_above_federation_size(tiny_model):
     sim = fk.Simulator(fk.FedAvg(rounds=1, min_clients=5), model=tiny_model, clients=clients_of(diff_of(1.0)))
     with pytest.raises(fk.ConfigError, match="min_clients=5 but the federation has only 1"):
         sim.run(progress=False)
+
+
+# ------------------------------------------------------------------ every injected fault screened or recorded
+
+
+def screened(norms, recent, model_norm=1.0, ratio=10.0):
+    """screen_norms on replies whose updates have the given norms (one weight each): (kept, replies)."""
+    weights = {"w": torch.zeros(1)}
+    task = fk.Task("train", fk.DXO("WEIGHTS", weights))
+    replies = {f"c{i}": Reply(f"c{i}", task, fk.DXO("WEIGHT_DIFF", {"w": torch.tensor([float(v)])}), status="ok")
+               for i, v in enumerate(norms)}
+    return screen_norms(replies, {n: r.result for n, r in replies.items()}, ratio, recent, model_norm), replies
+
+
+def test_a_scaled_update_is_caught_without_three_peers():
+    recent = [0.2, 0.3, 0.1]
+    kept, replies = screened([0.25, 5e4], recent)  # two clients: the recent accepted updates say what is typical
+    assert list(kept) == ["c0"] and "the median norm 0.2 of the last 3 accepted update(s)" in replies["c1"].error
+    assert recent == [0.2, 0.3, 0.1, 0.25]  # only what was kept joins the history
+    kept, replies = screened([5e4], [], model_norm=2.0)  # the first update of a run: the model's own norm
+    assert kept == {} and "the global model's own norm 2" in replies["c0"].error
+    kept, _ = screened([5.0], [], model_norm=0.0)  # nothing to compare with (a zero model, no history): kept
+    assert list(kept) == ["c0"]
+    kept, replies = screened([0.2, 4e4, 5e4], [0.2])  # three peers, but a majority of garbage cannot vouch for itself
+    assert list(kept) == ["c0"] and "itself implausible" in replies["c2"].error
+    kept, _ = screened([0.2, 0.3, 2.5], [0.2])  # a plain outlier among peers stays within 10x the round's median
+    assert list(kept) == ["c0", "c1", "c2"]
+    recent = [1.0] * 30
+    screened([1.0], recent)
+    assert len(recent) == RECENT_NORMS  # a short history, plain floats, checkpointed with the server state
+
+
+@pytest.mark.parametrize("n, min_clients", [(2, None), (3, 2)])
+def test_scaled_corruption_with_few_clients_is_screened_and_learning_goes_on(digits, n, min_clients, one_thread):
+    faults = fk.Faults(corrupt=0.3, corruptions=("scale",))
+
+    def once(faults):
+        return fk.Simulator(fk.FedAvg(rounds=4, min_clients=min_clients), model=lambda: fk.models.for_data(digits),
+                            clients=fk.data.iid(digits.train, clients=n, seed=0), test=digits.test,
+                            faults=faults).run(progress=False)
+
+    clean, attacked = once(None), once(faults)
+    injected = [e for e in attacked.history.events if "fault" in e]
+    assert len(injected) >= 2 and all(e["what"] == "rejected" and e["corruption"] == "scale" for e in injected)
+    assert all(faults.draw(e["round"], e["client"], e["attempt"]) == "corrupt" for e in injected)
+    assert attacked.history.last("accuracy") >= clean.history.last("accuracy") - 0.02
+
+
+def test_an_injected_fault_no_screen_can_see_is_still_on_record(tiny_model):
+    sim = fk.Simulator(fk.FedAvg(rounds=2, max_norm_ratio=None), model=tiny_model,
+                       clients=clients_of(diff_of(1.0), diff_of(1.0)),
+                       faults=fk.Faults(corrupt=0.5, straggle=0.5, corruptions=("scale",), seed=1))
+    run = sim.run(progress=False)
+    assert run.status == "done"
+    events = run.history.events
+    assert len(events) == 4 and all(e["what"] == "injected" for e in events)
+    by_fault = {e["fault"]: e for e in events}
+    assert by_fault["corrupt"]["corruption"] == "scale" and "passed every check" in by_fault["corrupt"]["reason"]
+    assert by_fault["straggle"]["delay"] == 3600 and "no deadline" in by_fault["straggle"]["reason"]
+    rows = run.history.client_dataframe()
+    assert set(rows["fault"]) == {"corrupt", "straggle"} and set(rows["status"]) == {"ok"}
+    assert run.summary()["failures_by_kind"] == {"injected": 4}
+
+
+# ------------------------------------------------------------------ a client that never returns
+
+
+@pytest.fixture
+def gate():
+    """An event a blocking executor waits on (30 s at most); set when the test ends, so no thread outlives it long."""
+    release = threading.Event()
+    yield release
+    release.set()
+    until = time.monotonic() + 5
+    while any(t.name.startswith("fedkit-c1-") for t in threading.enumerate()) and time.monotonic() < until:
+        time.sleep(0.01)
+
+
+def blocking(release, entered=None):
+    def execute(task, ctx, abort):
+        if entered is not None:
+            entered.set()
+        release.wait(30)  # checks neither the deadline nor the abort signal
+        return diff_of(5.0)(task, ctx, abort)
+    return execute
+
+
+def test_a_blocking_client_is_cut_at_the_deadline_and_not_waited_for_again(tiny_model, gate):
+    started = time.perf_counter()
+    run = fk.Simulator(fk.FedAvg(rounds=3, min_clients=1, task_timeout=1), model=tiny_model,
+                       clients=clients_of(diff_of(1.0), blocking(gate))).run(progress=False)
+    seconds = time.perf_counter() - started
+    assert run.status == "done" and seconds < 3  # one wait for the deadline, not 30 s per round
+    assert run.history.rounds[0].seconds < 2
+    assert [r.clients["c1"]["status"] for r in run.history] == ["late"] * 3
+    assert "1 s deadline" in run.history.rounds[0].clients["c1"]["error"]
+    assert all("still busy" in r.clients["c1"]["error"] for r in run.history.rounds[1:])  # not started again
+    busy = [t.name for t in threading.enumerate() if t.name.startswith("fedkit-c")]
+    assert busy == ["fedkit-c1-train-0-0"]  # one worker stuck in round 0's task, no pile-up; c0's is free again
+    assert run.weights["weight"].item() == pytest.approx(4.0)  # c0's three updates; c1's answer never counts
+
+
+def test_abort_returns_at_once_while_a_client_blocks(tiny_model, gate):
+    entered = threading.Event()
+    run = fk.Simulator(fk.FedAvg(rounds=3), model=tiny_model, clients=clients_of(diff_of(1.0), blocking(gate, entered))).start()
+    assert entered.wait(10)
+    started = time.perf_counter()
+    run.abort()
+    run.wait(5)
+    assert run.status == "aborted" and time.perf_counter() - started < 1
+    assert run.weights["weight"].item() == 1.0 and len(run.history) == 0
+
+
+def test_answers_after_the_deadline_or_the_collection_are_ignored():
+    server = Server({"w": torch.zeros(1)})
+    task = server.post(fk.Task("train", fk.DXO("WEIGHTS", {"w": torch.zeros(1)})), ["a", "b"])
+    pulled = server.pull("a"), server.pull("b")
+    update = fk.DXO("WEIGHT_DIFF", {"w": torch.ones(1)})
+    server.fail("a", pulled[0], "late: no answer", status="late")  # what the engine does at the deadline
+    server.submit("a", pulled[0], update)  # the thread answers later: ignored
+    server.submit("b", pulled[1], update)
+    server.submit("b", pulled[1], update)  # a second answer: ignored
+    replies = server.collect(task)
+    assert replies["a"].status == "late" and replies["a"].result is None and replies["b"].status == "ok"
+    server.submit("a", pulled[0], update)  # after the collection: ignored, no error
+    server.fail("b", pulled[1], "boom")
+    other = server.post(fk.Task("train", fk.DXO("WEIGHTS", {"w": torch.zeros(1)})), ["a"])
+    with pytest.raises(LookupError, match="never given"):  # a mistake, not a late answer: still an error
+        server.submit("c", other, update)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -136,3 +137,112 @@ def test_array_valued_metrics_are_saved_as_lists(tmp_path):
     h = History([RoundRecord(0, 0.1, {"per_class": np.array([0.5, 0.25])})])
     h.save(tmp_path)
     assert History.load(tmp_path).rounds[0].metrics["per_class"] == [0.5, 0.25]
+
+
+# ---- strict JSON, and the append-only log of a run
+
+def _strict_loads(text):
+    """A JSON parser as strict as a browser's: NaN and Infinity are errors."""
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_saved_json_is_strict_and_reads_back_nan_and_infinities(tmp_path):
+    from fedkit.history import dumps, loads
+    h = History([RoundRecord(0, float("nan"), {"loss": float("nan"), "epsilon": float("inf"), "low": -math.inf,
+                                                "per_class": np.array([0.5, np.nan]), "none": None},
+                             {"site-1": {"train_loss": np.float32("nan"), "epsilon_next": math.inf}})],
+                results={"stats": {"std": [1.0, float("nan")]}})
+    h.save(tmp_path)
+    raw = _strict_loads((tmp_path / "history.json").read_text())
+    assert raw["rounds"][0]["metrics"]["loss"] is None and raw["rounds"][0]["metrics"]["epsilon"] is None
+    assert raw["rounds"][0]["metrics"]["per_class"] == [0.5, None] and raw["results"]["stats"]["std"] == [1.0, None]
+    back = History.load(tmp_path)
+    m, row = back.rounds[0].metrics, back.rounds[0].clients["site-1"]
+    assert math.isnan(m["loss"]) and m["epsilon"] == math.inf and m["low"] == -math.inf and m["none"] is None
+    assert m["per_class"][0] == 0.5 and math.isnan(m["per_class"][1]) and math.isnan(back.rounds[0].seconds)
+    assert math.isnan(row["train_loss"]) and row["epsilon_next"] == math.inf
+    assert math.isnan(back.results["stats"]["std"][1])
+    assert loads(dumps({"a/b": {"~": math.nan}}))["a/b"]["~"] != 0  # JSON-pointer escapes
+    with pytest.raises(ValueError):
+        json.dumps({"x": math.nan}, allow_nan=False)  # what the strict writers guard against
+
+
+def test_the_log_appends_only_what_is_new(tmp_path, history):
+    from fedkit.history import HistoryLog, read_log
+    path = tmp_path / "history.jsonl"
+    log = HistoryLog(path, history)
+    first = log.state
+    assert first.rounds == 3 and first.events == 1 and first.bytes == path.stat().st_size
+    before = path.read_bytes()
+    history.append(RoundRecord(3, 0.5, {"accuracy": math.nan}))
+    history.events.append({"round": 3, "what": "stopped", "reason": "budget"})
+    history.results["cross_site"] = {"accuracy": {"a": {"a": 1.0}}}
+    state = log.sync()
+    data = path.read_bytes()
+    assert data.startswith(before) and state.bytes == len(data) and state.rounds == 4 and state.events == 2
+    assert len(data.splitlines()) == len(before.splitlines()) + 3
+    assert log.sync() == state  # nothing new: nothing written
+    history.results["cross_site"]["accuracy"]["a"]["b"] = 0.5  # changed in place: written again
+    assert log.sync().bytes > state.bytes
+    for line in path.read_text().splitlines():
+        _strict_loads(line)
+    again = read_log(path).history
+    assert again.to_dict()["events"] == history.to_dict()["events"]
+    assert math.isnan(again.rounds[3].metrics["accuracy"]) and again.results == history.results
+    assert [r.round for r in again] == [0, 1, 2, 3]
+
+
+def test_a_log_resumed_from_a_state_is_cut_back_to_it(tmp_path, history):
+    from fedkit.history import HistoryLog, read_log
+    path = tmp_path / "history.jsonl"
+    state = HistoryLog(path, history).state
+    with open(path, "ab") as f:
+        f.write(b'{"round":{"round":3,"seconds":1,"metrics":{}}}\n{"event":{"what":"to')  # after it, and torn
+    resumed = read_log(path, path.read_bytes()[:state.bytes], strict_end=True).history
+    log = HistoryLog(path, resumed, state)
+    assert path.stat().st_size == state.bytes and log.state == state
+    resumed.append(RoundRecord(3, 0.1, {"accuracy": 0.9}))
+    log.sync()
+    assert [r.round for r in read_log(path).history] == [0, 1, 2, 3]
+    path.write_bytes(path.read_bytes().replace(b'"round":0', b'"round":9', 1))
+    with pytest.raises(ValueError, match="does not begin with the"):
+        HistoryLog(path, resumed, state)  # the file no longer begins as that state says
+
+
+def test_load_reads_the_log_where_it_is_further_along(tmp_path, history):
+    from fedkit.history import HistoryLog
+    with pytest.raises(FileNotFoundError, match="no history in"):
+        History.load(tmp_path)
+    log = HistoryLog(tmp_path / "history.jsonl", history)
+    assert History.load(tmp_path).to_dict() == history.to_dict()  # a run killed before its end has the log only
+    history.save(tmp_path)
+    history.append(RoundRecord(3, 0.5, {"accuracy": 1.0}))
+    log.sync()  # a resumed run, still going: history.json is from an earlier end
+    assert len(History.load(tmp_path)) == 4
+    history.save(tmp_path)
+    assert History.load(tmp_path).to_dict() == history.to_dict()
+    with open(tmp_path / "history.jsonl", "ab") as f:
+        f.write(b'{"round": {"rou')  # torn by a kill: a reader skips it
+    assert len(History.load(tmp_path)) == 4
+    (tmp_path / "history.jsonl").write_bytes(b'{"fedkit_history": 1}\nnot json\n')
+    assert len(History.load(tmp_path)) == 4  # a damaged log does not hide history.json
+    (tmp_path / "history.json").unlink()
+    with pytest.raises(ValueError, match="line 2, is not JSON"):
+        History.load(tmp_path)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"rounds": {}}, "'rounds' must be a list"),
+    ({"rounds": [{"round": 0, "seconds": 1.0}]}, "rounds[0] must have the keys round, seconds, metrics"),
+    ({"rounds": [{"round": -1, "seconds": 1.0, "metrics": {}}]}, "rounds[0].round must be an integer >= 0"),
+    ({"rounds": [{"round": 0, "seconds": "1", "metrics": {}}]}, "rounds[0].seconds must be a number"),
+    ({"rounds": [{"round": 0, "seconds": 1, "metrics": {}, "clients": {"a": 1}}]}, "rounds[0].clients must map"),
+    ({"events": [1]}, "'events' must be a list of objects"),
+    ({"results": []}, "'results' must be an object"),
+    ([], "a history is a JSON object"),
+])
+def test_from_dict_says_what_is_malformed(bad, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        History.from_dict(bad)

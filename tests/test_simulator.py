@@ -2,6 +2,7 @@
 
 import gc
 import math
+import os
 import threading
 import time
 import weakref
@@ -343,3 +344,113 @@ def test_a_controller_run_without_a_clients_side_refuses_instead_of_waiting(tiny
     fl = ServerContext(Server({"weight": torch.ones(1, 1)}), ("c0",), Channel(), fk.Signal(), fk.History(), seed=0)
     with pytest.raises(RuntimeError, match="no clients' side serves this ServerContext's channel"):
         fk.FedAvg(rounds=1).control_flow(fl)
+
+
+# ---- the run directory: refused before the first round when unusable; a failing save never hangs wait()
+
+def _out_sim(tiny_model, out, on_round=(), rounds=2):
+    return fk.Simulator(fk.FedAvg(rounds=rounds), model=tiny_model, clients=toy_clients(fixed_diff(1.0, 1)), out=out,
+                        on_round=list(on_round))
+
+
+def _unusable_out(tmp_path, kind):
+    (tmp_path / "file").write_text("x")
+    if kind == "file":
+        return tmp_path / "file", r"'.*file' is a file, not a directory"
+    if kind == "under a file":
+        return tmp_path / "file" / "run", r"'.*run' cannot be created: .*file is a file, not a directory"
+    (tmp_path / "r" / "model.pt").mkdir(parents=True)
+    return tmp_path / "r", r"r/model.pt is a directory, but the run writes its file 'model.pt' there; remove or rename it"
+
+
+@pytest.mark.parametrize("kind", ["file", "under a file", "model.pt is a directory"])
+def test_an_unusable_run_directory_is_refused_before_the_first_round(tmp_path, tiny_model, kind):
+    out, message = _unusable_out(tmp_path, kind)
+    rounds = []
+    sim = _out_sim(tiny_model, out, on_round=[rounds.append])
+    with pytest.raises(fk.ConfigError, match=message):
+        sim.start()
+    with pytest.raises(fk.ConfigError, match=message):
+        sim.run(progress=False)
+    assert rounds == []
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write anywhere")
+def test_a_run_directory_that_cannot_be_written_is_refused(tmp_path, tiny_model):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(fk.ConfigError, match="cannot be written to"):
+            _out_sim(tiny_model, locked / "run").run(progress=False)
+    finally:
+        locked.chmod(0o700)
+
+
+def test_a_run_directory_that_refuses_writes_is_refused(tmp_path, tiny_model, monkeypatch):
+    """The same as root, who may write anywhere: a directory whose writes fail (read-only mount, quota...)."""
+    import pathlib
+    write_bytes = pathlib.Path.write_bytes
+
+    def refusing(self, data):
+        if self.parent == tmp_path / "ro":
+            raise PermissionError(13, "Permission denied", str(self))
+        return write_bytes(self, data)
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", refusing)
+    with pytest.raises(fk.ConfigError, match=r"out='.*ro' cannot be written to \(Permission denied\); give a directory"):
+        _out_sim(tiny_model, tmp_path / "ro").start()
+
+
+def _block_model_pt(out, at_round):
+    def listener(record):
+        if record.round == at_round:
+            (out / "model.pt").mkdir()  # the end-of-run save will fail
+    return listener
+
+
+def test_a_failing_end_of_run_save_fails_the_run_and_wait_returns(tmp_path, tiny_model):
+    out = tmp_path / "r"
+    run = _out_sim(tiny_model, out, on_round=[_block_model_pt(out, 1)]).start()
+    assert run._done.wait(30), "wait() must return"
+    assert run.done and run.status == "failed"
+    with pytest.raises(fk.simulator.SaveError, match=r"finished its rounds, but its results could not be saved into .*r "
+                                                     r"\(.*Is a directory.*run.save\(another_directory\)"):
+        run.wait(5)
+    assert run.history.events[-1]["what"] == "save_failed" and len(run.history) == 2
+    assert run.weights["weight"].item() == 3.0  # still there, to be saved elsewhere
+    run.save(tmp_path / "elsewhere")
+    assert (tmp_path / "elsewhere" / "model.pt").is_file()
+    with pytest.raises(fk.simulator.SaveError):
+        _out_sim(tiny_model, tmp_path / "r2", on_round=[_block_model_pt(tmp_path / "r2", 1)]).run(progress=False)
+
+
+def test_a_failed_run_keeps_its_error_when_its_save_fails_too(tmp_path, tiny_model):
+    out = tmp_path / "r"
+
+    def boom(record):
+        raise ZeroDivisionError("the run's own error")
+
+    run = _out_sim(tiny_model, out, on_round=[_block_model_pt(out, 0), boom]).start()
+    assert run._done.wait(30)
+    with pytest.raises(ZeroDivisionError, match="the run's own error"):
+        run.wait(5)
+    assert [e["what"] for e in run.history.events] == ["failed", "save_failed"]
+    assert "Is a directory" in run.history.events[-1]["reason"]
+
+
+def test_summary_and_config_are_strict_json(tmp_path, tiny_model):
+    import json
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in strict JSON"))
+
+    run = _out_sim(tiny_model, tmp_path).run(progress=False)  # no test set: no accuracy, NaN in the summary
+    assert math.isnan(run.summary()["final_accuracy"])
+    summary = strict((tmp_path / "summary.json").read_text())
+    assert summary["final_accuracy"] is None and summary["final_loss"] is None and summary["rounds"] == 2
+    strict((tmp_path / "config.json").read_text())
+    strict((tmp_path / "history.json").read_text())
+    for line in (tmp_path / "history.jsonl").read_text().splitlines():
+        strict(line)
+    assert fk.History.load(tmp_path).to_dict() == run.history.to_dict()

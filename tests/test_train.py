@@ -84,7 +84,11 @@ def test_evaluator_executor_scores_the_validation_split(digits):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(epochs=0), "epochs"), (dict(batch_size=0), "batch_size"), (dict(lr=0), "lr"),
     (dict(lr=-1.0), "lr"), (dict(momentum=1.0), "momentum"), (dict(weight_decay=-0.1), "weight_decay"),
-    (dict(epochs=1.5), "epochs"),
+    (dict(epochs=1.5), "epochs"), (dict(lr=float("inf")), "lr must be a finite number > 0"),
+    (dict(lr=float("nan")), "lr"), (dict(lr="0.1"), "lr"), (dict(lr=True), "lr"), (dict(lr=None), "lr"),
+    (dict(momentum=float("nan")), r"momentum must be a number in \[0, 1\)"), (dict(momentum=-0.1), "momentum"),
+    (dict(weight_decay=float("inf")), "weight_decay must be a finite number >= 0"),
+    (dict(weight_decay="0"), "weight_decay"), (dict(validate="yes"), "validate must be True or False"),
 ])
 def test_train_config_rejects_bad_values(kwargs, match):
     with pytest.raises(fk.ConfigError, match=match):

@@ -4,6 +4,16 @@ An engine is a function ``engine(clients, server, device, abort)`` that lets eac
 run its tasks until the server has none left for it.
 """
 
+from typing import Callable, Sequence
+
+import torch
+
+from ..client import Client
+from ..exchange import Signal
+from ..server import Server
 from .sequential import sequential
 
-__all__ = ["sequential"]
+Engine = Callable[[Sequence[Client], Server, torch.device, Signal], None]
+"""How the clients' work runs: ``engine(clients, server, device, abort)``."""
+
+__all__ = ["Engine", "sequential"]

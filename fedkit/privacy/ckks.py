@@ -55,7 +55,7 @@ class CKKS(Encryption):
 
     def __post_init__(self) -> None:
         n = self.poly_modulus_degree
-        if isinstance(n, bool) or n not in MAX_COEFF_BITS:
+        if isinstance(n, bool) or not isinstance(n, int) or n not in MAX_COEFF_BITS:
             raise ConfigError(f"CKKS: poly_modulus_degree must be one of {', '.join(map(str, MAX_COEFF_BITS))}, got {n!r}")
         bits = self.coeff_mod_bit_sizes
         if isinstance(bits, list):

@@ -11,8 +11,10 @@ client that gets a training task; each client keeps its accountant's history in 
 its cumulative ``epsilon`` (and ``epsilon_next``, after one more such round) and refuses
 (`BudgetExhausted`) a round that would take it past ``target_epsilon``. Its server half records the
 worst client's epsilon as the round's ``client_epsilon`` and, with a target, stops the run cleanly
-before a round that would cross it. The sampling rate is the trainer's (batch size over examples),
-the one place that draws batches, so the accountant cannot be told another.
+before a round that would cross it; a round the clients refuse (a budget too small for even one
+round) ends the run cleanly too. A retried round asks only the clients that failed, so each
+client's accountant counts exactly the rounds it trained. The sampling rate is the trainer's (batch
+size over examples), the one place that draws batches, so the accountant cannot be told another.
 
 >>> import fedkit as fk
 >>> wf = fk.FedAvg(rounds=5, extensions=(DPSGD(noise_multiplier=1.1),))
@@ -30,7 +32,7 @@ import torch
 from torch import nn
 
 from .. import metrics as M
-from ..client import derive_seed
+from ..client import Refused, derive_seed
 from ..errors import ConfigError
 from ..exchange import DXO, MetaKey
 from ..server import ServerContext
@@ -42,8 +44,12 @@ from .accounting import account, check_delta, check_mechanism, check_number, eps
 _NOISE = 11  # a seed stream of its own for the optimizer's noise
 
 
-class BudgetExhausted(RuntimeError):
-    """A client was asked to train a round that would take it past its DP-SGD ``target_epsilon``."""
+class BudgetExhausted(Refused, RuntimeError):
+    """A client was asked to train a round that would take it past its DP-SGD ``target_epsilon``.
+
+    A refusal (`fedkit.client.Refused`): the client trains nothing and spends nothing, is not asked again
+    in that round, and a round left short by refusals ends the run cleanly with a ``stopped`` event.
+    """
 
 
 @dataclass(frozen=True)
@@ -106,8 +112,9 @@ class DPSGD(Extension):
             spent = epsilon(state["history"], self.delta, self.accountant)
             after = epsilon(account(state["history"], z, q, steps), self.delta, self.accountant)
             if after > self.target_epsilon:
-                raise BudgetExhausted(f"client {ctx.client!r} has spent epsilon {spent:.4g} (delta {self.delta:g}); another "
-                                      f"round would take it to {after:.4g}, past its target_epsilon {self.target_epsilon:g}")
+                raise BudgetExhausted(f"privacy budget: client {ctx.client!r} has spent epsilon {spent:.4g} (delta "
+                                      f"{self.delta:g}); another round would take it to {after:.4g}, past its "
+                                      f"target_epsilon {self.target_epsilon:g}")
         wrapped = ctx.state.get("_grad_sample")  # a cache: (model, its GradSampleModule)
         if wrapped is None or wrapped[0] is not t.model:  # wrap once: GradSampleModule hooks the model's layers
             from opacus import GradSampleModule  # Opacus is optional: imported when DP-SGD runs

@@ -57,7 +57,7 @@ class EncryptedModel(GlobalModel):
         self.digest = digest(self.context.key_id, self.chunks)
         self._costs = dict.fromkeys(M.HE_COSTS, 0.0)
         self._setup_s = setup_s  # reported once, with the first round
-        self._loaded: dict[str, list] = {}  # the ciphertexts of the results screened last, for `update`
+        self._loaded: dict[str, list] = {}  # the ciphertexts of this round's valid results (all attempts), for `update`
 
     @classmethod
     def start(cls, ckks: CKKS, weights: Weights, public: bytes, setup_s: float = 0.0) -> "EncryptedModel":
@@ -165,7 +165,7 @@ class EncryptedModel(GlobalModel):
             reply.result = result.with_data({k: v for k, v in result.data.items() if k != CIPHERTEXTS})
         floating = any(v.is_floating_point() for v in self.plain.values())
         valid = screen(replies, self.plain, max_norm_ratio if floating else None)
-        self._loaded = {n: loaded[n] for n in valid}
+        self._loaded.update({n: loaded[n] for n in valid})  # a retry screens only the clients asked again
         self._costs[M.HE_AGGREGATE_S] += time.perf_counter() - started
         return valid
 

@@ -17,7 +17,7 @@ beside an encrypted one.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Sequence
 
 from torch import nn
 
@@ -71,6 +71,10 @@ class Chain(Controller):
     def check_model(self, model: nn.Module) -> None:
         for p in self.parts:
             p.check_model(model)
+
+    def check_federation(self, clients: Sequence[str]) -> None:
+        for p in self.parts:
+            p.check_federation(clients)
 
     def control_flow(self, fl: ServerContext) -> None:
         offset = 0

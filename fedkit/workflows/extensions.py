@@ -16,19 +16,16 @@ unless overridden, so an extension written in a cell overrides only what it chan
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError, UpdateError
 from ..exchange import DXO, Weights
-from ..server import ServerContext
+from ..server import Controller, ServerContext
 from ..train import LocalTraining, TrainHook, correction_hook, proximal_hook
 from ..weights import check_update
-
-if TYPE_CHECKING:
-    from .scatter_gather import FedAvg
 
 
 class Extension(TrainHook):
@@ -43,7 +40,7 @@ class Extension(TrainHook):
     # the algorithm's promise (DP-FedAvg clips again on the server): then the client half is only a courtesy
     requires_client_half: ClassVar[bool] = True
 
-    def bind(self, workflow: "FedAvg") -> "Extension":
+    def bind(self, workflow: Controller) -> "Extension":
         """This extension as used by ``workflow``: take settings the workflow owns, refuse contradictions.
 
         `FedAvg` calls it when it is built; DP-FedAvg takes its sampling rate from here.

@@ -6,8 +6,10 @@ by its number of training samples. Use it as the baseline for every other algori
 
 Faults are expected: a round goes ahead with the valid results that arrived, if there are at least
 ``min_clients`` of them; replies that failed, came late, or do not fit the global model are
-screened out with their reason in the history; a round that falls short is retried, and after
-``max_retries`` the run stops with `RoundFailed`, leaving the global model as the last good round made it.
+screened out with their reason in the history; a round that falls short is retried with the clients
+that failed (the valid results stay), and after ``max_retries`` the run stops with `RoundFailed`, leaving
+the global model as the last good round made it. A round that clients refuse (a spent privacy budget)
+ends the run cleanly, with a ``stopped`` event.
 
 FedOpt (Reddi et al. 2021, "Adaptive Federated Optimization") is the same loop with a server
 optimizer (`fedkit.server_opt`) applied to the aggregated difference; `FedOpt(...)` is a `FedAvg`
@@ -24,22 +26,26 @@ the workflow is built, with the reason.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, Sequence
 
 import torch
 
 from ..aggregate import Rule, by_samples, rule_name, weighted_mean
 from ..errors import ConfigError
 from ..exchange import DXO, MetaKey, Task, Weights
-from ..global_model import Encryption
+from ..global_model import Encryption, screen_norms
 from ..server import Controller, Reply, ServerContext
 from ..server_opt import SGD, ServerOptimizer
 from ..train import has_client_half, hook_name
-from ..weights import add, check_update
+from ..weights import add, check_update, norm
 from .extensions import Extension, Proximal, Scaffold
-from .gather import gather
+from .gather import RoundRefused, gather
+
+NORMS = "accepted_norms"  # server state: the norms of the last accepted updates (plain floats, checkpointed)
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,7 @@ class FedAvg(Controller):
     min_clients: int | None = None  # valid results a round needs; None: every sampled client (0 only with sample_rate)
     max_retries: int = 2  # a round short of min_clients is tried again this often before the run stops
     task_timeout: float | None = None  # seconds a client may take; a later answer is dropped as 'late'
-    max_norm_ratio: float | None = 10.0  # reject updates this many times larger than the round's median
+    max_norm_ratio: float | None = 10.0  # reject updates this many times larger than is typical (round's median, recent ones)
     aggregate: Rule = weighted_mean
     weigh: Callable[[DXO], float] = by_samples
     extensions: tuple[Extension, ...] = ()  # e.g. Proximal(mu) for FedProx, Scaffold() for SCAFFOLD
@@ -93,7 +99,8 @@ class FedAvg(Controller):
         # with Poisson sampling a round may draw nobody at all: min_clients=0 lets such rounds go ahead
         whole("min_clients", 0 if q is not None else 1, True)
         whole("max_retries", 0, False)
-        if self.task_timeout is not None and not (isinstance(self.task_timeout, (int, float)) and self.task_timeout > 0):
+        t = self.task_timeout
+        if t is not None and (isinstance(t, bool) or not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0)):
             raise ConfigError(f"{type(self).__name__}.task_timeout must be > 0 seconds or None, got {self.task_timeout!r}")
         if self.max_norm_ratio is not None and not (isinstance(self.max_norm_ratio, (int, float)) and self.max_norm_ratio > 1):
             raise ConfigError(f"{type(self).__name__}.max_norm_ratio must be > 1 or None (no norm screen), "
@@ -140,6 +147,29 @@ class FedAvg(Controller):
         for ext in self.extensions:
             ext.check_model(model)
 
+    def check_federation(self, clients: Sequence[str]) -> None:
+        """Refuse, before the first round, what these ``clients`` cannot meet: more clients per round, or more
+        valid results a round needs, than there are, and a rule of `fedkit.aggregate` whose settings cannot
+        work with the updates a round gives (Krum's f, the trimmed fraction), found by a dry run on that many
+        one-number updates."""
+        n, k, m = len(clients), self.clients_per_round, self.min_clients
+        if k is not None and k > n:
+            raise ConfigError(f"clients_per_round={k} but the federation has only {n} clients; lower clients_per_round "
+                              "(None: every client, every round)")
+        if m is not None and m > n:
+            raise ConfigError(f"min_clients={m} but the federation has only {n} clients; lower min_clients")
+        rule = self.aggregate
+        while isinstance(rule, functools.partial):
+            rule = rule.func
+        if self.sample_rate is not None or getattr(rule, "__module__", None) != "fedkit.aggregate":
+            return  # a round's size varies (Poisson sampling), or a rule of the user's own: the round will tell
+        size = n if k is None else k
+        try:
+            self.aggregate([({"w": torch.tensor([float(i)])}, 1.0) for i in range(size)])
+        except ConfigError as e:
+            raise ConfigError(f"the aggregation rule {rule_name(self.aggregate)} cannot aggregate the {size} updates of "
+                              f"a round ({'every client' if k is None else f'clients_per_round={k}'}): {e}") from None
+
     def control_flow(self, fl: ServerContext) -> None:
         if self.min_clients is not None and self.min_clients > len(fl.client_names):
             raise ConfigError(f"min_clients={self.min_clients} but the federation has only {len(fl.client_names)} clients")
@@ -153,8 +183,13 @@ class FedAvg(Controller):
                 fl.event(rnd, "stopped", reason=reason)
                 return
             started = time.perf_counter()
-            replies, results, attempts = gather(fl, self.targets(fl, rnd), lambda attempt: self.task(fl, rnd, attempt),
-                                                lambda replies: self.screen(fl, replies), self.min_clients, self.max_retries)
+            try:
+                replies, results, attempts = gather(fl, self.targets(fl, rnd), lambda attempt: self.task(fl, rnd, attempt),
+                                                    lambda replies: self.screen(fl, replies), self.min_clients,
+                                                    self.max_retries)
+            except RoundRefused as e:  # e.g. every client's privacy budget is spent: the last completed round stays
+                fl.event(rnd, "stopped", reason=e.reason)
+                return
             fl.model.update(results, {n: self.weigh(r) for n, r in results.items()},
                             lambda weights, valid: self.step(weights, valid, fl.server.state, rnd, fl))
             for ext in self.extensions:
@@ -170,7 +205,9 @@ class FedAvg(Controller):
         return Task(self.task_name, fl.model.task_data(meta), round=round, deadline=self.task_timeout, attempt=attempt)
 
     def screen(self, fl: ServerContext, replies: dict[str, Reply]) -> dict[str, DXO]:
-        """The valid results of a round: screened by the model, and trained with every client half sent."""
+        """The valid results of a round: screened by the model, trained with every client half sent, and (when
+        the server can read the model) not absurdly large for what is typical, also with fewer than three
+        peers (`fedkit.global_model.screen_norms`, against recent accepted updates or the model's norm)."""
         valid = fl.model.screen(replies, self.max_norm_ratio)
         wanted = [hook_name(ext) for ext in self.extensions if has_client_half(ext) and ext.requires_client_half]
         for name in list(valid):
@@ -181,6 +218,9 @@ class FedAvg(Controller):
                                                  "its train executor ignores the task's client_hooks. Use the standard "
                                                  "fk.Trainer, or run the hooks in your executor (see fedkit.train.Trainer)")
                 del valid[name]
+        if self.max_norm_ratio is not None and fl.model.readable:
+            recent = fl.server.state.setdefault(NORMS, [])
+            valid = screen_norms(replies, valid, self.max_norm_ratio, recent, 0.0 if recent else norm(fl.model.weights))
         return valid
 
     def targets(self, fl: ServerContext, round: int) -> list[str]:
