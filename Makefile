@@ -3,7 +3,8 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of torch 2.13.0; on a GPU machine install your CUDA build of torch into .venv first (README).
+# torch 2.13.0 from PyPI (on Linux: the CUDA build, several GB); for the CPU build or your own CUDA build,
+# install it into .venv first, e.g. TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" (README).
 TORCH ?= torch==2.13.0
 
 .PHONY: setup demo test clean
@@ -12,8 +13,11 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev]"
+	@echo ">>> installing $(TORCH) into $(VENV) unless it has a torch (a large download: pip shows its progress)"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --progress-bar on $(TORCH)
+	@echo ">>> installing fedkit and its dependencies (-e .[dev]) into $(VENV)"
+	$(BIN)/pip install --progress-bar on -e ".[dev]"
+	@echo ">>> $(VENV) is ready"
 	touch $@
 
 setup: $(VENV)/.installed

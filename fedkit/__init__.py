@@ -21,7 +21,7 @@ from .faults import Faults
 from .exchange import DXO, Aborted, ClientContext, DataKind, Executor, FilterContext, MetaKey, Signal, Task, Weights
 from .history import History, RoundRecord
 from .server import Controller, Reply, Server, ServerContext
-from .simulator import Run, Simulator
+from .simulator import Run, RunInterrupted, Simulator
 from .train import Evaluator, TrainConfig, TrainHook, Trainer, evaluate
 from .global_model import GlobalModel, PlainModel, screen
 from .privacy.dp import DPSGD, DPFedAvg, UserDP
@@ -29,11 +29,21 @@ from .workflows import SCAFFOLD, Chain, Cyclic, Extension, FedAvg, FedOpt, FedPr
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """``fk.widgets`` on first use: ipywidgets is imported only by code that asks for the panels."""
+    if name == "widgets":
+        import importlib
+
+        return importlib.import_module(".widgets", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "aggregate", "data", "dp", "he", "metrics", "models", "plots", "server_opt", "weights",
     "Client", "compare", "DataSpec", "Experiment", "ClientData", "Dataset", "Partition", "CheckpointError", "ConfigError", "RoundFailed", "Unreadable", "UpdateError", "Faults",
     "DXO", "Aborted", "ClientContext", "DataKind", "Executor", "FilterContext", "MetaKey", "Signal", "Task", "Weights",
-    "History", "RoundRecord", "Controller", "Reply", "Server", "ServerContext", "Run", "Simulator",
+    "History", "RoundRecord", "Controller", "Reply", "Server", "ServerContext", "Run", "RunInterrupted", "Simulator",
     "Evaluator", "TrainConfig", "Trainer", "evaluate", "FedAvg", "FedOpt", "FedProx", "SCAFFOLD", "DPSGD", "DPFedAvg",
     "UserDP", "GlobalModel", "PlainModel", "screen", "Chain", "Cyclic", "Extension", "gather", "TrainHook",
 ]

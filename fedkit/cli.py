@@ -39,6 +39,7 @@ from .errors import ConfigError
 from .experiment import MODELS, PARTITIONS
 from .privacy.accounting import MECHANISMS
 from .privacy.ckks import MAX_COEFF_BITS, CKKS
+from .simulator import RunInterrupted, write_html
 from .train import TrainConfig
 
 __all__ = ["main", "parser", "add_dp_arguments", "add_he_arguments", "resumed_args", "given_flags",
@@ -113,6 +114,15 @@ def _seed(text: str) -> int:
     if not 0 <= v < SEED_LIMIT:
         raise argparse.ArgumentTypeError(f"must be a whole number in [0, 2**63) (e.g. 0), got {v}")
     return v
+
+
+def _threads(text: str) -> str | int:
+    if text == "auto":
+        return text
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto or a whole number >= 1, got {text!r}") from None
 
 
 def _number(low: float = -math.inf, high: float = math.inf, low_open: bool = False,
@@ -234,6 +244,9 @@ def _add_common(r: argparse.ArgumentParser) -> None:
     o = r.add_argument_group("run")
     o.add_argument("--seed", type=_seed, default=0, help="seeds the split, the initial model, sampling and training")
     o.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    o.add_argument("--threads", type=_threads, default="auto",
+                   help="torch CPU threads: auto (1 for a model under 1M parameters on the CPU, else torch's default) "
+                        "or a number; recorded in config.json, and a resumed run uses the same")
     o.add_argument("--json", action="store_true", help="print a JSON summary as the last line (on failure too)")
     o.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     o.add_argument("--overwrite", action="store_true", help="replace the run that --out holds already")
@@ -457,6 +470,23 @@ def _typed_out(argv: Sequence[str]) -> str | None:
     return None
 
 
+def _context(args: argparse.Namespace, algorithm: str | None = None) -> str:
+    """What a plot's title says of a run: algorithm, data, partition, clients."""
+    split = args.partition + (f" alpha={args.alpha}" if args.partition in ("dirichlet", "quantity") else "")
+    return (f"{algorithm}: " if algorithm else "") + f"{args.dataset}, {split}, {args.clients} clients"
+
+
+def _written(run_dir: str | Path) -> list[str]:
+    """The files and folders (``checkpoints/``) the run directory holds, as the run wrote them; and the shared
+    plotly.min.js its plot.html loads from the folder above."""
+    d = Path(run_dir)
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in d.iterdir()
+                   if not p.name.startswith(".") and p.name != rundir.LOCK)
+    if (d / "plot.html").is_file() and (d.parent / "plotly.min.js").is_file():
+        names.append("../plotly.min.js (shared, for plot.html)")
+    return names
+
+
 def _saved_summary(run_dir: str | None) -> dict[str, Any]:
     """The summary a failed run saved in its directory (rounds, accuracy so far...), or {}."""
     try:
@@ -506,6 +536,7 @@ def run_main(p: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequenc
         exp = experiment_from_args(args)
         lock = rundir.claim(args.out, fresh=not args.resume, overwrite=args.overwrite, reentrant=True)
         sim = exp.simulator(out=args.out, overwrite=args.overwrite)
+        sim.title = _context(args, args.algorithm)
         sim.workflow.check_federation([c.name for c in sim.clients])
         if not args.resume:
             saved = {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE - {"device"}}
@@ -520,7 +551,10 @@ def run_main(p: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequenc
         raise SystemExit(130)
     progress = not args.no_progress
     try:
-        run = sim.resume(args.out, progress=progress) if args.resume else sim.run(progress=progress)
+        try:
+            run = sim.resume(args.out, progress=progress) if args.resume else sim.run(progress=progress)
+        except RunInterrupted as e:  # Ctrl-C: the run is aborted and checkpointed; said below, exit 130
+            run = e.run
     except (ConfigError, CheckpointError) as e:  # refused as the run started (e.g. HE provisioning): no round done
         if not args.resume and not checkpoint.exists(args.out):
             (Path(args.out) / "cli.json").unlink(missing_ok=True)
@@ -537,10 +571,12 @@ def run_main(p: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequenc
     if args.json:
         print(_json(summary))
     else:
-        print(f"{summary['status']}: {summary['rounds']} rounds in {summary['seconds']:.1f}s, "
+        planned = f" of {summary['rounds_planned']}" if summary["rounds_planned"] else ""
+        rounds = f"{summary['rounds']}" + ("" if summary["complete"] else f"{planned} (INCOMPLETE)")
+        print(f"{summary['status']}: {rounds} rounds in {summary['seconds']:.1f}s, "
               f"accuracy {summary['final_accuracy']:.4f}, loss {summary['final_loss']:.4f}, "
               f"{summary['failures']} client failure(s)")
-        print(f"run directory: {summary['run_dir']} (plot.html, history.json, history.jsonl, rounds.csv, clients.csv, model.pt)")
+        print(f"run directory: {summary['run_dir']} ({', '.join(_written(summary['run_dir']))})")
     if run.status == "aborted":
         print(f"{prog}: interrupted after {summary['rounds']} round(s); continue with: fedkit run --resume {args.out}",
               file=sys.stderr)
@@ -566,7 +602,8 @@ def compare_main(p: argparse.ArgumentParser, args: argparse.Namespace, argv: Seq
                                        out / name, found)
         data = data_from_args(args).load()  # once for all algorithms (CIFAR-10 is 600 MB)
         sims = {name: exp.simulator(out / name, data, overwrite=args.overwrite) for name, exp in experiments.items()}
-        for sim in sims.values():
+        for name, sim in sims.items():
+            sim.title = _context(args, name)
             sim.workflow.check_federation([c.name for c in sim.clients])
     except (ConfigError, OSError) as e:
         if lock is not None:
@@ -584,6 +621,16 @@ def compare_main(p: argparse.ArgumentParser, args: argparse.Namespace, argv: Seq
         for name, sim in sims.items():
             try:
                 runs[name] = sim.run(progress=not args.no_progress, desc=name)
+            except RunInterrupted as e:  # Ctrl-C: this run is aborted (checkpointed), the next ones never start
+                runs[name] = e.run
+                summary = {"runs": {n: r.summary() for n, r in runs.items()}, "interrupted": name,
+                           "not_run": [n for n in sims if n not in runs], "plot": None}
+                (out / "summary.json").write_text(_json(summary, indent=1))
+                if args.json:
+                    print(_json(summary))
+                print(f"{prog}: interrupted during {name} after {len(e.run.history)} round(s); {out / name} holds its "
+                      f"checkpoint; not run: {', '.join(summary['not_run']) or 'none'}", file=sys.stderr)
+                return 130
             except ConfigError as e:
                 _say(prog, f"{name}: {e}", str(out), args.json)
                 return 2
@@ -591,9 +638,8 @@ def compare_main(p: argparse.ArgumentParser, args: argparse.Namespace, argv: Seq
                 _say(prog, f"{name} failed: {type(e).__name__}: {e}", str(out), args.json, status="failed",
                      hint=f"{out / name} holds what the run did (history.json, events)")
                 return 1
-        figure = plots.curves(runs, title=f"global model accuracy per round: {args.dataset}, {args.clients} clients, "
-                                          f"{args.partition}" + (f" alpha={args.alpha}" if args.partition != "iid" else ""))
-        figure.write_html(out / "compare.html", include_plotlyjs="directory")
+        figure = plots.curves(runs, title=f"global model accuracy per round: {_context(args)}")
+        write_html(figure, out / "compare.html", js_folder=out)  # one plotly.min.js for the comparison's plots
         summary = {"runs": {n: r.summary() for n, r in runs.items()}, "plot": str(out / "compare.html")}
         (out / "summary.json").write_text(_json(summary, indent=1))
     finally:

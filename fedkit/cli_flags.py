@@ -71,8 +71,8 @@ def train_from_args(a: Flags) -> TrainConfig:
 def faults_from_args(a: Flags) -> Faults | None:
     """The fault flags as `Faults`, or None when no fault is asked for."""
     if a.straggle > 0 and a.task_timeout is None:
-        raise ConfigError("--straggle > 0 needs a task_timeout (--task-timeout SECONDS): a straggler is a client "
-                          "that answers after the deadline")
+        raise ConfigError("--straggle > 0 needs a deadline: add --task-timeout SECONDS (a straggler is a client "
+                          "that answers after the deadline)")
     f = Faults(dropout=a.dropout, crash=a.crash, straggle=a.straggle, corrupt=a.corrupt, seed=a.fault_seed)
     return f if f.any else None
 
@@ -292,4 +292,4 @@ def experiment_from_args(a: Flags, algorithm: str | None = None) -> Experiment:
     """The `Experiment` that ``fedkit run`` / ``compare`` flags describe, for one ``algorithm``."""
     faults = faults_from_args(a)
     return Experiment(data=data_from_args(a), workflow=workflow_from_args(a, algorithm), train=train_from_args(a),
-                      model=a.model, faults=faults, seed=a.seed, device=a.device)
+                      model=a.model, faults=faults, seed=a.seed, device=a.device, threads=getattr(a, "threads", "auto"))

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 from .server import Controller
-from .simulator import Run, Simulator
+from .simulator import Run, RunInterrupted, Simulator
 
 
 def compare(workflows: Mapping[str, Controller], *, out: str | Path | None = None, progress: bool = True,
@@ -27,6 +27,10 @@ def compare(workflows: Mapping[str, Controller], *, out: str | Path | None = Non
     ``seed``, ``device``, ...): every run starts from the same initial weights, because they come
     from the same model function and seed. With ``out``, each run is saved in ``out/<label>``.
     Plot them together with ``fk.plots.curves(runs)``.
+
+    Ctrl-C (Kernel > Interrupt) stops the comparison: the running run is recorded as aborted (checkpointed
+    with ``out``), no further workflow starts, and `fedkit.simulator.RunInterrupted` (a KeyboardInterrupt) is
+    raised; its ``.run`` is the interrupted run and ``.runs`` the runs so far (``{label: Run}``, that one last).
     """
     if not workflows:
         raise ConfigError("compare needs at least one workflow, e.g. {'FedAvg': fk.FedAvg(rounds=10)}")
@@ -34,7 +38,11 @@ def compare(workflows: Mapping[str, Controller], *, out: str | Path | None = Non
     for label, workflow in workflows.items():
         run_dir = Path(out) / _slug(label) if out is not None else None
         sim = Simulator(workflow, out=run_dir, **simulator_options)
-        runs[label] = sim.run(progress=progress, desc=str(label))
+        try:
+            runs[label] = sim.run(progress=progress, desc=str(label))
+        except RunInterrupted as e:
+            e.runs = {**runs, label: e.run}
+            raise
     return runs
 
 

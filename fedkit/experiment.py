@@ -29,7 +29,7 @@ from .data import check_seed
 from .errors import ConfigError
 from .faults import Faults
 from .server import Controller
-from .simulator import Simulator
+from .simulator import Simulator, check_threads
 from .train import TrainConfig
 from .workflows import FedAvg
 
@@ -110,6 +110,9 @@ class Experiment:
     faults: Faults | None = None  # None: every client answers every round
     seed: int = 0  # seeds the split, the initial model, client sampling and training: same seed, same model
     device: str = "auto"  # the GPU when there is one
+    # torch CPU threads: "auto" is one thread for a model under 1M parameters on the CPU (as fast for the small models
+    # here, and faster on a busy machine; see fedkit.simulator.AUTO_ONE_THREAD_BELOW), torch's default otherwise
+    threads: str | int = "auto"
 
     def __post_init__(self) -> None:
         for name, kind, example in (("data", DataSpec, "DataSpec(...)"), ("workflow", Controller, "fk.FedAvg(...)"),
@@ -118,6 +121,7 @@ class Experiment:
                 raise ConfigError(f"Experiment.{name} must be a {example}, got {getattr(self, name)!r}")
         _choice("Experiment", "model", self.model, MODELS)
         check_seed(self.seed, "Experiment.seed")
+        check_threads(self.threads, "Experiment.threads")
         if self.faults is not None and not isinstance(self.faults, Faults):
             raise ConfigError(f"Experiment.faults must be a fk.Faults(...) or None, got {self.faults!r}")
         if self.faults is not None and self.faults.straggle > 0 and getattr(self.workflow, "task_timeout", None) is None:
@@ -151,7 +155,7 @@ class Experiment:
         return Simulator(self.workflow, model=lambda: models.for_data(data, kind),
                          clients=self.data.partition_of(data, self.seed), test=data.test, train=self.train,
                          seed=self.seed, device=self.device, out=Path(out) if out is not None else None,
-                         faults=self.faults, **options)
+                         faults=self.faults, threads=self.threads, **options)
 
 
 PRESETS: dict[str, Experiment] = {

@@ -96,12 +96,18 @@ class History:
         return cls([_record(r, f"rounds[{i}]") for i, r in enumerate(rounds)], events, results)
 
     def save(self, directory: str | Path) -> None:
-        """Write ``history.json``, ``rounds.csv`` and ``clients.csv`` into ``directory`` (strict JSON: NaN is null)."""
+        """Write ``history.json``, ``rounds.csv`` and ``clients.csv`` into ``directory`` (strict JSON: NaN is null).
+
+        The CSV files count rounds from 1, as the plots and the progress bar do (their ``round`` is the round's
+        number); ``history.json`` (and `RoundRecord.round`, `to_dataframe`) keep the 0-based round index.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         write_atomic(directory / "history.json", dumps(self.to_dict(), indent=1).encode())
-        self.to_dataframe().to_csv(directory / "rounds.csv", index=False)
-        self.client_dataframe().to_csv(directory / "clients.csv", index=False)
+        for name, frame in (("rounds.csv", self.to_dataframe()), ("clients.csv", self.client_dataframe())):
+            if "round" in frame:
+                frame["round"] = frame["round"] + 1
+            frame.to_csv(directory / name, index=False)
 
     @classmethod
     def load(cls, directory: str | Path) -> "History":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Mapping
 
 import plotly.graph_objects as go
@@ -51,8 +53,42 @@ def partition(parts: Partition, title: str | None = None) -> go.Figure:
     names = [f"site-{i + 1}" for i in range(len(parts))]
     fig = go.Figure([go.Bar(x=names, y=counts[:, k], name=f"class {k}") for k in range(counts.shape[1])])
     fig.update_layout(barmode="stack", title=title or f"samples per client and class: {parts.scheme}",
-                      xaxis_title="client", yaxis_title="samples", template="plotly_white")
+                      xaxis_title="client", yaxis_title="samples", template="plotly_white",
+                      # every class in view: a horizontal legend below the bars, no scrollbar hiding "class 0"
+                      legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0,
+                                  traceorder="normal", title_text="label"),
+                      margin=dict(b=40 + 25 * (1 + counts.shape[1] // 8)))
     return fig
+
+
+def _values(data: Any) -> list[Any]:
+    """A trace's x or y as a list (None, a tuple, a NumPy array...)."""
+    return [] if data is None or isinstance(data, str) else list(data)
+
+
+def log_axis(fig: go.Figure, axis: str = "x") -> go.Figure:
+    """Make ``fig``'s ``axis`` ("x" or "y") logarithmic, with whole tick labels: 0.01, 0.1, 1, 10 (and 2, 5
+    between them when the data spans at most three powers of ten), never plotly's bare "2 5" digits.
+
+    The ticks are chosen from the data already in ``fig``: call it after adding the traces.
+    """
+    values = [float(v) for t in fig.data for v in _values(getattr(t, axis, None))
+              if isinstance(v, numbers.Real) and math.isfinite(v) and v > 0]
+    update = fig.update_xaxes if axis == "x" else fig.update_yaxes
+    if not values:
+        return update(type="log", dtick=1, tickformat="~g")
+    low, high = math.floor(math.log10(min(values))), math.ceil(math.log10(max(values)))
+    steps = (1, 2, 5) if high - low <= 3 else (1,)
+    ticks = [float(f"{m}e{e}") for e in range(low, high + 1) for m in steps]
+    return update(type="log", tickmode="array", tickvals=ticks, ticktext=[_tick(v) for v in ticks])
+
+
+def _tick(v: float) -> str:
+    """A tick label: 0.05, 1, 20, 500, then 2k, 1M, 5G (not 2e+06)."""
+    for power, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if v >= power:
+            return f"{v / power:g}{suffix}"
+    return f"{v:g}"
 
 
 def privacy_utility(runs: Mapping[str, Any], metric: str = ACCURACY, epsilon: str | None = None) -> go.Figure:

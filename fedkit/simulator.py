@@ -9,11 +9,13 @@
 ('done', 2)
 
 ``run()`` blocks; ``start()`` runs in a background thread and returns the same `Run` at once,
-with live ``history``, ``status``, ``abort()`` and ``wait()``.
+with live ``history``, ``status``, ``abort()`` and ``wait()``. Ctrl-C (Kernel > Interrupt) during ``run()``
+checkpoints the run (with ``out``) and raises `RunInterrupted`, a KeyboardInterrupt: the cell stops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -24,6 +26,7 @@ import math
 import numbers
 import os
 import queue
+import sys
 import threading
 import time
 import traceback
@@ -35,6 +38,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, metrics as M, plots
+from .metrics import ACCURACY, LOSS
 from . import rundir
 from . import weights as W
 from .checkpoint import CheckpointError
@@ -56,6 +60,50 @@ from .train import Evaluator, ModelFn, SubmitModel, TrainConfig, Trainer, evalua
 
 ClientsLike = Sequence[Dataset] | Sequence[ClientData] | Sequence[Client]
 
+# threads="auto": one torch CPU thread for a model smaller than this (parameters). Such models train in tiny
+# matrix products (batches of 16-64) where splitting work over threads saves nothing, and a thread pool on a busy
+# (shared, oversubscribed) machine can collapse: 5 rounds of the digits MLP (~5k parameters) were seen to take
+# 122 s with torch's default threads on a busy 2-core machine against 3 s with one. benchmarks/threads.py measures
+# it: one thread is as fast idle (ratio ~1.0) and faster under contention (~1.1-1.5x on 2 cores). At ~1M
+# parameters (a CNN on 32x32 images, wide MLPs) the products are large enough for several threads to pay off.
+AUTO_ONE_THREAD_BELOW = 1_000_000
+
+
+def check_threads(threads: Any, what: str = "threads") -> str | int:
+    """``"auto"`` or a whole number >= 1 (torch's CPU threads for the run); `ConfigError` otherwise."""
+    if threads == "auto" and isinstance(threads, str):
+        return threads
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
+        raise ConfigError(f"{what} must be 'auto' or a whole number >= 1 (torch's CPU threads), got {threads!r}")
+    return int(threads)
+
+
+def resolve_threads(threads: str | int, model: nn.Module, device: torch.device) -> int:
+    """The torch CPU threads a run uses: ``threads`` itself, or for ``"auto"`` one thread for a model under
+    `AUTO_ONE_THREAD_BELOW` parameters on the CPU, else torch's current setting (its default: the cores)."""
+    if threads != "auto":
+        return int(threads)
+    size = sum(p.numel() for p in model.parameters())
+    return 1 if device.type == "cpu" and size < AUTO_ONE_THREAD_BELOW else torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Set torch's CPU threads to ``n`` for the block, and restore the previous value after.
+
+    ``torch.set_num_threads`` is process-wide: while a run goes, all of the process's torch work (another run
+    started with ``start()``, a cell running meanwhile) uses ``n`` threads; two runs at once with different
+    settings leave whichever ended last's "previous" value behind.
+    """
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != before:
+            torch.set_num_threads(before)
+
 
 class Run:
     """One execution of a workflow: its status, live history and global weights.
@@ -76,11 +124,27 @@ class Run:
         self.signal = Signal()
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
+        self._interrupted = False  # ended by Ctrl-C (KeyboardInterrupt), not by abort(): run()/resume() re-raise it
 
     def __repr__(self) -> str:
         s = self.summary() if self.weights else {"final_accuracy": float("nan"), "accuracy_on": "none"}
         where = " (on clients)" if s["accuracy_on"].startswith("clients") else ""
-        return f"<fedkit Run {self.status}: {len(self.history)} round(s), accuracy {s['final_accuracy']:.4f}{where}>"
+        planned = self.rounds_planned
+        done = f"{len(self.history)} of {planned} round(s)" if planned else f"{len(self.history)} round(s)"
+        if self.status in ("aborted", "failed"):
+            done = f"INCOMPLETE, {done}"
+        return f"<fedkit Run {self.status}: {done}, accuracy {s['final_accuracy']:.4f}{where}>"
+
+    @property
+    def rounds_planned(self) -> int | None:
+        """The rounds the workflow was to run (None for a workflow without a round count)."""
+        rounds = getattr(self.simulator.workflow, "rounds", None)
+        return rounds if isinstance(rounds, int) else None
+
+    @property
+    def complete(self) -> bool:
+        """Did the run end on its own (``done``)? An aborted or failed run is a partial result, never a final one."""
+        return self.status == "done"
 
     def abort(self, reason: str = "aborted by the user") -> None:
         """Ask the run to stop: training stops at the next batch, and a client blocked inside its executor is
@@ -130,17 +194,22 @@ class Run:
         ``epsilon`` is DP-FedAvg's user-level epsilon, ``client_epsilon`` the largest example-level
         (DP-SGD) epsilon of any client, ``delta`` theirs (None when the run is not private);
         ``stopped`` says why a run ended before its last round (e.g. its privacy budget), else None.
+        ``complete`` is False unless the run is ``done``: an aborted (interrupted) or failed run's numbers are those
+        of its last completed round (``rounds`` of ``rounds_planned``), not a final result.
         """
         failures = [e for e in self.history.events if "client" in e]
         last = self.history.rounds[-1].metrics if len(self.history) else {}
         accuracy, loss, where = M.scored(last)  # with HE only the clients can score the model
         return {
             "status": self.status,
+            "complete": self.complete,
+            "rounds_planned": self.rounds_planned,
             "final_accuracy": self.history.last(accuracy),
             "final_loss": self.history.last(loss),
             "accuracy_on": where,
             "rounds": len(self.history),
             "seconds": round(self.seconds, 3),
+            "threads": self.simulator.threads,  # torch CPU threads: part of the result (model_sha256 depends on it)
             "model_sha256": self.model_sha256,
             "run_dir": str(self.run_dir) if self.run_dir else None,
             "failures": len(failures),
@@ -162,9 +231,92 @@ class Run:
         (directory / "summary.json").write_text(_strict_json({**self.summary(), "run_dir": str(directory)}))
         (directory / "config.json").write_text(_strict_json(self.simulator.describe()))
         if len(self.history):
-            plots.curves({"run": self}).write_html(directory / "plot.html", include_plotlyjs="directory")
+            write_html(self.figure(), directory / "plot.html", js_folder=directory.parent)
         self.run_dir = directory
         return directory
+
+    def figure(self):
+        """The run's plot (``plot.html``): the global model's accuracy and loss per round (loss on the right axis),
+        titled with the run's context (workflow, data, clients, rounds done of planned, status)."""
+        s = self.summary()
+        names = M.reported(r.metrics for r in self.history)
+        accuracy, loss, _ = M.scored(names)
+        sim = self.simulator
+        context = sim.title or f"{_workflow_label(sim.workflow)}, {len(sim.clients)} clients"
+        done = f"{len(self.history)}" + (f" of {self.rounds_planned}" if self.rounds_planned else "") + " rounds"
+        status = "" if self.complete else f" ({self.status.upper()}, incomplete)"
+        fig = plots.curves({"accuracy": self}, metric=ACCURACY,
+                           title=f"{context}: {done}{status}, final accuracy {s['final_accuracy']:.4f}")
+        lines = plots.curves({"loss": self}, metric=LOSS).data if loss in names else ()
+        for trace in lines:
+            trace.update(yaxis="y2", line={"dash": "dot"})
+            fig.add_trace(trace)
+        if lines:
+            fig.update_layout(yaxis_title=accuracy, yaxis2={"title": loss, "overlaying": "y", "side": "right",
+                                                            "showgrid": False}, legend_title_text="")
+        return fig
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (Kernel > Interrupt) stopped a blocking run: raised by `Simulator.run` / `resume` (and `fk.compare`)
+    after the run was recorded as ``aborted`` and, with ``out``, checkpointed. ``run`` is that partial `Run`
+    (also ``simulator.last_run``); it is a KeyboardInterrupt, so a cell, a loop or a script stops."""
+
+    def __init__(self, run: "Run") -> None:
+        where = f"; continue it with Simulator.resume() from {run.run_dir}" if run.run_dir is not None else ""
+        super().__init__(f"interrupted after {len(run.history)} of {run.rounds_planned or '?'} round(s): the run is "
+                         f"aborted, not finished (the exception's .run and simulator.last_run hold it{where})")
+        self.run = run
+        self.runs: dict[str, Run] = {}  # fk.compare: the runs so far, this one last
+
+
+def _differing(saved: Path, sim: "Simulator") -> str:
+    """Which of the settings in ``saved`` (a run's config.json) ``sim`` does not share, in words."""
+    try:
+        before = json.loads(saved.read_text())
+        now = json.loads(_strict_json(sim.describe()))
+        keys = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    except (OSError, ValueError, AttributeError):
+        keys = []
+    if not keys:
+        return "workflow, training, data split, model, seed or threads differ"
+    said = [f"threads {before.get('threads')} then, {now.get('threads')} now" if k == "threads" else k for k in keys]
+    return "these differ: " + ", ".join(said)
+
+
+def _workflow_label(workflow: Controller) -> str:
+    """``FedAvg``, ``FedAvg + Proximal(mu=0.1)``, ``FedAvg + Adam server`` ...: what a plot's title says of a workflow."""
+    parts = [type(workflow).__name__]
+    opt = getattr(workflow, "server_opt", None)
+    if opt is not None:
+        parts.append(f"{type(opt).__name__} server")
+    parts += [repr(e) for e in getattr(workflow, "extensions", ())]
+    return " + ".join(parts)
+
+
+def shared_plotlyjs(folder: str | Path) -> Path:
+    """``folder/plotly.min.js`` (4.8 MB), written once and shared by the plots of the run directories in ``folder``
+    (``runs/``, or a comparison's folder), instead of a copy in every run directory."""
+    from plotly.offline import get_plotlyjs
+
+    path = Path(folder) / "plotly.min.js"
+    js = get_plotlyjs().encode()
+    if not path.is_file() or path.stat().st_size != len(js):  # missing, or of another plotly version
+        tmp = path.with_name(f".plotly.min.js.{os.getpid()}.{threading.get_ident()}")
+        tmp.write_bytes(js)
+        os.replace(tmp, path)
+    return path
+
+
+def write_html(figure: Any, html: Path, js_folder: Path) -> None:
+    """Write ``figure`` to ``html``, loading plotly.js from the shared copy in ``js_folder`` by a relative path: it
+    opens offline as long as the run directory stays next to it (move ``js_folder`` whole). Where ``js_folder``
+    cannot be written, ``html``'s own folder gets a copy."""
+    try:
+        js = shared_plotlyjs(js_folder)
+    except OSError:
+        js = shared_plotlyjs(html.parent)
+    figure.write_html(html, include_plotlyjs=os.path.relpath(js, html.parent).replace(os.sep, "/"))
 
 
 class SaveError(RuntimeError):
@@ -332,7 +484,7 @@ class Simulator:
                  server_result_filters: Sequence[Filter] = (), client_result_filters: Sequence[Filter] = (),
                  faults: Faults | None = None, executors: Mapping[str, ExecutorLike] | None = None,
                  checkpoint_every: int = 1, on_round: Sequence[Callable[[RoundRecord], None]] = (),
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, threads: str | int = "auto") -> None:
         if not isinstance(workflow, Controller):
             raise ConfigError(f"workflow must be a Controller such as fk.FedAvg(...), got {type(workflow).__name__}")
         if not isinstance(train, TrainConfig):
@@ -390,7 +542,11 @@ class Simulator:
         if not isinstance(overwrite, bool):
             raise ConfigError(f"overwrite must be True or False, got {overwrite!r}")
         self.overwrite = overwrite  # may a new run replace the run in `out`? (else it is refused)
+        threads = check_threads(threads)
+        self.last_run: Run | None = None  # the latest run of run() / resume(): after Ctrl-C, the interrupted one
+        self.title: str | None = None  # the run's context in its plot's title (the CLI: algorithm, data, clients)
         probe = _build(self.model_fn)
+        self.threads = resolve_threads(threads, probe, self.device)  # torch CPU threads of every run (torch_threads)
         workflow.check_model(probe)  # fail now, with how to fix the model, not in every client's first round
         self.clients = [self._client(i, c) for i, c in enumerate(clients)]
         names = [c.name for c in self.clients]
@@ -419,7 +575,7 @@ class Simulator:
         """The settings of this simulator, as saved in ``config.json`` (the same in every process)."""
         return {"workflow": _describe(self.workflow), "train": _describe(self.train), "seed": self.seed,
                 "clients": {c.name: [_data_digest(c.data.train), _data_digest(c.data.val)] for c in self.clients},
-                "val_fraction": self.val_fraction, "faults": _describe(self.faults),
+                "val_fraction": self.val_fraction, "faults": _describe(self.faults), "threads": self.threads,
                 "client_result_filters": _describe(self.client_result_filters),
                 **({"executors": _describe(self.executors)} if self.executors else {})}
 
@@ -437,8 +593,10 @@ class Simulator:
     def run(self, progress: bool = True, desc: str = "rounds") -> Run:
         """Run the workflow to the end in this thread and return the finished `Run`.
 
-        Interrupting the kernel (Ctrl-C) stops at the next batch and returns the run as ``aborted``;
-        with ``out`` set, its last completed round is checkpointed and `resume` continues it.
+        Interrupting the kernel (Ctrl-C) stops at the next batch, records the run as ``aborted`` (with ``out`` set,
+        its last completed round is checkpointed and `resume` continues it) and then raises `RunInterrupted` (a
+        KeyboardInterrupt), so the cell, a loop or `fk.compare` stops too; the partial run is the exception's
+        ``.run`` and ``self.last_run``. ``Run.abort()`` (a Stop button) ends a run as ``aborted`` without raising.
         A directory that holds a run already is refused unless ``overwrite=True``, and so is one that
         another run is writing into (`fedkit.rundir`).
         """
@@ -452,7 +610,8 @@ class Simulator:
                 lock.release()
 
     def start(self) -> Run:
-        """Start the workflow in a background thread; returns the `Run` handle at once."""
+        """Start the workflow in a background thread; returns the `Run` handle at once (Ctrl-C does not reach it:
+        stop it with ``run.abort()``)."""
         run = Run(self)
         lock = run._rundir_lock = self._claim(run.run_dir, fresh=True)  # released by the run's thread when it ends
         try:
@@ -474,6 +633,7 @@ class Simulator:
         seed); otherwise `CheckpointError` says so. The resumed run ends with the same weights as a run
         that was never interrupted. A checkpoint holds no code, so it is resumed by a simulator you
         build again (in the notebook, or by ``fedkit run --resume DIR`` from the saved arguments).
+        Ctrl-C raises `RunInterrupted` after checkpointing, as in `run`.
         """
         run_dir = Path(run_dir or self.out or "")
         # the lock first: a resume while the run still goes is refused (the lock file goes with the lock)
@@ -483,8 +643,8 @@ class Simulator:
             if ckpt.fingerprint != self.fingerprint():
                 saved = run_dir / "config.json"
                 raise CheckpointError(
-                    f"the checkpoint in {run_dir} was written by a run with other settings (workflow, training, data "
-                    f"split, model or seed differ; see {saved}); build the Simulator as it was, or start a new run"
+                    f"the checkpoint in {run_dir} was written by a run with other settings ({_differing(saved, self)}; "
+                    f"see {saved}); build the Simulator as it was, or start a new run"
                 )
             ckpt.check_clients([c.name for c in self.clients], run_dir)
             self._check_checkpoint_model(ckpt, run_dir)
@@ -528,6 +688,7 @@ class Simulator:
             raise CheckpointError(f"the checkpoint in {run_dir} does not fit this simulator's model: {e}") from None
 
     def _blocking(self, run: Run, ckpt: checkpoint.Checkpoint | None, progress: bool, desc: str = "rounds") -> Run:
+        self.last_run = run
         bar = _progress(self.workflow, progress, done=ckpt.round + 1 if ckpt else 0, desc=desc)
         try:
             self._execute(run, ckpt, extra_listeners=[bar.update_record] if bar else [])
@@ -536,10 +697,16 @@ class Simulator:
                 bar.close()
         if run.status == "failed" and run.error is not None:
             raise run.error
+        if run._interrupted:  # Ctrl-C: recorded and checkpointed; now the cell (loop, compare) stops too
+            raise RunInterrupted(run)
         return run
 
     def _execute(self, run: Run, ckpt: checkpoint.Checkpoint | None = None,
                  extra_listeners: Sequence[Callable] = ()) -> None:
+        with torch_threads(self.threads):  # process-wide while the run goes; restored after
+            self._execute_run(run, ckpt, extra_listeners)
+
+    def _execute_run(self, run: Run, ckpt: checkpoint.Checkpoint | None, extra_listeners: Sequence[Callable]) -> None:
         t0 = time.perf_counter()
         run.status = "running"
         log: HistoryLog | None = None
@@ -589,7 +756,11 @@ class Simulator:
             if run.run_dir is not None and len(run.history) and saved["round"] != run.history.rounds[-1].round:
                 save(run.history.rounds[-1].round)  # a workflow that stopped early (privacy budget) is checkpointed too
             run.status = "done"
-        except (Aborted, KeyboardInterrupt) as e:
+        except KeyboardInterrupt as e:  # Ctrl-C in this thread (or a listener's): aborted, and said to the caller
+            run.status, run._interrupted = "aborted", True
+            run.history.events.append({"round": len(run.history), "what": "aborted",
+                                       "reason": f"interrupted (KeyboardInterrupt){': ' + str(e) if str(e) else ''}"})
+        except Aborted as e:  # Run.abort() (a Stop button): an aborted run, returned
             run.status = "aborted"
             run.history.events.append({"round": len(run.history), "what": "aborted", "reason": str(e) or "interrupted"})
         except Exception as e:
@@ -674,9 +845,11 @@ def serve(control: Callable[[ServerContext], None], fl: ServerContext, clients: 
     ``listeners`` (checkpoint, progress bar, widgets). Re-raises what the controller raised.
 
     Kernel interrupts (Ctrl-C) arrive in this thread: they abort the run, and every order the
-    controller still sends fails with `Aborted`, so its thread always ends.
+    controller still sends fails with `Aborted`, so its thread always ends; then KeyboardInterrupt is
+    raised here (after the controller's thread has ended), whatever the controller made of it.
     """
     outcome: dict[str, BaseException] = {}
+    interrupted: list[KeyboardInterrupt] = []
 
     def run_controller() -> None:
         try:
@@ -698,7 +871,8 @@ def serve(control: Callable[[ServerContext], None], fl: ServerContext, clients: 
                 else:
                     for listen in listeners:
                         listen(order.record)
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as e:
+                interrupted.append(e)
                 fl.abort.trigger("interrupted")
                 order.error = Aborted("interrupted")
             except BaseException as e:
@@ -711,6 +885,8 @@ def serve(control: Callable[[ServerContext], None], fl: ServerContext, clients: 
             fl.abort.trigger("interrupted")
             _refuse_orders(fl.channel, thread)
         thread.join()
+    if interrupted:
+        raise interrupted[0]
     if "error" in outcome:
         raise outcome["error"]
 
@@ -768,21 +944,40 @@ def _describe(obj: Any) -> Any:
 
 
 class _Bar:
-    """A tqdm progress bar over rounds that shows the latest global accuracy."""
+    """A tqdm progress bar over rounds that shows the latest global accuracy: in a notebook (a widget) or on a
+    terminal. Where stderr is neither (a log file, a pipe, CI), a plain line per round instead of the
+    carriage-return updates that would flood the log."""
 
     def __init__(self, total: int, done: int = 0, desc: str = "rounds") -> None:
         from tqdm.auto import tqdm
 
-        self._bar = tqdm(total=total, initial=done, desc=desc, unit="round")
+        self._total, self._done, self._desc = total, done, desc
+        self._bar = None
+        if tqdm.__module__.startswith("tqdm.notebook") or _isatty(sys.stderr):
+            self._bar = tqdm(total=total, initial=done, desc=desc, unit="round")
 
     def update_record(self, record: RoundRecord) -> None:
         acc = record.metrics.get("accuracy")
+        self._done += 1
+        if self._bar is None:
+            of = f"/{self._total}" if self._total else ""
+            score = f", accuracy {acc:.3f}" if acc is not None else ""
+            print(f"{self._desc}: round {self._done}{of}{score}", file=sys.stderr, flush=True)
+            return
         if acc is not None:
             self._bar.set_postfix(accuracy=f"{acc:.3f}")
         self._bar.update(1)
 
     def close(self) -> None:
-        self._bar.close()
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 def _progress(workflow: Controller, enabled: bool, done: int = 0, desc: str = "rounds") -> _Bar | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from typing import Any, Callable
 
 import ipywidgets as W
@@ -31,10 +32,16 @@ from .simulator import Run
 from .workflows import SCAFFOLD, Cyclic, FedAvg, FedOpt, FedProx
 
 
-def _figure(title: str, yaxis: str) -> go.FigureWidget:
+FIGURE_WIDTH = 480  # two figures side by side fit a notebook's ~1000 px output area
+
+
+REDRAW_S = 0.5  # the live dashboard redraws at most this often while a run goes
+
+def _figure(title: str, yaxis: str, width: int = FIGURE_WIDTH) -> go.FigureWidget:
     fig = go.FigureWidget()
-    fig.update_layout(title=title, xaxis_title="round", yaxis_title=yaxis, template="plotly_white", height=300,
-                      margin=dict(l=50, r=20, t=40, b=40))
+    fig.update_layout(title=title, xaxis_title="round", yaxis_title=yaxis, template="plotly_white", height=320,
+                      width=width, margin=dict(l=55, r=20, t=40, b=90),  # b: the legend goes below the plot
+                      legend=dict(orientation="h", yanchor="top", y=-0.25, xanchor="left", x=0))
     return fig
 
 
@@ -46,11 +53,16 @@ class Dashboard:
     """
 
     def __init__(self) -> None:
-        self.accuracy = _figure("global model", "accuracy / loss")
+        self.accuracy = _figure("global model", "accuracy")
+        self.accuracy.update_layout(yaxis2=dict(title="loss", overlaying="y", side="right", showgrid=False),
+                                    margin_r=55)  # accuracy (0..1) and loss on their own axes
         self.clients = _figure("per-client training loss", "train loss")
         self.traffic = _figure("bytes exchanged per round", "bytes")
+        self.traffic.update_yaxes(tickformat="~s", rangemode="tozero")  # 154k, from zero: a constant is flat
         self.privacy = _figure("privacy spent", "epsilon")
-        self.widget = W.VBox([W.HBox([self.accuracy, self.clients]), W.HBox([self.traffic, self.privacy])])
+        # shown only when the run records an epsilon: a non-private run has no empty chart
+        self.privacy_box = W.Box([self.privacy], layout=W.Layout(display="none"))
+        self.widget = W.VBox([W.HBox([self.accuracy, self.clients]), W.HBox([self.traffic, self.privacy_box])])
 
     @property
     def figures(self) -> list[go.FigureWidget]:
@@ -68,22 +80,30 @@ class Dashboard:
             return
         x = rounds["round"] + 1
         scores = scored(rounds.columns)[:2]  # an HE run's server cannot score its model: its clients' scores
-        _set_lines(self.accuracy, {label(m): (x, rounds[m]) for m in scores if m in rounds})
+        _set_lines(self.accuracy, {label(m): (x, rounds[m]) for m in scores if m in rounds},
+                   axes={label(m): "y2" for m in scores[1:]})  # the loss on the right-hand axis
         if TRAIN_LOSS in clients:
-            _set_lines(self.clients, {str(c): (g["round"] + 1, g[TRAIN_LOSS])
-                                      for c, g in clients.groupby("client", sort=False)})
-        _set_lines(self.traffic, {m: (x, rounds[m]) for m in (BYTES_DOWN, BYTES_UP) if m in rounds})
-        _set_lines(self.privacy, {label(m): (x, rounds[m]) for m in epsilons(rounds.columns)})
+            per_client = {str(c): (g["round"] + 1, g[TRAIN_LOSS]) for c, g in clients.groupby("client", sort=False)}
+            _set_lines(self.clients, per_client)
+            self.clients.layout.showlegend = len(per_client) <= 12  # more would not fit below: names on hover
+        traffic = {m: (x, rounds[m]) for m in (BYTES_DOWN, BYTES_UP) if m in rounds}
+        if len(traffic) == 2 and rounds[BYTES_DOWN].equals(rounds[BYTES_UP]):
+            traffic = {f"{BYTES_DOWN} = {BYTES_UP}": traffic[BYTES_DOWN]}  # one line, not two on top of each other
+        _set_lines(self.traffic, traffic)
+        private = epsilons(rounds.columns)
+        _set_lines(self.privacy, {label(m): (x, rounds[m]) for m in private})
+        self.privacy_box.layout.display = "" if private else "none"
 
 
-def _set_lines(fig: go.FigureWidget, lines: dict[str, tuple[Any, Any]]) -> None:
-    """Make ``fig`` show exactly ``lines`` ({name: (x, y)}), updating traces in place."""
+def _set_lines(fig: go.FigureWidget, lines: dict[str, tuple[Any, Any]], axes: dict[str, str] | None = None) -> None:
+    """Make ``fig`` show exactly ``lines`` ({name: (x, y)}), updating traces in place; ``axes``: {name: "y2"}."""
     with fig.batch_update():
         names = [t.name for t in fig.data]
         if names != list(lines):
             fig.data = ()
             for name, (x, y) in lines.items():
-                fig.add_scatter(x=list(x), y=list(y), mode="lines+markers", name=name)
+                fig.add_scatter(x=list(x), y=list(y), mode="lines+markers", name=name,
+                                yaxis=(axes or {}).get(name, "y"))
         else:
             for trace, (x, y) in zip(fig.data, lines.values()):
                 trace.x, trace.y = list(x), list(y)
@@ -94,7 +114,8 @@ class ComparisonView:
 
     def __init__(self, metric: str = ACCURACY) -> None:
         self.metric = metric
-        self.figure = _figure(f"finished runs: global {metric}", metric)
+        self.figure = _figure(f"finished runs: global {metric}", metric, width=2 * FIGURE_WIDTH)
+        self.figure.update_layout(showlegend=True)  # a legend even with one run
         self.runs: dict[str, Run] = {}
         clear = W.Button(description="Clear", icon="trash", layout=W.Layout(width="100px"))
         clear.on_click(lambda _: self.clear())
@@ -104,8 +125,12 @@ class ComparisonView:
         self.runs[label] = run
         h = run.history
         key = resolve(self.metric, reported(r.metrics for r in h))  # an HE run: its clients' scores
-        self.figure.add_scatter(x=[r.round + 1 for r in h], y=h.series(key), mode="lines+markers",
-                                name=label if key == self.metric else f"{label} (on clients)")
+        name = label if key == self.metric else f"{label} (on clients)"
+        aborted = getattr(run, "status", "done") == "aborted"
+        if aborted:
+            name += f" (aborted after round {len(h)})"
+        self.figure.add_scatter(x=[r.round + 1 for r in h], y=h.series(key), mode="lines+markers", name=name,
+                                line_dash="dash" if aborted else "solid")
 
     def clear(self) -> None:
         self.runs.clear()
@@ -151,6 +176,27 @@ def experiment_from_controls(base: Experiment, **controls: Any) -> Experiment:
         train=dataclasses.replace(base.train, epochs=c["local_epochs"], lr=c["lr"]), seed=c["seed"])
 
 
+STATIC_NOTE = "fedkit experiment panel: a live widget; run this cell with a running kernel to use it."
+
+
+def log_grid(low: int, high: int, given: float | None = None) -> list[float]:
+    """1-2-3-5 steps per decade from ``10**low`` to ``10**high``, and ``given`` exactly as it was given.
+
+    Each value is the float of its decimal text (``0.3``, not ``3 * 0.1``), so a value chosen on the
+    slider is the one its label shows and the one a cell would write.
+    """
+    grid = {float(f"{m}e{e}") for e in range(low, high) for m in (1, 2, 3, 5)} | {float(f"1e{high}")}
+    if given is not None:
+        grid.add(float(given))
+    return sorted(grid)
+
+
+def log_slider(value: float, low: int, high: int, description: str, style: dict[str, str]) -> W.SelectionSlider:
+    """A slider over `log_grid` that starts at ``value`` exactly (a FloatLogSlider would snap it to its steps)."""
+    return W.SelectionSlider(options=[(f"{v:g}", v) for v in log_grid(low, high, value)], value=float(value),
+                             description=description, style=style, continuous_update=False)
+
+
 class ExperimentPanel:
     """Controls for an experiment, Run and Stop buttons, a progress bar, a live dashboard and a comparison.
 
@@ -169,22 +215,23 @@ class ExperimentPanel:
         self.dataset = W.Dropdown(options=list(DATASETS), value=v["dataset"], description="dataset", style=style)
         self.clients = W.IntSlider(value=v["clients"], min=2, max=50, description="clients", style=style)
         self.partition = W.Dropdown(options=list(PARTITIONS), value=v["partition"], description="partition", style=style)
-        self.alpha = W.FloatLogSlider(value=v["alpha"], base=10, min=-2, max=2, step=0.1, description="alpha", style=style)
+        self.alpha = log_slider(v["alpha"], -2, 2, "alpha", style)  # the values given are kept exactly
         self.algorithm = W.Dropdown(options=list(WORKFLOWS), value=v["algorithm"], description="algorithm", style=style)
-        self.mu = W.FloatLogSlider(value=v["mu"], base=10, min=-4, max=0, step=0.25, description="FedProx mu", style=style)
+        self.mu = log_slider(v["mu"], -4, 0, "FedProx mu", style)
         self.rounds = W.IntSlider(value=v["rounds"], min=1, max=200, description="rounds", style=style)
         self.local_epochs = W.IntSlider(value=v["local_epochs"], min=1, max=20, description="local epochs", style=style)
-        self.lr = W.FloatLogSlider(value=v["lr"], base=10, min=-4, max=0, step=0.1, description="lr", style=style)
+        self.lr = log_slider(v["lr"], -4, 0, "lr", style)
         self.seed = W.IntText(value=v["seed"], description="seed", style=style)
         self._base = base
         self.run_button = W.Button(description="Run", button_style="success", icon="play")
         self.stop_button = W.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
-        self.progress = W.IntProgress(value=0, min=0, max=v["rounds"], description="rounds")
+        self.progress = W.IntProgress(value=0, min=0, max=v["rounds"], description="progress")
         self.status = W.HTML("ready")
         self.dashboard = Dashboard()
         self.comparison = ComparisonView()
         self.run: Run | None = None
         self._watcher: threading.Thread | None = None
+        self._drawn = 0.0  # when the dashboard was last redrawn (time.monotonic)
         self.run_button.on_click(lambda _: self.start())
         self.stop_button.on_click(lambda _: self.stop())
         controls = W.VBox([self.dataset, self.clients, self.partition, self.alpha, self.algorithm, self.mu,
@@ -194,10 +241,12 @@ class ExperimentPanel:
                               W.Tab(children=[self.dashboard.widget, self.comparison.widget],
                                     titles=("live run", "comparison"))])
 
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.widget)
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        """The live panel, with a plain note for where there is no kernel (a saved notebook, nbviewer, HTML)."""
+        bundle = dict(self.widget._repr_mimebundle_(**kwargs) or {})
+        bundle["text/plain"] = STATIC_NOTE
+        bundle["text/html"] = f"<p><i>{STATIC_NOTE}</i></p>"
+        return bundle
 
     def controls(self) -> dict[str, Any]:
         """The controls' current values, by name (`CONTROLS`)."""
@@ -210,8 +259,8 @@ class ExperimentPanel:
     def label(self) -> str:
         """A short name of the current settings, for the status line and the comparison's legend."""
         c = self.controls()
-        skew = f" a={c['alpha']:.2g}" if c["partition"] in ("dirichlet", "quantity") else ""
-        return (f"{c['algorithm']} {c['partition']}{skew} E={c['local_epochs']} lr={c['lr']:.2g} "
+        skew = f" a={c['alpha']:g}" if c["partition"] in ("dirichlet", "quantity") else ""
+        return (f"{c['algorithm']} {c['partition']}{skew} E={c['local_epochs']} lr={c['lr']:g} "
                 f"#{len(self.comparison.runs) + 1}")
 
     def start(self) -> Run | None:
@@ -249,7 +298,11 @@ class ExperimentPanel:
 
     def _on_round(self, record: RoundRecord) -> None:
         self.progress.value = record.round + 1
-        if self.run is not None:
+        # redraw at most every REDRAW_S: a fast run (tens of rounds a second) would otherwise flood the browser
+        # with figure updates, and a click on Stop would wait behind them; the run's end draws the last state
+        now = time.monotonic()
+        if self.run is not None and now - self._drawn >= REDRAW_S:
+            self._drawn = now
             self.dashboard.update(self.run.history)
 
     def _finish(self, run: Run, label: str) -> None:

@@ -33,6 +33,14 @@ def stop_after(round_index):
     return listener
 
 
+def interrupted(sim):
+    """Run ``sim`` into its interrupt (a listener raising KeyboardInterrupt, as Ctrl-C does): run() records the run
+    as aborted and checkpoints it, then re-raises; the aborted run is the exception's ``.run``."""
+    with pytest.raises(KeyboardInterrupt) as e:
+        sim.run(progress=False)
+    return e.value.run
+
+
 def test_every_round_leaves_a_verified_checkpoint(digits, tmp_path):
     run = digits_sim(digits, tmp_path / "r", rounds=3).run(progress=False)
     manifest = json.loads((tmp_path / "r" / "checkpoints" / "latest.json").read_text())
@@ -46,7 +54,7 @@ def test_every_round_leaves_a_verified_checkpoint(digits, tmp_path):
 @pytest.mark.parametrize("faults", [None, fk.Faults(crash=0.2, corrupt=0.2, seed=5)], ids=["clean", "faulty"])
 def test_interrupted_and_resumed_equals_uninterrupted(digits, tmp_path, faults):
     whole = digits_sim(digits, tmp_path / "whole", faults=faults).run(progress=False)
-    cut = digits_sim(digits, tmp_path / "cut", faults=faults, on_round=[stop_after(2)]).run(progress=False)
+    cut = interrupted(digits_sim(digits, tmp_path / "cut", faults=faults, on_round=[stop_after(2)]))
     assert cut.status == "aborted" and len(cut.history) == 3
     assert checkpoint.load(tmp_path / "cut").round == 2
     resumed = digits_sim(digits, tmp_path / "cut", faults=faults).resume(progress=False)
@@ -83,7 +91,7 @@ def test_client_state_survives_a_resume(tmp_path, tiny_model):
         return fk.Simulator(fk.FedAvg(rounds=4), model=tiny_model, clients=[fk.Client("a", ClientData(d, d), {"train": counting})],
                             out=tmp_path, on_round=list(on_round))
 
-    sim([stop_after(1)]).run(progress=False)
+    interrupted(sim([stop_after(1)]))
     sim().resume(progress=False)
     assert seen == [1, 2, 3, 4]
 
@@ -195,7 +203,7 @@ def test_sigkill_mid_run_then_resume_gives_the_same_model(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--resume", "/nonexistent/run"], "has no cli.json"),
-    (["--straggle", "0.1"], "straggle > 0 needs a task_timeout (--task-timeout SECONDS)"),
+    (["--straggle", "0.1"], "--straggle > 0 needs a deadline: add --task-timeout SECONDS"),
     (["--dropout", "1.5"], "dropout is a probability"),
 ])
 def test_cli_fault_and_resume_errors(args, message, capsys):
@@ -232,7 +240,7 @@ def test_stateful_workflows_resume_exactly(digits, tmp_path, name):
                             train=fk.TrainConfig(epochs=2), seed=0, out=out, on_round=list(on_round))
 
     whole = sim(tmp_path / "whole").run(progress=False)
-    cut = sim(tmp_path / "cut", [stop_after(1)]).run(progress=False)
+    cut = interrupted(sim(tmp_path / "cut", [stop_after(1)]))
     assert cut.status == "aborted"
     ckpt = checkpoint.load(tmp_path / "cut")
     if name == "fedopt-adam":
@@ -261,7 +269,7 @@ def tiny_sim(out, model, rounds=3, on_round=(), **kw):
 @pytest.fixture
 def tiny_run(tmp_path, tiny_model):
     """A 3-round run cut after round 1 (checkpoint of round 1), and how to build its simulator again."""
-    tiny_sim(tmp_path, tiny_model, on_round=[stop_after(1)]).run(progress=False)
+    interrupted(tiny_sim(tmp_path, tiny_model, on_round=[stop_after(1)]))
     return tmp_path, lambda **kw: tiny_sim(tmp_path, tiny_model, **kw)
 
 
@@ -405,7 +413,7 @@ def test_a_history_log_changed_or_cut_is_refused(tiny_run):
 def test_a_kill_mid_append_does_not_corrupt_a_resume(digits, tmp_path):
     """Lines appended after the checkpoint, and a torn last line, are cut off when the run resumes."""
     whole = digits_sim(digits, tmp_path / "whole", rounds=4).run(progress=False)
-    digits_sim(digits, tmp_path / "cut", rounds=4, on_round=[stop_after(1)]).run(progress=False)
+    interrupted(digits_sim(digits, tmp_path / "cut", rounds=4, on_round=[stop_after(1)]))
     log = tmp_path / "cut" / "history.jsonl"
     checkpointed = _manifest(tmp_path / "cut")["history"]["bytes"]
     assert log.stat().st_size > checkpointed  # the "aborted" event came after the checkpoint
@@ -442,7 +450,7 @@ def test_a_new_run_in_a_directory_voids_its_old_checkpoint(tiny_run, tiny_model)
     run_dir, _ = tiny_run
     assert checkpoint.exists(run_dir)
     # a new run there that ends before its first checkpoint: the old one (of another history) is not resumed
-    tiny_sim(run_dir, tiny_model, on_round=[stop_after(0)], checkpoint_every=2, overwrite=True).run(progress=False)
+    interrupted(tiny_sim(run_dir, tiny_model, on_round=[stop_after(0)], checkpoint_every=2, overwrite=True))
     with pytest.raises(fk.CheckpointError, match="no checkpoint in"):
         checkpoint.load(run_dir)
 

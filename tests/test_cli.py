@@ -195,7 +195,7 @@ def test_he_flags_build_the_ckks_settings(argv, expected):
     (["--he", "--algorithm", "scaffold"], "--he cannot run Scaffold (--algorithm scaffold)"),
     (["--he", "--aggregate", "median"], "--he cannot use the aggregation rule 'coordinate_median' (--aggregate median)"),
     (["--he", "--dp-fedavg"], "--he cannot be used with --dp-fedavg"),
-    (["--straggle", "0.1"], "straggle > 0 needs a task_timeout (--task-timeout SECONDS)"),
+    (["--straggle", "0.1"], "--straggle > 0 needs a deadline: add --task-timeout SECONDS"),
     (["--seed", "-1"], "--seed: must be a whole number in [0, 2**63) (e.g. 0), got -1"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_refusals_exit_2_with_what_to_change(args, message, capsys, tmp_path):
@@ -267,6 +267,15 @@ def test_an_interrupted_run_resumes_to_the_model_of_an_uninterrupted_one(tmp_pat
     assert main(["run", "--resume", str(tmp_path / "cut"), "--json", "--no-progress"]) == 0
     resumed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert resumed["rounds"] == whole["rounds"] == 4 and resumed["model_sha256"] == whole["model_sha256"]
+
+
+def test_run_directory_line_lists_what_was_written(tmp_path, capsys):
+    assert main(["run", "--clients", "3", "--rounds", "2", "--no-progress", "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("run directory:"))
+    written = sorted(p.name for p in (tmp_path / "r").iterdir() if not p.name.startswith(".") and p.name != "run.lock")
+    assert all(name in line for name in written) and "checkpoints/" in line and "cli.json" in line
+    assert "../plotly.min.js" in line and (tmp_path / "plotly.min.js").is_file()
 
 
 def test_resume_refuses_new_settings(tmp_path, capsys):

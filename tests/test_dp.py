@@ -50,6 +50,14 @@ def stop_after(round_index):
     return listener
 
 
+def interrupted(sim):
+    """Run ``sim`` into its interrupt (a listener raising KeyboardInterrupt, as Ctrl-C does): run() records the run
+    as aborted and checkpoints it, then re-raises; the aborted run is the exception's ``.run``."""
+    with pytest.raises(KeyboardInterrupt) as e:
+        sim.run(progress=False)
+    return e.value.run
+
+
 def dp_sgd_sim(digits, rounds=3, clients=4, dp=DPSGD(noise_multiplier=1.0), out=None, on_round=(), extensions=(),
                **fedavg):
     parts = fk.data.iid(digits.train, clients=clients, seed=0)
@@ -249,7 +257,7 @@ def test_dp_sgd_budget_stops_the_run_and_the_client_refuses(digits, tmp_path):
 
 def test_dp_sgd_resume_ends_with_the_same_weights_and_epsilon(digits, tmp_path):
     whole = dp_sgd_sim(digits, out=tmp_path / "whole").run(progress=False)
-    cut = dp_sgd_sim(digits, out=tmp_path / "cut", on_round=[stop_after(0)]).run(progress=False)
+    cut = interrupted(dp_sgd_sim(digits, out=tmp_path / "cut", on_round=[stop_after(0)]))
     assert cut.status == "aborted"
     states = checkpoint.load(tmp_path / "cut").client_states
     assert all(s["dp_sgd"]["history"][0][2] > 0 for s in states.values())  # the accountant, as plain data
@@ -354,7 +362,7 @@ def test_dp_fedavg_resume_ends_with_the_same_weights_and_epsilon(digits, tmp_pat
                             train=fk.TrainConfig(validate=False), on_round=list(on_round))
 
     whole = sim(tmp_path / "whole").run(progress=False)
-    assert sim(tmp_path / "cut", [stop_after(0)]).run(progress=False).status == "aborted"
+    assert interrupted(sim(tmp_path / "cut", [stop_after(0)])).status == "aborted"
     resumed = sim(tmp_path / "cut").resume(progress=False)
     assert resumed.model_sha256 == whole.model_sha256
     assert resumed.history.series("epsilon") == whole.history.series("epsilon")

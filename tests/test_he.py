@@ -774,6 +774,14 @@ def test_a_chain_of_encrypted_parts_runs_and_matches_plaintext(digits, small):
     assert he.summary()["accuracy_on"] == "clients' validation splits"
 
 
+def interrupted(sim):
+    """Run ``sim`` into its interrupt (a listener raising KeyboardInterrupt, as Ctrl-C does): run() records the run
+    as aborted and checkpoints it, then re-raises; the aborted run is the exception's ``.run``."""
+    with pytest.raises(KeyboardInterrupt) as e:
+        sim.run(progress=False)
+    return e.value.run
+
+
 def test_checkpoint_holds_ciphertexts_and_resume_keeps_the_keys(digits, small, tmp_path):
     def sim(out, on_round=()):
         return simulate(digits, small, fk.FedAvg(rounds=2, he=CKKS()), out=out, on_round=list(on_round))
@@ -783,7 +791,7 @@ def test_checkpoint_holds_ciphertexts_and_resume_keeps_the_keys(digits, small, t
             raise KeyboardInterrupt
 
     whole = sim(tmp_path / "whole").run(progress=False)
-    cut = sim(tmp_path / "cut", [stop_after_first]).run(progress=False)
+    cut = interrupted(sim(tmp_path / "cut", [stop_after_first]))
     assert cut.status == "aborted" and len(cut.history) == 1
     ckpt = checkpoint.load(tmp_path / "cut")
     assert ckpt.weights == {}  # the server's model file holds no plaintext of the encrypted layers

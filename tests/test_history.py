@@ -111,7 +111,7 @@ def test_save_and_load(tmp_path, history):
     assert loaded.last("bytes_up") == 1234.0
 
     rounds = pd.read_csv(out / "rounds.csv")
-    assert rounds["round"].tolist() == [0, 1, 2] and rounds["accuracy"].tolist() == [0.5, 0.75, 0.875]
+    assert rounds["round"].tolist() == [1, 2, 3] and rounds["accuracy"].tolist() == [0.5, 0.75, 0.875]  # as plotted
     assert rounds["loss"].isna().tolist() == [False, True, False]
     clients = pd.read_csv(out / "clients.csv")
     assert len(clients) == 5 and clients["client"].tolist()[:2] == ["site-1", "site-2"]

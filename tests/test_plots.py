@@ -149,6 +149,19 @@ def test_partition_stacked_bars(parts):
     assert stacked.tolist() == [len(i) for i in parts.indices] == counts.sum(axis=1).tolist()
     assert stacked.sum() == 12
     assert parts.scheme in fig.layout.title.text
+    assert fig.layout.legend.orientation == "h"  # below the bars: every class in view, none behind a scrollbar
+
+
+def test_log_axis_has_whole_tick_labels():
+    fig = plots.log_axis(go.Figure(go.Scatter(x=[0.05, 0.5, 5], y=[1, 2, 3])))
+    assert fig.layout.xaxis.type == "log" and fig.layout.xaxis.tickmode == "array"
+    assert list(fig.layout.xaxis.ticktext) == ["0.01", "0.02", "0.05", "0.1", "0.2", "0.5", "1", "2", "5", "10", "20", "50"]
+    wide = plots.log_axis(go.Figure(go.Bar(x=["a", "b"], y=[1e-3, 1e3])), "y")  # six decades: powers of ten only
+    assert list(wide.layout.yaxis.ticktext) == ["0.001", "0.01", "0.1", "1", "10", "100", "1k"]
+    assert plots.log_axis(go.Figure(), "y").layout.yaxis.type == "log"
+    bytes_ = plots.log_axis(go.Figure(go.Scatter(x=[1, 2], y=[76960, 4532716])), "y")
+    assert list(bytes_.layout.yaxis.ticktext)[:6] == ["10k", "20k", "50k", "100k", "200k", "500k"]
+    assert "1M" in bytes_.layout.yaxis.ticktext
 
 
 def test_partition_on_synthetic_dirichlet():

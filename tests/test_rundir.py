@@ -147,11 +147,19 @@ def test_the_lock_goes_when_a_run_fails(tmp_path, tiny_model):
     assert tiny_sim(tmp_path, tiny_model, overwrite=True).run(progress=False).status == "done"
 
 
+def interrupted(sim):
+    """Run ``sim`` into its interrupt (a listener raising KeyboardInterrupt, as Ctrl-C does): run() records the run
+    as aborted and checkpoints it, then re-raises; the aborted run is the exception's ``.run``."""
+    with pytest.raises(KeyboardInterrupt) as e:
+        sim.run(progress=False)
+    return e.value.run
+
+
 def test_resume_continues_in_the_locked_directory(tmp_path, tiny_model):
     def stop(record):
         raise KeyboardInterrupt
 
-    assert tiny_sim(tmp_path, tiny_model, rounds=3, on_round=[stop]).run(progress=False).status == "aborted"
+    assert interrupted(tiny_sim(tmp_path, tiny_model, rounds=3, on_round=[stop])).status == "aborted"
     with pytest.raises(RunExists, match=r"an interrupted run \(1 round\(s\) done\)"):
         tiny_sim(tmp_path, tiny_model, rounds=3).run(progress=False)
     resumed = tiny_sim(tmp_path, tiny_model, rounds=3).resume(progress=False)

@@ -1,17 +1,21 @@
 """The in-process federation: FedAvg end to end, pull semantics, filters, threads and aborts."""
 
 import gc
+import json
 import math
 import os
 import threading
 import time
 import weakref
 
+import pandas as pd
 import pytest
 import torch
 
 import fedkit as fk
+from fedkit import checkpoint
 from fedkit.data import ClientData
+from fedkit.simulator import RunInterrupted
 
 
 def fixed_diff(value: float, samples: int, steps: int = 1):
@@ -216,14 +220,44 @@ def test_history_is_live_while_running(tiny_model):
     run.wait(10)
 
 
-def test_keyboard_interrupt_stops_as_aborted(tiny_model):
+def test_keyboard_interrupt_stops_as_aborted_and_propagates(tiny_model):
     def interrupted(task, ctx, abort):
         if task.round == 1:
             raise KeyboardInterrupt
         return fixed_diff(1.0, 1)(task, ctx, abort)
-    run = fk.Simulator(fk.FedAvg(rounds=5), model=tiny_model, clients=toy_clients(interrupted)).run(progress=False)
-    assert run.status == "aborted" and len(run.history) == 1
+    sim = fk.Simulator(fk.FedAvg(rounds=5), model=tiny_model, clients=toy_clients(interrupted))
+    with pytest.raises(KeyboardInterrupt, match=r"interrupted after 1 of 5 round\(s\)") as e:
+        sim.run(progress=False)  # a cell (a loop) stops: the partial run is never returned as a result
+    run = e.value.run
+    assert run is sim.last_run and run.status == "aborted" and len(run.history) == 1 and run.done
     assert run.weights["weight"].item() == 2.0
+    summary = run.summary()
+    assert summary["status"] == "aborted" and summary["complete"] is False
+    assert (summary["rounds"], summary["rounds_planned"]) == (1, 5)
+    assert "aborted: INCOMPLETE, 1 of 5 round(s)" in repr(run)
+    assert run.history.events[-1]["what"] == "aborted" and "KeyboardInterrupt" in run.history.events[-1]["reason"]
+
+
+def test_ctrl_c_checkpoints_then_propagates(tiny_model, tmp_path):
+    def stop_after_first(record):
+        if record.round == 0:
+            raise KeyboardInterrupt
+    sim = fk.Simulator(fk.FedAvg(rounds=5), model=tiny_model, clients=toy_clients(fixed_diff(1.0, 1)),
+                       out=tmp_path / "r", on_round=[stop_after_first])
+    with pytest.raises(RunInterrupted):
+        sim.run(progress=False)
+    assert checkpoint.load(tmp_path / "r").round == 0
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["complete"] is False
+    sim.on_round.clear()
+    resumed = sim.resume(progress=False)
+    assert resumed.status == "done" and resumed.complete and len(resumed.history) == 5
+
+
+def test_abort_returns_without_raising(tiny_model):
+    sim = fk.Simulator(fk.FedAvg(rounds=5), model=tiny_model, clients=toy_clients(fixed_diff(1.0, 1)))
+    sim.on_round.append(lambda record: sim.last_run.abort("stop button") if record.round == 1 else None)
+    run = sim.run(progress=False)  # the Stop button (run.abort()) is not an interrupt: the run is returned
+    assert run.status == "aborted" and not run.complete and len(run.history) == 2
 
 
 def test_finished_runs_are_released(tiny_model):
@@ -248,6 +282,30 @@ def test_run_dir_holds_history_model_and_plot(digits, tmp_path):
     loaded = torch.load(tmp_path / "r" / "model.pt", weights_only=True)
     assert fk.weights.sha256(loaded) == run.model_sha256
     assert fk.History.load(tmp_path / "r").series("accuracy") == run.history.series("accuracy")
+    assert pd.read_csv(tmp_path / "r" / "rounds.csv")["round"].tolist() == [1, 2]  # counted as the plots count
+    assert set(pd.read_csv(tmp_path / "r" / "clients.csv")["round"]) == {1, 2}
+
+
+def test_plot_has_context_and_loss_and_shares_one_plotlyjs(digits, tmp_path):
+    parts = fk.data.iid(digits.train, clients=3, seed=0)
+    for name in ("a", "b"):
+        fk.Simulator(fk.FedProx(rounds=2, mu=0.1), model=lambda: fk.models.for_data(digits), clients=parts,
+                     test=digits.test, out=tmp_path / name).run(progress=False)
+    assert (tmp_path / "plotly.min.js").stat().st_size > 1_000_000  # one copy, in the folder of the runs
+    for name in ("a", "b"):
+        html = (tmp_path / name / "plot.html").read_text()
+        assert not (tmp_path / name / "plotly.min.js").exists() and 'src="../plotly.min.js"' in html
+        assert len(html) < 100_000
+    fig = fk.Simulator(fk.FedProx(rounds=3, mu=0.1), model=lambda: fk.models.for_data(digits), clients=parts,
+                       test=digits.test).run(progress=False).figure()
+    assert [t.name for t in fig.data] == ["accuracy", "loss"] and fig.data[1].yaxis == "y2"
+    assert fig.layout.title.text.startswith("FedAvg + Proximal(mu=0.1), 3 clients: 3 of 3 rounds, final accuracy")
+
+
+def test_progress_without_a_terminal_is_a_line_per_round(tiny_model, capsys):
+    fk.Simulator(fk.FedAvg(rounds=3), model=tiny_model, clients=toy_clients(fixed_diff(1.0, 1))).run(desc="toy")
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["toy: round 1/3", "toy: round 2/3", "toy: round 3/3"] and "\r" not in err
 
 
 def test_custom_controller_with_send_and_wait(tiny_model):

@@ -26,7 +26,12 @@ def test_panel_runs_an_experiment_and_fills_the_figures():
     acc = next(t for t in panel.dashboard.accuracy.data if t.name == "accuracy")
     assert list(acc.x) == [1, 2, 3] and list(acc.y) == run.history.series("accuracy")
     assert len(panel.dashboard.clients.data) == 4  # one line per client
-    assert {t.name for t in panel.dashboard.traffic.data} == {"bytes_down", "bytes_up"}
+    # FedAvg sends and receives the same weights: one line for both directions, ticks as 154k, not 153.9195k
+    assert [t.name for t in panel.dashboard.traffic.data] == ["bytes_down = bytes_up"]
+    assert list(panel.dashboard.traffic.data[0].y) == run.history.series("bytes_up") == run.history.series("bytes_down")
+    assert panel.dashboard.traffic.layout.yaxis.tickformat == "~s"
+    assert panel.dashboard.privacy_box.layout.display == "none"  # no DP: no empty "privacy spent" chart
+    assert panel.progress.description == "progress"  # not "rounds", next to the rounds slider
     assert len(panel.comparison.figure.data) == 1 and "done" in panel.status.value
     assert panel.run_button.disabled is False and panel.stop_button.disabled is True
     # the panel's settings are a plain Experiment: the same run again in a cell gives the same model
@@ -44,6 +49,8 @@ def test_stop_aborts_the_run_and_keeps_the_panel_usable():
     run = panel.wait(60)
     assert run.status == "aborted" and 1 <= len(run.history) < 200
     assert "aborted" in panel.status.value
+    (line,) = panel.comparison.figure.data  # an aborted run is marked in the comparison: its name, dashed
+    assert line.name.endswith(f"(aborted after round {len(run.history)})") and line.line.dash == "dash"
     assert panel.run_button.disabled is False
     time.sleep(0.1)
     assert threading.active_count() <= before  # no thread left behind
@@ -130,6 +137,50 @@ def test_dashboard_and_comparison_work_from_a_history_alone(digits):
     assert list(view.figure.data[0].y) == run.history.series("accuracy")
 
 
+def test_the_panel_keeps_the_values_given_exactly():
+    panel = ExperimentPanel(alpha=0.5, lr=0.037, mu=0.0123, algorithm="fedprox")
+    assert (panel.alpha.value, panel.lr.value, panel.mu.value) == (0.5, 0.037, 0.0123)
+    assert (panel.alpha.label, panel.lr.label, panel.mu.label) == ("0.5", "0.037", "0.0123")  # what it shows
+    exp = panel.settings()
+    assert (exp.data.alpha, exp.train.lr, exp.workflow) == (0.5, 0.037, fk.FedProx(rounds=20, mu=0.0123))
+    assert "a=0.5 " in panel.label() and "lr=0.037 " in panel.label()
+    panel.lr.index += 1  # the user moves the slider one step: a value of its own grid, exactly as labelled
+    assert panel.lr.value == 0.05 and panel.lr.label == "0.05" and panel.settings().train.lr == 0.05
+    panel.alpha.index = 0
+    assert panel.settings().data.alpha == 0.01
+    assert ExperimentPanel().controls()["alpha"] == 0.5  # the quickstart's own values too
+
+
+def test_log_grid_is_decimal_and_holds_the_given_value():
+    from fedkit.widgets import log_grid
+
+    assert log_grid(-1, 1) == [0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0]
+    assert log_grid(-2, 0, 0.037) == [0.01, 0.02, 0.03, 0.037, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0]
+    assert log_grid(-2, 0, 7.5)[-1] == 7.5  # out of range: kept, not clipped
+
+
+def test_the_panel_has_a_static_note_for_a_saved_notebook():
+    bundle = ExperimentPanel()._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert "run this cell" in bundle["text/html"] and "run this cell" in bundle["text/plain"]
+
+
+def test_dashboard_figures_fit_two_columns_and_put_legends_below():
+    dash = Dashboard()
+    for fig in dash.figures:
+        assert fig.layout.width <= 500 and fig.layout.legend.orientation == "h"
+    assert ComparisonView().figure.layout.width <= 1000
+
+
+def test_fk_widgets_is_reachable_lazily():
+    import subprocess
+    import sys
+
+    code = ("import sys, fedkit as fk; assert 'ipywidgets' not in sys.modules; "
+            "assert fk.widgets.ExperimentPanel is not None; assert 'ipywidgets' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 # ---------------------------------------------------- dashboards of hand-made histories: HE, DP-SGD, DP-FedAvg
 
 def history(metrics, clients=lambda i: {}):
@@ -160,6 +211,9 @@ def test_dashboard_of_an_he_run_draws_the_clients_scores():
                                     LABELS["client_loss"]: ([1, 2, 3], [1.5, 1.25, 1.0])}
     assert lines(dash.clients) == {"site-1": ([1, 2, 3], [2.0, 1.0, 0.0]), "site-2": ([1, 2, 3], [3.0, 2.0, 1.0])}
     assert lines(dash.privacy) == {}  # HE alone spends no epsilon
+    assert dash.privacy_box.layout.display == "none"
+    assert [t.yaxis for t in dash.accuracy.data] == ["y", "y2"]  # accuracy and loss on their own axes
+    assert lines(dash.traffic) == {"bytes_down": ([1, 2, 3], [10, 10, 10]), "bytes_up": ([1, 2, 3], [20, 20, 20])}
 
 
 def test_dashboard_of_a_dp_sgd_run_draws_the_example_level_epsilon():
@@ -167,6 +221,7 @@ def test_dashboard_of_a_dp_sgd_run_draws_the_example_level_epsilon():
     dash.update(DP_SGD)
     assert lines(dash.accuracy) == {"accuracy": ([1, 2, 3], [0.25, 0.5, 0.75]), "loss": ([1, 2, 3], [2.0, 1.0, 0.5])}
     assert lines(dash.privacy) == {LABELS["client_epsilon"]: ([1, 2, 3], [0.5, 1.0, 1.5])}
+    assert dash.privacy_box.layout.display == ""  # shown once the run records an epsilon
 
 
 def test_dashboard_of_a_dp_fedavg_run_draws_the_user_level_epsilon():
@@ -196,3 +251,11 @@ def test_comparison_of_an_he_run_shows_its_clients_scores():
     view.add("dp", SimpleNamespace(history=DP_SGD))
     assert [(t.name, list(t.y)) for t in view.figure.data] == [("he (on clients)", [0.5, 0.625, 0.75]),
                                                                 ("dp", [0.25, 0.5, 0.75])]
+
+
+def test_comparison_shows_a_legend_with_one_run_and_marks_aborted_runs():
+    view = ComparisonView()
+    view.add("only", SimpleNamespace(history=DP_SGD, status="aborted"))
+    assert view.figure.layout.showlegend is True
+    (line,) = view.figure.data
+    assert line.name == "only (aborted after round 3)" and line.line.dash == "dash"
