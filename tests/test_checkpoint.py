@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import fedkit as fk
+from interrupts import interrupted, stop_after  # noqa: E402
 from fedkit import checkpoint
 from fedkit.data import ClientData
 
@@ -23,22 +24,6 @@ def digits_sim(digits, out, rounds=6, lr=0.05, faults=None, on_round=()):
     return fk.Simulator(fk.FedAvg(rounds=rounds, min_clients=2), model=lambda: fk.models.for_data(digits), clients=parts,
                         test=digits.test, train=fk.TrainConfig(lr=lr), seed=0, out=out, faults=faults,
                         on_round=list(on_round))
-
-
-def stop_after(round_index):
-    """A listener that aborts the run once ``round_index`` has been recorded (as a kernel interrupt would)."""
-    def listener(record):
-        if record.round == round_index:
-            raise KeyboardInterrupt
-    return listener
-
-
-def interrupted(sim):
-    """Run ``sim`` into its interrupt (a listener raising KeyboardInterrupt, as Ctrl-C does): run() records the run
-    as aborted and checkpoints it, then re-raises; the aborted run is the exception's ``.run``."""
-    with pytest.raises(KeyboardInterrupt) as e:
-        sim.run(progress=False)
-    return e.value.run
 
 
 def test_every_round_leaves_a_verified_checkpoint(digits, tmp_path):

@@ -13,6 +13,7 @@ from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
 from opacus.validators import ModuleValidator  # noqa: E402
 
 import fedkit as fk  # noqa: E402
+from interrupts import interrupted, stop_after  # noqa: E402
 from fedkit import checkpoint  # noqa: E402
 from fedkit.data import ClientData  # noqa: E402
 from fedkit.exchange import FilterContext  # noqa: E402
@@ -41,21 +42,6 @@ def clients_of(*executors, result_filters=()):
     d = fk.Dataset(torch.zeros(4, 1), torch.zeros(4, dtype=torch.long), 2)
     return [fk.Client(f"c{i}", ClientData(d, d), {"train": ex}, result_filters=list(result_filters))
             for i, ex in enumerate(executors)]
-
-
-def stop_after(round_index):
-    def listener(record):
-        if record.round == round_index:
-            raise KeyboardInterrupt
-    return listener
-
-
-def interrupted(sim):
-    """Run ``sim`` into its interrupt (a listener raising KeyboardInterrupt, as Ctrl-C does): run() records the run
-    as aborted and checkpoints it, then re-raises; the aborted run is the exception's ``.run``."""
-    with pytest.raises(KeyboardInterrupt) as e:
-        sim.run(progress=False)
-    return e.value.run
 
 
 def dp_sgd_sim(digits, rounds=3, clients=4, dp=DPSGD(noise_multiplier=1.0), out=None, on_round=(), extensions=(),

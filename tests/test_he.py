@@ -19,6 +19,7 @@ import tenseal as ts
 import torch
 
 import fedkit as fk
+from interrupts import interrupted  # noqa: E402
 from fedkit import checkpoint
 from fedkit.aggregate import by_samples, uniform, weighted_mean
 from fedkit.cli import add_he_arguments, encryption_from_args, parser, workflow_from_args
@@ -772,14 +773,6 @@ def test_a_chain_of_encrypted_parts_runs_and_matches_plaintext(digits, small):
     assert he.status == "done" and len(he.history) == 2 and "statistics" in he.history.results
     assert max(relative_errors(he.weights, plain.weights).values()) < 1e-6
     assert he.summary()["accuracy_on"] == "clients' validation splits"
-
-
-def interrupted(sim):
-    """Run ``sim`` into its interrupt (a listener raising KeyboardInterrupt, as Ctrl-C does): run() records the run
-    as aborted and checkpoints it, then re-raises; the aborted run is the exception's ``.run``."""
-    with pytest.raises(KeyboardInterrupt) as e:
-        sim.run(progress=False)
-    return e.value.run
 
 
 def test_checkpoint_holds_ciphertexts_and_resume_keeps_the_keys(digits, small, tmp_path):

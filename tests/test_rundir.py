@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fedkit as fk
+from interrupts import interrupted  # noqa: E402
 from fedkit import rundir
 from fedkit.cli import main
 from fedkit.data import ClientData
@@ -145,14 +146,6 @@ def test_the_lock_goes_when_a_run_fails(tmp_path, tiny_model):
         tiny_sim(tmp_path, tiny_model, train=boom).run(progress=False)
     assert rundir.holder(tmp_path) is None and not (tmp_path / LOCK).exists()
     assert tiny_sim(tmp_path, tiny_model, overwrite=True).run(progress=False).status == "done"
-
-
-def interrupted(sim):
-    """Run ``sim`` into its interrupt (a listener raising KeyboardInterrupt, as Ctrl-C does): run() records the run
-    as aborted and checkpoints it, then re-raises; the aborted run is the exception's ``.run``."""
-    with pytest.raises(KeyboardInterrupt) as e:
-        sim.run(progress=False)
-    return e.value.run
 
 
 def test_resume_continues_in_the_locked_directory(tmp_path, tiny_model):
