@@ -32,10 +32,10 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     """``fk.widgets`` on first use: ipywidgets is imported only by code that asks for the panels."""
-    if name == "widgets":
+    if name in ("widgets", "export"):  # fk.export: NVIDIA FLARE jobs (nvflare itself only when a job is made)
         import importlib
 
-        return importlib.import_module(".widgets", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

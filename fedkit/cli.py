@@ -31,12 +31,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
-from . import checkpoint, data as fkdata, plots, rundir
+from . import checkpoint, data as fkdata, export, plots, rundir
 from .checkpoint import CheckpointError
 from .cli_flags import (ALGORITHMS, RULES, SERVER_OPTS, WEIGHINGS, check_sizes, data_from_args, encryption_from_args,
                         experiment_from_args, privacy_from_args, refuse_unused, workflow_from_args)
 from .errors import ConfigError
-from .experiment import MODELS, PARTITIONS
+from .experiment import ENGINES, MODELS, PARTITIONS
 from .privacy.accounting import MECHANISMS
 from .privacy.ckks import MAX_COEFF_BITS, CKKS
 from .simulator import RunInterrupted, write_html
@@ -63,8 +63,9 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         message = re.sub(r"^argument (--[\w-]+)(/-\w)?: ", r"\1: ", message)
         hint = None
-        if message.startswith("the following arguments are required: {run,compare}"):
-            message = "no command: fedkit run ... runs one experiment, fedkit compare ... several algorithms"
+        if message.startswith("the following arguments are required: {run,compare"):
+            message = ("no command: fedkit run ... runs one experiment, fedkit compare ... several algorithms, "
+                       "fedkit export nvflare ... writes one as an NVIDIA FLARE job")
             hint = "`fedkit run --help` lists the options of a run, with their defaults"
         unknown = re.match(r"unrecognized arguments: (\S+)", message)
         if unknown:
@@ -247,6 +248,9 @@ def _add_common(r: argparse.ArgumentParser) -> None:
     o.add_argument("--threads", type=_threads, default="auto",
                    help="torch CPU threads: auto (1 for a model under 1M parameters on the CPU, else torch's default) "
                         "or a number; recorded in config.json, and a resumed run uses the same")
+    o.add_argument("--engine", default="sequential", choices=ENGINES,
+                   help="how the clients' work runs: sequential (one after another), vectorized (a round's clients "
+                        "train together, stacked), auto (vectorized where it applies), ray (Ray tasks: fedkit[ray])")
     o.add_argument("--json", action="store_true", help="print a JSON summary as the last line (on failure too)")
     o.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     o.add_argument("--overwrite", action="store_true", help="replace the run that --out holds already")
@@ -264,7 +268,7 @@ def parser() -> argparse.ArgumentParser:
     """The parser of ``fedkit run`` and ``fedkit compare``; every flag's default is that of `fk.Experiment`'s parts."""
     p = _Parser(prog="fedkit", description="Federated learning experiments in one process.", formatter_class=_Help)
     p.add_argument("--version", action="version", version=f"fedkit {_version()}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{run,compare}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,compare,export}")
     r = sub.add_parser("run", help="run one federated experiment", formatter_class=_Help)
     r.add_argument("--algorithm", default="fedavg", choices=tuple(ALGORITHMS), help="the workflow")
     _add_common(r)
@@ -276,6 +280,12 @@ def parser() -> argparse.ArgumentParser:
                    help="comma-separated, from: " + ", ".join(ALGORITHMS) + " (default: fedavg,fedprox,fedopt,scaffold)")
     _add_common(c)
     c.add_argument("--out", default=None, help="directory for the runs and compare.html (default: runs/compare-<time>)")
+    e = sub.add_parser("export", help="write the run that the flags of `fedkit run` describe as an NVIDIA FLARE job",
+                       formatter_class=_Help)
+    e.add_argument("target", choices=("nvflare",), help="the framework to export to")
+    e.add_argument("--algorithm", default="fedavg", choices=tuple(ALGORITHMS), help="the workflow")
+    _add_common(e)
+    e.add_argument("--out", required=True, help="the job folder to write, e.g. jobs/quickstart")
     return p
 
 
@@ -518,7 +528,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         _refuse(e.prog, e, _typed_out(argv), as_json="--json" in argv)
     if args.command == "compare":
         return compare_main(p, args, argv)
+    if args.command == "export":
+        return export_main(args, argv)
     return run_main(p, args, argv)
+
+
+def export_main(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
+    """``fedkit export nvflare --out DIR <run flags>``: the FLARE job folder, and the line that runs it."""
+    prog = f"fedkit export {args.target}"
+    try:
+        job = export.job_from_args(args, given_flags(argv) if argv else None)
+    except export.NotExportable as e:  # in the flags' words already; FLARE's names must stay as FLARE spells them
+        print(f"{prog}: error: {e.cli}\nhint: {HELP_HINT.format(prog=prog)}", file=sys.stderr)
+        if args.json:
+            print(_json({"status": "refused", "error": e.cli}))
+        raise SystemExit(2)
+    except (ConfigError, OSError, export.FlareMissing) as e:
+        _refuse(prog, e, None, args.json)
+    if args.json:
+        print(_json({"status": "exported", "job": str(job.path), "files": job.files(), "run": job.simulator_command()}))
+    else:
+        print(f"exported: {job.path} ({', '.join(job.files())})")
+        print(f"run it in FLARE's simulator: {job.simulator_command()}")
+    return 0
 
 
 def run_main(p: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str] = ()) -> int:

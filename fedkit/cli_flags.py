@@ -292,4 +292,5 @@ def experiment_from_args(a: Flags, algorithm: str | None = None) -> Experiment:
     """The `Experiment` that ``fedkit run`` / ``compare`` flags describe, for one ``algorithm``."""
     faults = faults_from_args(a)
     return Experiment(data=data_from_args(a), workflow=workflow_from_args(a, algorithm), train=train_from_args(a),
-                      model=a.model, faults=faults, seed=a.seed, device=a.device, threads=getattr(a, "threads", "auto"))
+                      model=a.model, faults=faults, seed=a.seed, device=a.device, threads=getattr(a, "threads", "auto"),
+                      engine=getattr(a, "engine", "sequential"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import traceback
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -15,6 +16,7 @@ from .exchange import (DXO, Aborted, ClientContext, DeadlineExceeded, ExecutorLi
 from .faults import Faults
 from .preprocess import current_data
 from .server import Server
+from .train import LOCAL_WEIGHTS, MODELS
 
 
 def derive_seed(*parts: int) -> int:
@@ -48,9 +50,11 @@ class Client:
     """One site of the federation. It pulls tasks from the server and answers each with a DXO.
 
     ``executors`` maps task names (``"train"``, ``"validate"``, ...) to executors; ``state`` is the
-    client's private memory across rounds (its model instance, optimizer or DP accountant, SCAFFOLD
-    control variates, HE secret key...). Nothing in ``state`` is ever sent unless an executor puts
-    it in a result.
+    client's private memory across rounds (DP accountant, SCAFFOLD control variates, HE secret key, with
+    ``keep_local_model`` its last locally trained weights...). Model instances and optimizers are not in it:
+    a task borrows a model from a pool shared by all clients (`fedkit.train.local_model`) and gives it back
+    when it ends, so a federation holds as many models as tasks run at once, however many clients are
+    registered. Nothing in ``state`` is ever sent unless an executor puts it in a result.
     """
 
     name: str
@@ -61,13 +65,17 @@ class Client:
     seed: int = 0
     state: dict[str, Any] = field(default_factory=dict)
     faults: Faults | None = None
+    # keep a CPU copy of the last locally trained weights in ``state`` (``fedkit.train.LOCAL_WEIGHTS``), for
+    # cross-site evaluation's ``submit_model``; the simulator turns it off when its workflow never asks for them
+    keep_local_model: bool = True
     # the engine's handle on this client's latest task (``is_alive()``, ``name``): while it runs, the client takes
     # no other task
     worker: Any = field(default=None, init=False, repr=False, compare=False)
 
-    def fresh(self, seed: int, faults: Faults | None = None) -> "Client":
+    def fresh(self, seed: int, faults: Faults | None = None, keep_local_model: bool | None = None) -> "Client":
         """A copy with empty state, for a new run."""
-        return replace(self, seed=seed, state={}, faults=faults if faults is not None else self.faults)
+        return replace(self, seed=seed, state={}, faults=faults if faults is not None else self.faults,
+                       keep_local_model=self.keep_local_model if keep_local_model is None else keep_local_model)
 
     def handle(self, task: Task, device: torch.device, abort: Signal) -> DXO:
         """Filter the task's data, run the executor for ``task.name``, filter the result.
@@ -80,20 +88,43 @@ class Client:
             raise LookupError(f"client {self.name!r} has no executor for task {task.name!r}; "
                               f"it has: {', '.join(self.executors) or 'none'}")
         seed = derive_seed(self.seed, task.round)
-        task = replace(task, data=apply_filters(self.task_data_filters, task.data,
-                                                FilterContext("client", "task", self.name, task, seed)))
+        if self.task_data_filters:
+            task = replace(task, data=apply_filters(self.task_data_filters, task.data,
+                                                    FilterContext("client", "task", self.name, task, seed)))
         data = current_data(self.data, self.state)  # after any preprocessing task (e.g. Standardize)
         ctx = ClientContext(self.name, data, self.state, device, seed)
         cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
+        # what torch.random.fork_rng(devices=cuda) does, without its context manager's cost on the CPU
+        saved = torch.default_generator.get_state()
+        with torch.random.fork_rng(devices=cuda) if cuda else contextlib.nullcontext():
             # Seed only the generators in use: torch.manual_seed would also queue seeds for every lazy
             # accelerator backend, which costs about a millisecond per task on a machine without one.
             torch.default_generator.manual_seed(ctx.seed)
             if cuda:
                 torch.cuda.manual_seed(ctx.seed)
-            result = run_executor(executor, task, ctx, abort)
+            try:
+                result = run_executor(executor, task, ctx, abort)
+            finally:
+                self.release(ctx)
+                torch.default_generator.set_state(saved)
         # in list order: DP filters (clip, noise) must come before encryption, which makes the update opaque
         return apply_filters(self.result_filters, result, FilterContext("client", "result", self.name, task, ctx.seed))
+
+    def release(self, ctx: ClientContext) -> None:
+        """Return the model instances the task borrowed (`fedkit.train.local_model`) to their pool; keep a CPU copy
+        of the trained one's weights when the client keeps its local model. Caches that refer to a returned
+        instance (e.g. DP-SGD's wrapper of it) leave the state with it. `handle` calls it when the task ends; an
+        engine that runs an executor's parts itself (with a `ClientContext` of its own) calls it too."""
+        for key, model_fn, model in ctx.leases:
+            if self.state.get(key) is model:
+                del self.state[key]
+                if key == "_model" and self.keep_local_model:
+                    self.state[LOCAL_WEIGHTS] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            for k, v in list(self.state.items()):
+                if k.startswith("_") and isinstance(v, tuple) and any(x is model for x in v):
+                    del self.state[k]
+            MODELS.give_back(model_fn, ctx.device, model)
+        ctx.leases.clear()
 
     def fault(self, task: Task) -> dict[str, Any] | None:
         """The fault injected into this client's answer to ``task`` (``{"fault": kind, ...}``), or None.

@@ -79,6 +79,8 @@ def payload_bytes(value: Any) -> int:
     """Size in bytes of one DXO value (0 for small Python scalars and strings)."""
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
+    if type(value) is dict:  # the common case, without the slower check against the Mapping ABC
+        return sum(payload_bytes(v) for v in value.values())
     if isinstance(value, np.ndarray):
         return value.nbytes
     if isinstance(value, (bytes, bytearray)):
@@ -229,6 +231,8 @@ class ClientContext:
     ``state`` survives rounds and is checkpointed: keep tensors and plain values there (control
     variates, accountant history). Keys that start with ``_`` are caches (a model instance, data
     already on the GPU): they are never checkpointed, so an executor must be able to rebuild them.
+    A model instance from `fedkit.train.local_model` is only lent for the task: run through `Client.handle`
+    it leaves the state when the task ends (see ``leases``).
     """
 
     client: str
@@ -236,11 +240,16 @@ class ClientContext:
     state: dict[str, Any]
     device: torch.device
     seed: int  # derived from (run seed, round, client): the same run gives the same numbers
+    # model instances this task borrowed from a shared pool (`fedkit.train.local_model`): `Client.handle` gives
+    # them back when the task ends, so a federation of many clients holds a few models, not one per client
+    leases: list = field(default_factory=list, repr=False, compare=False)
 
 
 def run_executor(executor: ExecutorLike, task: Task, ctx: ClientContext, abort: Signal) -> DXO:
     """Call an executor object or a plain function, and check that it answered with a DXO."""
-    fn = executor.execute if isinstance(executor, Executor) else executor
+    fn = getattr(executor, "execute", None)  # what isinstance(executor, Executor) checks, at a fraction of the cost
+    if not callable(fn):
+        fn = executor
     out = fn(task, ctx, abort)
     if not isinstance(out, DXO):
         raise TypeError(

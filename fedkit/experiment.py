@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from . import data as fkdata, models
 from .data import check_seed
+from .engine.choose import NAMES as ENGINES
 from .errors import ConfigError
 from .faults import Faults
 from .server import Controller
@@ -113,6 +114,8 @@ class Experiment:
     # torch CPU threads: "auto" is one thread for a model under 1M parameters on the CPU (as fast for the small models
     # here, and faster on a busy machine; see fedkit.simulator.AUTO_ONE_THREAD_BELOW), torch's default otherwise
     threads: str | int = "auto"
+    # how the clients' work runs: sequential, vectorized, auto (vectorized where it applies) or ray (fedkit[ray])
+    engine: str = "sequential"
 
     def __post_init__(self) -> None:
         for name, kind, example in (("data", DataSpec, "DataSpec(...)"), ("workflow", Controller, "fk.FedAvg(...)"),
@@ -122,6 +125,7 @@ class Experiment:
         _choice("Experiment", "model", self.model, MODELS)
         check_seed(self.seed, "Experiment.seed")
         check_threads(self.threads, "Experiment.threads")
+        _choice("Experiment", "engine", self.engine, ENGINES)
         if self.faults is not None and not isinstance(self.faults, Faults):
             raise ConfigError(f"Experiment.faults must be a fk.Faults(...) or None, got {self.faults!r}")
         if self.faults is not None and self.faults.straggle > 0 and getattr(self.workflow, "task_timeout", None) is None:
@@ -152,10 +156,13 @@ class Experiment:
         data = data if data is not None else self.load()
         models.for_data(data, self.model)  # fail now, not in the middle of the run, if model and data disagree
         kind = self.model
-        return Simulator(self.workflow, model=lambda: models.for_data(data, kind),
+        sim = Simulator(self.workflow, model=lambda: models.for_data(data, kind),
                          clients=self.data.partition_of(data, self.seed), test=data.test, train=self.train,
                          seed=self.seed, device=self.device, out=Path(out) if out is not None else None,
-                         faults=self.faults, threads=self.threads, **options)
+                         faults=self.faults, threads=self.threads,
+                         **{"engine": self.engine, **options})
+        sim.experiment = self  # what built it: fk.export.nvflare(sim) exports this
+        return sim
 
 
 PRESETS: dict[str, Experiment] = {

@@ -20,6 +20,7 @@ class SimpleNetwork(nn.Module):
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
+        self.num_classes = num_classes  # the constructor's arguments, kept: how NVFlare's job API describes a model
         self.conv1 = nn.Conv2d(3, 6, 5)
         self.pool = nn.MaxPool2d(2, 2)
         self.conv2 = nn.Conv2d(6, 16, 5)
@@ -39,6 +40,7 @@ class MLP(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int, hidden: int = 64) -> None:
         super().__init__()
+        self.in_features, self.num_classes, self.hidden = in_features, num_classes, hidden  # see SimpleNetwork
         self.fc1 = nn.Linear(in_features, hidden)
         self.fc2 = nn.Linear(hidden, num_classes)
 
@@ -52,6 +54,7 @@ class SmallCNN(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 10, side: int | tuple[int, int] = 8,
                  width: int = 16) -> None:
         super().__init__()
+        self.in_channels, self.num_classes, self.side, self.width = in_channels, num_classes, side, width  # ditto
         h, w = (side, side) if isinstance(side, int) else side
         if h < 4 or w < 4:
             raise ConfigError(f"SmallCNN needs images of at least 4x4 pixels, got {h}x{w}")

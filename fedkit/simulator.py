@@ -45,6 +45,7 @@ from .checkpoint import CheckpointError
 from .client import Client, derive_seed
 from .data import ClientData, Dataset, check_seed
 from .engine import Engine, sequential
+from .engine.choose import resolve as resolve_engine
 from .errors import ConfigError
 from .exchange import Aborted, ExecutorLike, Filter, Signal, Weights
 from .faults import Faults
@@ -57,6 +58,7 @@ from .privacy.he_model import EncryptedModel
 from .server import Channel, Controller, Server, ServerContext
 from .stats import StatsExecutor
 from .train import Evaluator, ModelFn, SubmitModel, TrainConfig, Trainer, evaluate, load_weights, resolve_device
+from .workflows import Cyclic, FedAvg, FedStats, FederatedScaling
 
 ClientsLike = Sequence[Dataset] | Sequence[ClientData] | Sequence[Client]
 
@@ -210,6 +212,7 @@ class Run:
             "rounds": len(self.history),
             "seconds": round(self.seconds, 3),
             "threads": self.simulator.threads,  # torch CPU threads: part of the result (model_sha256 depends on it)
+            "engine": self.simulator.engine_name,
             "model_sha256": self.model_sha256,
             "run_dir": str(self.run_dir) if self.run_dir else None,
             "failures": len(failures),
@@ -465,6 +468,11 @@ class Simulator:
     ``client_result_filters`` are attached, in order, to those clients' results (e.g. DP's
     `fedkit.privacy.dp.ClipUpdate`); an encryption filter always comes last.
 
+    ``engine`` runs the clients' work: ``"sequential"`` (one client after another), ``"vectorized"`` (the
+    clients of a round that use the standard trainer train together, stacked along a client axis),
+    ``"auto"`` (vectorized where it applies), ``"ray"`` (Ray tasks, `fedkit.engine.ray`), or an engine
+    object. Sequential and Ray give the same bits; vectorized the same numbers to float rounding.
+
     The simulator plays FLARE's provisioning role: when the workflow asks for HE (``he=CKKS()``), it
     makes the keys, gives the secret context to the clients and the server an encrypted model built
     with the public context only. The controller then runs in a thread of its own and reaches the
@@ -480,7 +488,7 @@ class Simulator:
     def __init__(self, workflow: Controller, model: ModelFn | nn.Module, clients: ClientsLike,
                  test: Dataset | None = None, train: TrainConfig = TrainConfig(), *, seed: int = 0,
                  device: str | torch.device = "auto", out: str | Path | None = None, val_fraction: float = 0.1,
-                 engine: Engine = sequential, server_filters: Sequence[Filter] = (),
+                 engine: Engine | str = "sequential", server_filters: Sequence[Filter] = (),
                  server_result_filters: Sequence[Filter] = (), client_result_filters: Sequence[Filter] = (),
                  faults: Faults | None = None, executors: Mapping[str, ExecutorLike] | None = None,
                  checkpoint_every: int = 1, on_round: Sequence[Callable[[RoundRecord], None]] = (),
@@ -508,8 +516,7 @@ class Simulator:
             raise ConfigError(f"faults must be a fk.Faults(...), got {type(faults).__name__}")
         if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be an integer >= 1 (rounds), got {checkpoint_every!r}")
-        if not callable(engine):
-            raise ConfigError(f"engine must be a function such as fedkit.engine.sequential, got {type(engine).__name__}")
+        engine, self.engine_name = resolve_engine(engine)  # a name ("auto", "vectorized", ...) or an engine
         for name, value in (("server_filters", server_filters), ("server_result_filters", server_result_filters),
                             ("client_result_filters", client_result_filters), ("on_round", on_round)):
             if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
@@ -548,6 +555,7 @@ class Simulator:
         probe = _build(self.model_fn)
         self.threads = resolve_threads(threads, probe, self.device)  # torch CPU threads of every run (torch_threads)
         workflow.check_model(probe)  # fail now, with how to fix the model, not in every client's first round
+        self._executors: dict[str, ExecutorLike] | None = None
         self.clients = [self._client(i, c) for i, c in enumerate(clients)]
         names = [c.name for c in self.clients]
         if len(set(names)) != len(names):
@@ -566,10 +574,12 @@ class Simulator:
         if not isinstance(c, ClientData):
             raise ConfigError(f"clients[{i}] is a {type(c).__name__}; give Datasets (e.g. a fk.data partition), "
                               "ClientData or fk.Client objects")
-        stats = StatsExecutor()
-        standard = {"train": Trainer(self.model_fn, self.train), "validate": Evaluator(self.model_fn),
-                    "submit_model": SubmitModel(), "stats_range": stats, "stats": stats, "standardize": Standardize()}
-        return Client(f"site-{i + 1}", c, {**standard, **self.executors}, result_filters=list(self.client_result_filters))
+        if self._executors is None:  # one set shared by every client: they keep nothing of a client's own
+            stats = StatsExecutor()
+            self._executors = {"train": Trainer(self.model_fn, self.train), "validate": Evaluator(self.model_fn),
+                               "submit_model": SubmitModel(), "stats_range": stats, "stats": stats,
+                               "standardize": Standardize(), **self.executors}
+        return Client(f"site-{i + 1}", c, dict(self._executors), result_filters=list(self.client_result_filters))
 
     def describe(self) -> dict[str, Any]:
         """The settings of this simulator, as saved in ``config.json`` (the same in every process)."""
@@ -713,7 +723,8 @@ class Simulator:
         try:
             if run.run_dir is not None:
                 _check_run_dir(run.run_dir)
-            clients = {c.name: c.fresh(derive_seed(self.seed, i, 1), self.faults) for i, c in enumerate(self.clients)}
+            keep = uses_local_models(self.workflow)
+            clients = {c.name: c.fresh(derive_seed(self.seed, i, 1), self.faults, keep) for i, c in enumerate(self.clients)}
             start_round = 0
             if ckpt is not None:
                 for name, state in ckpt.client_states.items():
@@ -835,6 +846,22 @@ class Simulator:
             return evaluate(model, test, device)
 
         return score
+
+
+def uses_local_models(workflow: Controller) -> bool:
+    """Whether ``workflow`` may ask clients for their locally trained models (``submit_model``), so that each client
+    keeps a CPU copy of its last local weights across rounds (`Client.keep_local_model`). A `CrossSiteEval` (also
+    in a `Chain`) does; the standard workflows that never ask say so with ``uses_local_models = False``; any other
+    controller might, so its clients keep them (``uses_local_models`` on a controller overrides)."""
+    declared = getattr(workflow, "uses_local_models", None)
+    if isinstance(declared, bool):
+        return declared
+    parts = getattr(workflow, "parts", None)
+    if isinstance(parts, tuple) and parts:
+        return any(uses_local_models(p) for p in parts)
+    if getattr(workflow, "submit_task", None):
+        return True
+    return not isinstance(workflow, (FedAvg, Cyclic, FedStats, FederatedScaling))
 
 
 def serve(control: Callable[[ServerContext], None], fl: ServerContext, clients: Mapping[str, Client],

@@ -11,9 +11,11 @@ import torch
 from ..client import Client
 from ..exchange import Signal
 from ..server import Server
+from .ray_engine import RayEngine, ray
 from .sequential import sequential
+from .vectorized import Vectorized, vectorized, vectorized_engine
 
 Engine = Callable[[Sequence[Client], Server, torch.device, Signal], None]
 """How the clients' work runs: ``engine(clients, server, device, abort)``."""
 
-__all__ = ["Engine", "sequential"]
+__all__ = ["Engine", "RayEngine", "ray", "sequential", "Vectorized", "vectorized", "vectorized_engine"]

@@ -71,6 +71,7 @@ class UserDP(Extension):
     sampling: float | None = field(default=None, init=False)  # q, from the workflow (bind)
     rounds: int | None = field(default=None, init=False)  # the workflow's rounds, to turn target_epsilon into noise
     requires_client_half: ClassVar[bool] = False  # the server clips again, so an executor of your own keeps the bound
+    vectorized: ClassVar[bool | str] = True  # its client half only clips t.diff after training
     needs_plaintext: ClassVar[str | None] = (
         "it clips each client's update and adds noise to their sum in plaintext, and with HE the server only holds "
         "ciphertexts; put DP on the clients instead (DP-SGD, or a ClipUpdate filter with noise_multiplier > 0: local "

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -71,6 +71,7 @@ class DPSGD(Extension):
     delta: float = 1e-5  # keep it well below 1 / (examples per client)
     rounds: int | None = None  # training rounds planned per client, to turn target_epsilon into noise; None: the workflow's
     accountant: str = "rdp"  # "rdp" (Opacus' default) or "prv" (tighter, slower)
+    vectorized: ClassVar[bool | str] = "DP-SGD runs per client (Opacus)"
 
     def __post_init__(self) -> None:
         check_number("DPSGD.noise_multiplier", self.noise_multiplier, low=0.0, allow_none=True, finite=True)

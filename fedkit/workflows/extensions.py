@@ -77,6 +77,7 @@ class Proximal(Extension):
     it keeps local models near the global one. mu around 0.001-0.1; 0 is FedAvg."""
 
     mu: float = 0.01
+    vectorized: ClassVar[bool | str] = True  # its term is a GradTerm (fedkit.engine.vectorized stacks it)
 
     def __post_init__(self) -> None:
         if isinstance(self.mu, bool) or not (isinstance(self.mu, (int, float)) and self.mu >= 0):
@@ -99,6 +100,7 @@ class Scaffold(Extension):
     needs_plaintext: ClassVar[str | None] = (
         "its control variates (scaffold_c, scaffold_dc) travel and are aggregated in plaintext, which would "
         "show the server what HE hides")
+    vectorized: ClassVar[bool | str] = True  # its correction is a GradTerm (fedkit.engine.vectorized stacks it)
 
     def task_meta(self, fl: ServerContext) -> dict[str, Any]:
         c = fl.server.state.get("scaffold_c")
