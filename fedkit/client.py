@@ -87,12 +87,7 @@ class Client:
         if executor is None:
             raise LookupError(f"client {self.name!r} has no executor for task {task.name!r}; "
                               f"it has: {', '.join(self.executors) or 'none'}")
-        seed = derive_seed(self.seed, task.round)
-        if self.task_data_filters:
-            task = replace(task, data=apply_filters(self.task_data_filters, task.data,
-                                                    FilterContext("client", "task", self.name, task, seed)))
-        data = current_data(self.data, self.state)  # after any preprocessing task (e.g. Standardize)
-        ctx = ClientContext(self.name, data, self.state, device, seed)
+        task, ctx = self.context(task, device)
         cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
         # what torch.random.fork_rng(devices=cuda) does, without its context manager's cost on the CPU
         saved = torch.default_generator.get_state()
@@ -107,8 +102,21 @@ class Client:
             finally:
                 self.release(ctx)
                 torch.default_generator.set_state(saved)
-        # in list order: DP filters (clip, noise) must come before encryption, which makes the update opaque
-        return apply_filters(self.result_filters, result, FilterContext("client", "result", self.name, task, ctx.seed))
+        return self.filter_result(result, task, ctx.seed)
+
+    def context(self, task: Task, device: torch.device) -> tuple[Task, ClientContext]:
+        """``task`` after this client's task-data filters, and the context its executor runs in: the seed derived
+        from (run seed, round), the data after any preprocessing task (e.g. Standardize), the state."""
+        seed = derive_seed(self.seed, task.round)
+        if self.task_data_filters:
+            task = replace(task, data=apply_filters(self.task_data_filters, task.data,
+                                                    FilterContext("client", "task", self.name, task, seed)))
+        return task, ClientContext(self.name, current_data(self.data, self.state), self.state, device, seed)
+
+    def filter_result(self, result: DXO, task: Task, seed: int) -> DXO:
+        """``result`` through this client's result filters, in list order: DP filters (clip, noise) must come before
+        encryption, which makes the update opaque."""
+        return apply_filters(self.result_filters, result, FilterContext("client", "result", self.name, task, seed))
 
     def release(self, ctx: ClientContext) -> None:
         """Return the model instances the task borrowed (`fedkit.train.local_model`) to their pool; keep a CPU copy

@@ -46,17 +46,16 @@ import math
 import threading
 import traceback
 import weakref
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..client import Answer, Client, Refused, derive_seed
+from ..client import Answer, Client, Refused
 from ..errors import ConfigError
-from ..exchange import (DXO, Aborted, ClientContext, DataKind, DeadlineExceeded, FilterContext, MetaKey, Signal, Task,
-                        apply_filters)
+from ..exchange import DXO, Aborted, DataKind, DeadlineExceeded, MetaKey, Signal, Task
 from ..preprocess import current_data
 from ..server import Server
 from ..train import (LOCAL_WEIGHTS, MODELS, GradTerm, LocalTraining, TermHook, Trainer, evaluate, grad_term_hook, has_client_half, hook_name,
@@ -265,10 +264,8 @@ class Vectorized:
         client, task = e.client, e.task
 
         def begin() -> None:
-            e.seed = derive_seed(client.seed, task.round)
-            e.filtered = replace(task, data=apply_filters(client.task_data_filters, task.data,
-                                                          FilterContext("client", "task", client.name, task, e.seed)))
-            ctx = ClientContext(client.name, current_data(client.data, client.state), client.state, device, e.seed)
+            e.filtered, ctx = client.context(task, device)
+            e.seed = ctx.seed
             e.signal = abort if task.deadline is None else abort.child(task.deadline)  # a child costs an Event
             _seed(ctx.seed, device)  # the caller forked torch's generators (once for the group: a fork costs)
             model = ctx.state["_model"] = shared.get(e.executor.model_fn)  # what local_model hands the trainer
@@ -307,8 +304,7 @@ class Vectorized:
             if e.client.keep_local_model:
                 e.client.state[LOCAL_WEIGHTS] = {k: v.detach().to("cpu", copy=True) for k, v in e.trained.items()}
             e.trained = None
-            result = apply_filters(e.client.result_filters, e.dxo,
-                                   FilterContext("client", "result", e.client.name, e.filtered, e.seed))
+            result = e.client.filter_result(e.dxo, e.filtered, e.seed)
             kind = e.fault["fault"] if e.fault else None
             if kind == "corrupt":
                 result = e.client.faults.damage(result, e.task.round, e.client.name, e.task.attempt)
