@@ -96,6 +96,10 @@ class DataSpec:
         return PARTITIONERS[self.partition](self, data.train, seed)
 
 
+SAME_RUN_OPTIONS = frozenset({"engine", "on_round", "overwrite", "checkpoint_every"})
+"""`Experiment.simulator` options that leave the run the experiment describes as it is (how it runs, what it reports)."""
+
+
 @dataclass(frozen=True)
 class Experiment:
     """A federated experiment: data, workflow, local training, model, faults, seed and device.
@@ -161,7 +165,9 @@ class Experiment:
                          seed=self.seed, device=self.device, out=Path(out) if out is not None else None,
                          faults=self.faults, threads=self.threads,
                          **{"engine": self.engine, **options})
-        sim.experiment = self  # what built it: fk.export.nvflare(sim) exports this
+        # what built it, for fk.export.nvflare(sim); not when an option changes what is trained (executors, filters,
+        # val_fraction...): the experiment alone would then describe another run
+        sim.experiment = self if set(options) <= SAME_RUN_OPTIONS else None
         return sim
 
 

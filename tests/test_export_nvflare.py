@@ -117,8 +117,18 @@ def test_a_hand_built_simulator_is_refused_but_one_from_an_experiment_exports(tm
                        clients=fk.data.iid(data.train, clients=2, seed=0), test=data.test)
     with pytest.raises(export.NotExportable, match="fk.Experiment"):
         export.nvflare(sim, tmp_path / "job")
-    job = export.nvflare(experiment(fk.FedAvg(rounds=1)).simulator(), tmp_path / "job")
+    job = export.nvflare(experiment(fk.FedAvg(rounds=1)).simulator(engine="vectorized"), tmp_path / "job")
     assert job.settings["rounds"] == 1 and job.clients == 2
+
+
+@pytest.mark.parametrize("option", [{"executors": {"train": lambda task, ctx, abort: None}},
+                                    {"client_result_filters": [lambda dxo, ctx: dxo]}, {"val_fraction": 0.3}],
+                         ids=["executors", "filters", "val_fraction"])
+def test_a_simulator_whose_options_change_the_run_is_refused_not_exported_as_its_experiment(tmp_path, option):
+    sim = experiment(fk.FedAvg(rounds=1)).simulator(**option)
+    with pytest.raises(export.NotExportable, match="options that change what is trained"):
+        export.nvflare(sim, tmp_path / "job")
+    assert not (tmp_path / "job").exists()
 
 
 def test_without_nvflare_the_error_names_the_install(tmp_path, monkeypatch):

@@ -63,9 +63,11 @@ def experiment_from(obj: Any) -> Experiment:
     if isinstance(exp, Experiment):
         return exp
     if isinstance(obj, (Simulator, Run)):
-        raise NotExportable("this Simulator was built by hand: its clients' data live in this process, and FLARE's "
-                            "clients load their own. Describe the run as an fk.Experiment (fk.DataSpec for the data, "
-                            "the workflow, fk.TrainConfig) and export that: fk.export.nvflare(experiment, 'jobs/name')")
+        raise NotExportable("this Simulator was built by hand, or by Experiment.simulator() with options that change "
+                            "what is trained (executors, filters, val_fraction...): its clients' data and executors live "
+                            "in this process, and FLARE's clients load their own. Describe the run as an fk.Experiment "
+                            "(fk.DataSpec for the data, the workflow, fk.TrainConfig) and export that: "
+                            "fk.export.nvflare(experiment, 'jobs/name')")
     raise NotExportable(f"fk.export.nvflare exports an fk.Experiment (or a Simulator built by Experiment.simulator()), "
                         f"got {type(obj).__name__}")
 
