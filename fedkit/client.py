@@ -12,7 +12,7 @@ import torch
 
 from .data import ClientData
 from .exchange import (DXO, Aborted, ClientContext, DeadlineExceeded, ExecutorLike, Filter, FilterContext, Signal,
-                       Task, apply_filters, run_executor)
+                       Task, Weights, apply_filters, run_executor)
 from .faults import Faults
 from .preprocess import current_data
 from .server import Server
@@ -43,6 +43,16 @@ class Answer:
     error: str = ""
     detail: str = ""
     delay: float = 0.0
+
+
+def failed(error: Exception) -> Answer:
+    """What a client answers when its task raised ``error`` (anything but `Aborted`, which ends the run): ``late`` past
+    its deadline, ``refused`` when it declined, else ``failed`` with the traceback (so call it in the ``except``)."""
+    if isinstance(error, DeadlineExceeded):
+        return Answer("late", error=f"late: {error}")
+    if isinstance(error, Refused):  # declined, not broken: e.g. a spent privacy budget
+        return Answer("refused", error=str(error))
+    return Answer("failed", error=f"{type(error).__name__}: {error}", detail=traceback.format_exc())
 
 
 @dataclass(eq=False)
@@ -126,8 +136,8 @@ class Client:
         for key, model_fn, model in ctx.leases:
             if self.state.get(key) is model:
                 del self.state[key]
-                if key == "_model" and self.keep_local_model:
-                    self.state[LOCAL_WEIGHTS] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                if key == "_model":
+                    self.keep_local(model.state_dict())
             for k, v in list(self.state.items()):
                 if k.startswith("_") and isinstance(v, tuple) and any(x is model for x in v):
                     del self.state[k]
@@ -164,15 +174,23 @@ class Client:
             result = self.handle(task, device, abort.child(task.deadline))
         except Aborted:
             raise
-        except DeadlineExceeded as e:
-            return Answer("late", error=f"late: {e}")
-        except Refused as e:  # declined, not broken: e.g. a spent privacy budget
-            return Answer("refused", error=str(e))
         except Exception as e:  # a failing client must not take the server down: report it
-            return Answer("failed", error=f"{type(e).__name__}: {e}", detail=traceback.format_exc())
+            return failed(e)
+        return self.outcome(result, task, fault)
+
+    def outcome(self, result: DXO, task: Task, fault: dict[str, Any] | None) -> Answer:
+        """The answer ``result`` makes with the injected ``fault`` (see `fault`): as it is, corrupted, or late by a
+        straggler's delay."""
+        kind = fault["fault"] if fault else None
         if kind == "corrupt":
             result = self.faults.damage(result, task.round, self.name, task.attempt)
         return Answer("ok", result, delay=fault["delay"] if kind == "straggle" else 0.0)
+
+    def keep_local(self, weights: Weights) -> None:
+        """Keep a CPU copy of locally trained ``weights`` in the state (`LOCAL_WEIGHTS`), for cross-site evaluation's
+        ``submit_model``, when this client keeps its local model."""
+        if self.keep_local_model:
+            self.state[LOCAL_WEIGHTS] = {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
 
     def deliver(self, server: Server, task: Task, answer: Answer) -> None:
         """Hand ``answer`` to the server (nothing for a dropout)."""

@@ -165,3 +165,16 @@ def test_the_cli_refuses_bad_flags_with_exit_2(tmp_path, capsys, flags, words):
         main(["export", "nvflare", "--out", str(tmp_path / "job"), *flags])
     assert e.value.code == 2 and words in capsys.readouterr().err
     assert not (tmp_path / "job").exists()
+
+
+def test_a_written_folder_a_foreign_folder_and_old_settings_are_refused_saying_what_to_do(tmp_path):
+    exp = experiment(fk.FedAvg(rounds=1))
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "notes.txt").write_text("mine")
+    with pytest.raises(fk.ConfigError, match="overwrite=True"):
+        export.nvflare(exp, tmp_path / "job")
+    assert (tmp_path / "job" / "notes.txt").read_text() == "mine"
+    with pytest.raises(FileNotFoundError, match="fk.export.nvflare"):
+        export.read_flare_history(tmp_path / "ws", tmp_path / "job")
+    with pytest.raises(fk.ConfigError, match="export the job again"):
+        export.experiment_of({**export.settings_of(exp), "format": 0})

@@ -44,7 +44,6 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import traceback
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -52,13 +51,14 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, vmap
 
-from ..client import Answer, Client, Refused
+from ..client import Answer, Client, failed
 from ..errors import ConfigError
 from ..exchange import DXO, Aborted, DataKind, DeadlineExceeded, MetaKey, Signal, Task
 from ..preprocess import current_data
 from ..server import Server
-from ..train import (LOCAL_WEIGHTS, MODELS, GradTerm, LocalTraining, TermHook, Trainer, evaluate, grad_term_hook, has_client_half, hook_name,
+from ..train import (MODELS, GradTerm, LocalTraining, TermHook, Trainer, evaluate, grad_term_hook, has_client_half, hook_name,
                      load_weights, local_model, on_device, sgd_epochs)
 from .sequential import still_busy, supervise
 
@@ -159,8 +159,8 @@ class Vectorized:
         if task.data.kind != DataKind.WEIGHTS:
             return f"a train task carries {task.data.kind.value}, not WEIGHTS"
         for hook in task.data.meta.get(MetaKey.HOOKS, ()):
-            if has_client_half(hook) and getattr(type(hook), "vectorized", False) is not True:
-                why = getattr(type(hook), "vectorized", False)
+            if has_client_half(hook) and hook.vectorized is not True:
+                why = hook.vectorized
                 return why if isinstance(why, str) else (f"the client half {hook_name(hook)} declares no vectorized "
                                                          "form (TrainHook.vectorized)")
         return self._model_reason(executor.model_fn, current_data(client.data, client.state).train, device)
@@ -301,14 +301,9 @@ class Vectorized:
                 for k, v in shared.state(t.model).items():
                     v.copy_(e.trained[k])
             e.dxo = e.executor.finish(t, e.hooks)
-            if e.client.keep_local_model:
-                e.client.state[LOCAL_WEIGHTS] = {k: v.detach().to("cpu", copy=True) for k, v in e.trained.items()}
+            e.client.keep_local(e.trained)
             e.trained = None
-            result = e.client.filter_result(e.dxo, e.filtered, e.seed)
-            kind = e.fault["fault"] if e.fault else None
-            if kind == "corrupt":
-                result = e.client.faults.damage(result, e.task.round, e.client.name, e.task.attempt)
-            e.answer = Answer("ok", result, delay=e.fault["delay"] if kind == "straggle" else 0.0)
+            e.answer = e.client.outcome(e.client.filter_result(e.dxo, e.filtered, e.seed), e.task, e.fault)
 
         _settle(e, finish)
 
@@ -359,8 +354,6 @@ def _validate(entries: list[_Entry]) -> None:
                 break
         else:
             groups.append([e])
-    from torch.func import functional_call
-
     def together(g: list[_Entry]) -> None:
         vals = [on_device(e.t.ctx, "_val_on_device", e.t.ctx.data.val) for e in g]
         model, weights = g[0].t.model, g[0].t.received  # any instance of the model: the weights are given
@@ -436,12 +429,8 @@ def _settle(e: _Entry, step: Any) -> bool:
         return True
     except Aborted:
         raise
-    except DeadlineExceeded as err:
-        e.answer = Answer("late", error=f"late: {err}")
-    except Refused as err:
-        e.answer = Answer("refused", error=str(err))
     except Exception as err:  # noqa: BLE001 - a failing client must not take the server down
-        e.answer = Answer("failed", error=f"{type(err).__name__}: {err}", detail=traceback.format_exc())
+        e.answer = failed(err)
     return False
 
 
@@ -476,7 +465,6 @@ def _free_bytes(device: torch.device) -> int:
 
 def _forward(model: nn.Module):
     """``model``'s forward over a leading client axis of parameters and inputs."""
-    from torch.func import functional_call, vmap
 
     return vmap(lambda params, x: functional_call(model, params, (x,)), randomness="error")
 
@@ -559,7 +547,7 @@ def _steps(entries: list[_Entry], abort: Signal) -> None:
                     try:
                         e.signal.check()
                     except DeadlineExceeded as err:  # this client's result is discarded; the others go on
-                        e.answer = Answer("late", error=f"late: {err}")
+                        e.answer = failed(err)
             k = active[s]
             idx, n = index[s, :k], taken[s, :k]
             p = {key: v[:k] for key, v in params.items()}

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..history import History, RoundRecord
-from ..metrics import ACCURACY, LOSS, SAMPLES, STEPS
+from ..metrics import ACCURACY, CLIENTS_OK, LOSS, SAMPLES, STEPS, TRAIN_ACCURACY, TRAIN_LOSS, VAL_ACCURACY, VAL_LOSS
 from ..train import evaluate, load_weights
 from .flare_site import ROUNDS_LOG
 from .nvflare_job import SETTINGS, FlareJob, require_nvflare
@@ -34,7 +34,7 @@ from .settings import experiment_of
 
 GLOBAL_MODEL = "FL_global_model.pt"  # what FLARE's PyTorch persistor saves after each round
 CROSS_SITE = "cross_val_results.json"  # FLARE's cross-site evaluation matrix (server/simulate_job/cross_site_val/)
-CLIENT_KEYS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", SAMPLES, STEPS, "weight")
+CLIENT_KEYS = (TRAIN_LOSS, TRAIN_ACCURACY, VAL_LOSS, VAL_ACCURACY, SAMPLES, STEPS, "weight")
 
 
 class FlareFailed(RuntimeError):
@@ -129,7 +129,7 @@ def read_flare_history(workspace: str | Path, job: FlareJob | str | Path) -> tup
         after = by_round.get(rnd + 1)  # the global model sent in the next round is this round's result
         metrics = ({ACCURACY: after[0]["global_accuracy"], LOSS: after[0]["global_loss"]} if after
                    else {ACCURACY: final["accuracy"], LOSS: final["loss"]})
-        metrics.update(clients_ok=len(rows))
+        metrics[CLIENTS_OK] = len(rows)
         start = min(r["time"] for r in rows)
         stop = min(r["time"] for r in after) if after else end
         clients = {r["site"]: {k: r[k] for k in CLIENT_KEYS if k in r} for r in sorted(rows, key=lambda r: r["site"])}
@@ -161,7 +161,8 @@ def _as_job(job: FlareJob | str | Path) -> FlareJob:
     path = Path(job)
     found = sorted(path.rglob(SETTINGS))
     if not found:
-        raise FileNotFoundError(f"{path} is not a job exported by fedkit (it has no {SETTINGS})")
+        raise FileNotFoundError(f"{path} is not a job exported by fedkit (it has no {SETTINGS}): pass the folder that "
+                                "fk.export.nvflare(experiment, folder) or `fedkit export nvflare --out folder` wrote")
     return FlareJob(path, path.name, json.loads(found[0].read_text()))
 
 

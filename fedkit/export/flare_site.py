@@ -47,7 +47,6 @@ class FedkitSite:
                              f"name them site-1 ... site-{len(self.sim.clients)} (nvflare simulator -n "
                              f"{len(self.sim.clients)}, or those names in project.yml)")
         self.name = site
-        self.index = index
         # as fedkit's simulator does for a run: the client with empty state, seeded by (run seed, client index)
         self.client = self.sim.clients[index].fresh(derive_seed(self.sim.seed, index, 1))
         self.model = self.sim.model_fn().to(self.sim.device)
@@ -55,16 +54,13 @@ class FedkitSite:
 
     def train(self, weights: dict[str, np.ndarray], round: int, mu: float | None = None) -> dict[str, Any]:
         """fedkit's local training of round ``round`` from ``weights``: the weight difference (as the weights came:
-        numpy arrays or torch tensors), the
-        FLARE aggregation weight (``settings['weigh']``: samples, steps or 1), samples, steps and the metrics."""
+        numpy arrays or torch tensors), the FLARE aggregation weight (``settings['weigh']``: samples, steps or 1), samples, steps and the metrics."""
         meta = {MetaKey.HOOKS: (Proximal(mu),)} if mu else {}
         task = Task("train", DXO(DataKind.WEIGHTS, _tensors(weights), meta), round=round)
-        numpy = not all(isinstance(v, torch.Tensor) for v in weights.values())  # answer in the format received
         result = self._run(task)
         samples, steps = result.meta[MetaKey.NUM_SAMPLES], result.meta[MetaKey.NUM_STEPS]
         weight = {"samples": samples, "steps": steps, "uniform": 1}[self.settings["weigh"]]
-        diff = {k: v.detach().cpu() for k, v in result.data.items()}
-        return {"diff": {k: v.numpy() for k, v in diff.items()} if numpy else diff, "weight": weight,
+        return {"diff": _like(result.data, weights), "weight": weight,
                 "samples": samples, "steps": steps, "metrics": dict(result.meta.get(MetaKey.METRICS, {}))}
 
     def validate(self, weights: dict[str, Any]) -> dict[str, float]:
@@ -76,9 +72,7 @@ class FedkitSite:
     def local_weights(self, like: dict[str, Any]) -> dict[str, Any]:
         """This site's locally trained model, by fedkit's ``submit_model`` executor (cross-site evaluation); in the
         format of ``like`` (what FLARE sent: numpy arrays or torch tensors)."""
-        result = self._run(Task("submit_model", DXO(DataKind.WEIGHTS, _tensors(like))))
-        numpy = not all(isinstance(v, torch.Tensor) for v in like.values())
-        return {k: v.numpy() if numpy else v for k, v in result.data.items()}
+        return _like(self._run(Task("submit_model", DXO(DataKind.WEIGHTS, _tensors(like)))).data, like)
 
     def _run(self, task: Task) -> DXO:
         with LOCK, torch_threads(self.sim.threads):
@@ -95,6 +89,12 @@ def _tensors(weights: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Copies of FLARE's arrays or tensors: what FLARE hands in stays as it was (clients may share it)."""
     return {k: torch.tensor(np.array(v, copy=True)) if not isinstance(v, torch.Tensor) else v.detach().clone()
             for k, v in weights.items()}
+
+
+def _like(tensors: dict[str, torch.Tensor], like: dict[str, Any]) -> dict[str, Any]:
+    """``tensors`` on the CPU, as numpy arrays unless ``like`` (what FLARE sent) holds torch tensors only."""
+    cpu = {k: v.detach().cpu() for k, v in tensors.items()}
+    return cpu if all(isinstance(v, torch.Tensor) for v in like.values()) else {k: v.numpy() for k, v in cpu.items()}
 
 
 def log_round(folder: str | Path, row: dict[str, Any]) -> None:

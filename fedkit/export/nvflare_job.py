@@ -16,6 +16,7 @@ clients; ``-t``: how many run at once, see `FlareJob.simulator_command`), or wit
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import json
 import shutil
@@ -44,7 +45,7 @@ class FlareMissing(ModuleNotFoundError):
 def require_nvflare() -> None:
     """Raise `FlareMissing`, naming the install, when nvflare cannot be imported."""
     try:
-        import nvflare  # noqa: F401  optional dependency (fedkit[flare])
+        importlib.import_module("nvflare")  # optional dependency (fedkit[flare])
     except ImportError as e:
         raise FlareMissing(f"exporting to NVIDIA FLARE needs the nvflare package, which is not installed: {INSTALL}",
                            name="nvflare") from e

@@ -180,7 +180,8 @@ def _check_scatter_gather(wf: FedAvg, clients: int) -> None:
                       "PercentilePrivacy, SVTPrivacy, ExcludeVars) with recipe.add_client_output_filter(...)",
                       "Drop the extension to export", "Drop those flags to export")
     if len([e for e in wf.extensions if isinstance(e, Proximal)]) > 1:
-        raise NotExportable("two Proximal terms: FLARE's FedProxRecipe takes one fedprox_mu")
+        raise NotExportable("two Proximal terms: FLARE's FedProxRecipe takes one fedprox_mu; keep one Proximal(mu) "
+                            "(or use fk.FedProx(mu=...)) to export")
     if wf.server_opt is not None and not isinstance(wf.server_opt, SGD):
         raise _no(f"the server optimizer {type(wf.server_opt).__name__}", "--server-opt " + type(wf.server_opt).__name__.lower(),
                   f"has no exact counterpart: FLARE's FedOptRecipe ({_RECIPES}.fedopt.FedOptRecipe(optimizer_args="

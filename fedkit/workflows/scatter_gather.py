@@ -208,7 +208,9 @@ class FedAvg(Controller):
         """The valid results of a round: screened by the model, trained with every client half sent, and (when
         the server can read the model) not absurdly large for what is typical, also with fewer than three
         peers (`fedkit.global_model.screen_norms`, against recent accepted updates or the model's norm)."""
-        valid = fl.model.screen(replies, self.max_norm_ratio)
+        # a readable model's update norms are screened once, below (`screen_norms` also judges a round of three peers
+        # or more); an encrypted model screens its own
+        valid = fl.model.screen(replies, None if fl.model.readable else self.max_norm_ratio)
         wanted = [hook_name(ext) for ext in self.extensions if has_client_half(ext) and ext.requires_client_half]
         for name in list(valid):
             ran = valid[name].meta.get(MetaKey.HOOKS_RAN, ())
