@@ -290,9 +290,16 @@ def _differing(saved: Path, sim: "Simulator") -> str:
         keys = []
     if not keys:
         return "workflow, training, data split, model, seed or threads differ"
-    said = [f"threads {before.get('threads')} then, {now.get('threads')} now" if k == "threads"
-            else f"the model ({_model_difference(before.get('model'), now['model'])})" if k == "model" else k for k in keys]
-    return "these differ: " + ", ".join(said)
+    return "these differ: " + ", ".join(_one_difference(k, before, now) for k in keys)
+
+
+def _one_difference(key: str, before: dict[str, Any], now: dict[str, Any]) -> str:
+    """A setting of config.json that differs, in words: its name, and for threads and the model, how."""
+    if key == "threads":
+        return f"threads {before.get('threads')} then, {now.get('threads')} now"
+    if key == "model":
+        return f"the model ({_model_difference(before.get('model'), now['model'])})"
+    return key
 
 
 def _model_difference(then: Any, now: dict[str, Any]) -> str:
@@ -300,10 +307,10 @@ def _model_difference(then: Any, now: dict[str, Any]) -> str:
     if not isinstance(then, dict) or not isinstance(then.get("forward"), dict):
         return "not recorded by the fedkit that started the run, so this version cannot tell it is the same"
     a, b = str(then.get("modules")).splitlines(), now["modules"].splitlines()
-    if a != b:
+    if a != b:  # the first line that differs (a layer, its size, an activation module)
         i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        line = lambda lines: repr(lines[i].strip()) if i < len(lines) else "nothing"  # noqa: E731
-        return f"its modules: {line(a)} then, {line(b)} now"
+        first = [repr(lines[i].strip()) if i < len(lines) else "nothing" for lines in (a, b)]
+        return f"its modules: {first[0]} then, {first[1]} now"
     classes = sorted(k for k in set(then["forward"]) | set(now["forward"]) if then["forward"].get(k) != now["forward"].get(k))
     unread = [k for k in classes if None in (then["forward"].get(k), now["forward"].get(k))]
     return (f"the code of {', '.join(c + '.forward' for c in classes)}"
@@ -318,10 +325,10 @@ def _engine_change(saved: Path, sim: "Simulator") -> str | None:
         return None
     if before is None or before == sim.engine_name:
         return None
-    return (f"the run in {saved.parent} was started with engine {before!r} and resumes with {sim.engine_name!r}: the "
-            "rounds from here run on another engine, so the final weights can differ from an uninterrupted run's in "
-            "the last bits (engines agree to float rounding, not bit for bit) and its model_sha256 will not match; "
-            f"resume with the engine it was started with ({before}) to get the same bits")
+    return (f"the run in {saved.parent} ran on engine {before!r} and resumes on {sim.engine_name!r}: the rounds from "
+            "here run on another engine, so the final weights can differ from an uninterrupted run's in the last bits "
+            "(engines agree to float rounding, not bit for bit) and its model_sha256 will not match; resume with "
+            f"engine={before!r} to get the same bits")
 
 
 def _workflow_label(workflow: Controller) -> str:
@@ -681,9 +688,11 @@ class Simulator:
         """Continue the run checkpointed in ``run_dir`` (default: ``out``) to the end, in this thread.
 
         The simulator must have the settings the run was started with (same workflow, data, model and
-        seed); otherwise `CheckpointError` says so. The resumed run ends with the same weights as a run
-        that was never interrupted. A checkpoint holds no code, so it is resumed by a simulator you
-        build again (in the notebook, or by ``fedkit run --resume DIR`` from the saved arguments).
+        seed; the model as `fedkit.models.architecture` describes it too, so a ReLU net is not resumed as a tanh
+        one); otherwise `CheckpointError` says what differs. The resumed run ends with the same weights as a run
+        that was never interrupted. Another engine (`RESUMABLE`) is allowed, with a warning (also in the run's
+        events) that the weights can then differ in the last bits. A checkpoint holds no code, so it is resumed
+        by a simulator you build again (in the notebook, or by ``fedkit run --resume DIR`` from the saved arguments).
         Ctrl-C raises `RunInterrupted` after checkpointing, as in `run`.
         """
         run_dir = Path(run_dir or self.out or "")
