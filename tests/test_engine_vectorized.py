@@ -285,8 +285,8 @@ def frozen_first_layer(digits):
     return model
 
 
-@pytest.mark.parametrize("workflow", [lambda: fk.FedAvg(rounds=2), lambda: fk.FedProx(rounds=2, mu=0.1)],
-                         ids=["fedavg", "fedprox"])
+@pytest.mark.parametrize("workflow", [lambda: fk.FedAvg(rounds=2), lambda: fk.FedProx(rounds=2, mu=0.1),
+                                      lambda: fk.SCAFFOLD(rounds=2)], ids=["fedavg", "fedprox", "scaffold"])
 def test_frozen_parameters_stay_frozen_as_in_the_sequential_engine(digits, workflow, caplog):
     train = fk.TrainConfig(epochs=2, momentum=0.9, weight_decay=1e-3)  # decay and momentum would move a frozen one
     build = lambda: frozen_first_layer(digits)  # noqa: E731
