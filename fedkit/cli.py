@@ -12,7 +12,8 @@ argparse lives here only. `experiment_from_args` (in `fedkit.cli_flags`, the fla
 flags into the typed objects of an `fk.Experiment`: a `DataSpec`, a workflow with its DP extension and
 CKKS settings, a `TrainConfig`, `Faults`. ``--resume DIR`` reads the flags back from ``DIR/cli.json``,
 through this parser again (so a damaged file is refused like a bad command line), and maps them again,
-so a run directory stays resumable whatever the objects become.
+so a run directory stays resumable whatever the objects become; of the run's settings only ``--engine`` may be
+given anew (a warning says the bits will differ from an uninterrupted run's).
 
 >>> exp = experiment_from_args(parser().parse_args(["run", "--algorithm", "fedprox", "--mu", "0.1"]))
 >>> exp.workflow.extensions, exp.data.partition
@@ -22,12 +23,14 @@ so a run directory stays resumable whatever the objects become.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import json
 import math
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
@@ -250,7 +253,8 @@ def _add_common(r: argparse.ArgumentParser) -> None:
                         "or a number; recorded in config.json, and a resumed run uses the same")
     o.add_argument("--engine", default="sequential", choices=ENGINES,
                    help="how the clients' work runs: sequential (one after another), vectorized (a round's clients "
-                        "train together, stacked), auto (vectorized where it applies), ray (Ray tasks: fedkit[ray])")
+                        "train together, stacked), auto (vectorized where it applies), ray (Ray tasks: fedkit[ray]); with --resume, "
+                        "the run's own unless given (another runs the rest, with a warning that the bits differ)")
     o.add_argument("--json", action="store_true", help="print a JSON summary as the last line (on failure too)")
     o.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     o.add_argument("--overwrite", action="store_true", help="replace the run that --out holds already")
@@ -308,6 +312,9 @@ def given_flags(argv: Sequence[str]) -> list[str]:
 
 # what a resumed run may set anew: how it reports, and where it runs; everything else is read from cli.json
 RESUME_MAY_CHANGE = {"resume", "json", "no_progress", "device", "out", "command", "overwrite"}
+# what a resumed run may choose anew, else kept from cli.json: another engine runs the rest, with a warning that the
+# bits will differ from an uninterrupted run's (`fedkit.simulator.RESUMABLE`)
+RESUME_MAY_CHOOSE = {"engine"}
 
 
 def resumed_args(p: argparse.ArgumentParser, args: argparse.Namespace,
@@ -324,7 +331,7 @@ def resumed_args(p: argparse.ArgumentParser, args: argparse.Namespace,
     defaults = vars(p.parse_args(["run"]))
     if given is None:
         given = [k for k, v in vars(args).items() if v != defaults.get(k)]
-    changed = [k for k in given if k not in RESUME_MAY_CHANGE]
+    changed = [k for k in given if k not in RESUME_MAY_CHANGE | RESUME_MAY_CHOOSE]
     if changed:
         flags = ", ".join("--" + k.replace("_", "-") for k in changed)
         raise ConfigError(f"--resume continues {run_dir} with the settings it was started with; drop {flags}")
@@ -340,7 +347,7 @@ def resumed_args(p: argparse.ArgumentParser, args: argparse.Namespace,
         raise ConfigError(f"{saved} cannot be read ({e.strerror or e}); it cannot be resumed") from None
     return argparse.Namespace(**{**_stored_flags(p, stored, saved), "resume": str(run_dir), "out": str(run_dir),
                                  "json": args.json, "no_progress": args.no_progress, "device": args.device,
-                                 "overwrite": False})
+                                 "overwrite": False, **{k: getattr(args, k) for k in RESUME_MAY_CHOOSE if k in given}})
 
 
 def _stored_flags(p: argparse.ArgumentParser, stored: Any, saved: Path) -> dict[str, Any]:
@@ -400,6 +407,7 @@ FLAG_WORDS: list[tuple[str, Any]] = [
     (r"\bdrop he=", "drop --he"),
     (r"\baggregate=weighted_mean\b", "--aggregate mean"),
     (r"\boverwrite=True\b", "--overwrite"),
+    (r"\bengine='([\w-]+)'", r"--engine \1"),
     (r"\bout=", "--out "),
     (r"\btask_timeout\b(?! \(--task-timeout)", "--task-timeout"),
     (_OWNERS + r"(\w+)\b", lambda m: "--" + _RENAMED.get(m.group(1), m.group(1).replace("_", "-"))),
@@ -584,7 +592,8 @@ def run_main(p: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequenc
     progress = not args.no_progress
     try:
         try:
-            run = sim.resume(args.out, progress=progress) if args.resume else sim.run(progress=progress)
+            with _warnings_said(prog):
+                run = sim.resume(args.out, progress=progress) if args.resume else sim.run(progress=progress)
         except RunInterrupted as e:  # Ctrl-C: the run is aborted and checkpointed; said below, exit 130
             run = e.run
     except (ConfigError, CheckpointError) as e:  # refused as the run started (e.g. HE provisioning): no round done
@@ -614,6 +623,18 @@ def run_main(p: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequenc
               file=sys.stderr)
         return 130
     return 0
+
+
+@contextlib.contextmanager
+def _warnings_said(prog: str):
+    """Python warnings said as the CLI says things, one line in the flags' words (``fedkit run: warning: ...``),
+    not as Python shows them (a file, a line number and a line of source)."""
+    def say(message: Warning | str, *_: Any, **__: Any) -> None:
+        print(f"{prog}: warning: {flag_words(str(message))}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = say
+        yield
 
 
 def compare_main(p: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str] = ()) -> int:

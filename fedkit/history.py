@@ -286,7 +286,8 @@ class HistoryLog:
                                  "(it was changed after the checkpoint was read)")
             f.truncate(state.bytes)
         self._hash, self._bytes = hashlib.sha256(head), state.bytes
-        self._rounds, self._events = len(history.rounds), len(history.events)
+        # the checkpoint's counts: what was added to its history since (a resume's note) is new, appended at sync
+        self._rounds, self._events = state.rounds, state.events
         self._results = {k: _result_key(v) for k, v in history.results.items()}
 
     def _append(self, lines: list[bytes]) -> None:

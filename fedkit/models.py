@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import hashlib
+import inspect
 import math
+import textwrap
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -89,3 +94,33 @@ def for_data(data: Data, kind: str = "auto") -> nn.Module:
                               f"{data.name!r} has shape {shape}")
         return SimpleNetwork(data.num_classes)
     raise ConfigError(f"unknown model {kind!r}; choose one of: auto, mlp, cnn, simple")
+
+
+def architecture(model: nn.Module) -> dict[str, Any]:
+    """What ``model`` computes, as a run records it in ``config.json`` and a resume checks it: ``modules``, the
+    model's ``repr`` (its layers, their sizes, and activations that are modules: ``nn.ReLU()`` vs ``nn.Tanh()``),
+    and ``forward``, per class of its own (not torch's) a hash of the code of its ``forward`` (where an activation
+    called as a function, ``F.relu`` vs ``torch.tanh``, shows). The hash is of the code, not its text: comments,
+    docstrings and layout may change.
+
+    Not seen: what ``forward`` reaches outside its own class's code (a helper function, a global, a function kept
+    in an attribute), and a ``forward`` whose source Python cannot find (its hash is None).
+    """
+    own = {type(m) for m in model.modules() if not getattr(type(m).forward, "__module__", "").startswith("torch.")}
+    return {"modules": repr(model),
+            "forward": {cls.__qualname__: _code_hash(cls.forward) for cls in sorted(own, key=lambda c: c.__qualname__)}}
+
+
+def _code_hash(fn: Callable[..., Any]) -> str | None:
+    """A hash of ``fn``'s code as Python parses it (no comments, docstring or layout), or None without a source."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()[:16]

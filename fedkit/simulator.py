@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -51,6 +52,7 @@ from .exchange import Aborted, ExecutorLike, Filter, Signal, Weights
 from .faults import Faults
 from .global_model import GlobalModel, PlainModel
 from .history import LOG, History, HistoryLog, RoundRecord, strict
+from .models import architecture
 from .preprocess import Standardize
 from .privacy.ckks import STATE_KEY
 from .privacy.he_filters import decrypt_global, provision
@@ -69,6 +71,11 @@ ClientsLike = Sequence[Dataset] | Sequence[ClientData] | Sequence[Client]
 # it: one thread is as fast idle (ratio ~1.0) and faster under contention (~1.1-1.5x on 2 cores). At ~1M
 # parameters (a CNN on 32x32 images, wide MLPs) the products are large enough for several threads to pay off.
 AUTO_ONE_THREAD_BELOW = 1_000_000
+
+RESUMABLE = ("engine",)
+"""Settings in config.json that a resume may change (with a warning): not in the fingerprint. The engine changes how
+a round's work runs, not what it computes (engines agree to float rounding), and a run may continue on a machine
+without the engine it began with (Ray, a GPU)."""
 
 
 def check_threads(threads: Any, what: str = "threads") -> str | int:
@@ -278,13 +285,50 @@ def _differing(saved: Path, sim: "Simulator") -> str:
     try:
         before = json.loads(saved.read_text())
         now = json.loads(_strict_json(sim.describe()))
-        keys = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+        keys = [k for k in sorted(set(before) | set(now)) if k not in RESUMABLE and before.get(k) != now.get(k)]
     except (OSError, ValueError, AttributeError):
         keys = []
     if not keys:
         return "workflow, training, data split, model, seed or threads differ"
-    said = [f"threads {before.get('threads')} then, {now.get('threads')} now" if k == "threads" else k for k in keys]
-    return "these differ: " + ", ".join(said)
+    return "these differ: " + ", ".join(_one_difference(k, before, now) for k in keys)
+
+
+def _one_difference(key: str, before: dict[str, Any], now: dict[str, Any]) -> str:
+    """A setting of config.json that differs, in words: its name, and for threads and the model, how."""
+    if key == "threads":
+        return f"threads {before.get('threads')} then, {now.get('threads')} now"
+    if key == "model":
+        return f"the model ({_model_difference(before.get('model'), now['model'])})"
+    return key
+
+
+def _model_difference(then: Any, now: dict[str, Any]) -> str:
+    """How the `fedkit.models.architecture` of a run's model (``then``, from its config.json) differs from ``now``."""
+    if not isinstance(then, dict) or not isinstance(then.get("forward"), dict):
+        return "not recorded by the fedkit that started the run, so this version cannot tell it is the same"
+    a, b = str(then.get("modules")).splitlines(), now["modules"].splitlines()
+    if a != b:  # the first line that differs (a layer, its size, an activation module)
+        i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        first = [repr(lines[i].strip()) if i < len(lines) else "nothing" for lines in (a, b)]
+        return f"its modules: {first[0]} then, {first[1]} now"
+    classes = sorted(k for k in set(then["forward"]) | set(now["forward"]) if then["forward"].get(k) != now["forward"].get(k))
+    unread = [k for k in classes if None in (then["forward"].get(k), now["forward"].get(k))]
+    return (f"the code of {', '.join(c + '.forward' for c in classes)}"
+            + (f"; the source of {', '.join(unread)} could not be read then or now" if unread else ""))
+
+
+def _engine_change(saved: Path, sim: "Simulator") -> str | None:
+    """What a resume should say when ``sim``'s engine is not the one the run in ``saved`` (its config.json) used."""
+    try:
+        before = json.loads(saved.read_text()).get("engine")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if before is None or before == sim.engine_name:
+        return None
+    return (f"the run in {saved.parent} ran on engine {before!r} and resumes on {sim.engine_name!r}: the rounds from "
+            "here run on another engine, so the final weights can differ from an uninterrupted run's in the last bits "
+            "(engines agree to float rounding, not bit for bit) and its model_sha256 will not match; resume with "
+            f"engine={before!r} to get the same bits")
 
 
 def _workflow_label(workflow: Controller) -> str:
@@ -553,6 +597,7 @@ class Simulator:
         self.last_run: Run | None = None  # the latest run of run() / resume(): after Ctrl-C, the interrupted one
         self.title: str | None = None  # the run's context in its plot's title (the CLI: algorithm, data, clients)
         probe = _build(self.model_fn)
+        self._architecture = architecture(probe)  # in config.json: a resume refuses a model that computes otherwise
         self.threads = resolve_threads(threads, probe, self.device)  # torch CPU threads of every run (torch_threads)
         workflow.check_model(probe)  # fail now, with how to fix the model, not in every client's first round
         self._executors: dict[str, ExecutorLike] | None = None
@@ -587,11 +632,14 @@ class Simulator:
                 "clients": {c.name: [_data_digest(c.data.train), _data_digest(c.data.val)] for c in self.clients},
                 "val_fraction": self.val_fraction, "faults": _describe(self.faults), "threads": self.threads,
                 "client_result_filters": _describe(self.client_result_filters),
-                **({"executors": _describe(self.executors)} if self.executors else {})}
+                **({"executors": _describe(self.executors)} if self.executors else {}),
+                "model": self._architecture, "engine": self.engine_name}
 
     def fingerprint(self) -> str:
-        """A hash of the settings and initial weights: a checkpoint resumes only under the same fingerprint."""
-        blob = json.dumps(self.describe(), sort_keys=True, default=str) + W.sha256(self.initial_weights())
+        """A hash of the settings (but those a resume may change, `RESUMABLE`) and initial weights: a checkpoint
+        resumes only under the same fingerprint."""
+        settings = {k: v for k, v in self.describe().items() if k not in RESUMABLE}
+        blob = json.dumps(settings, sort_keys=True, default=str) + W.sha256(self.initial_weights())
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def initial_weights(self) -> Weights:
@@ -640,9 +688,11 @@ class Simulator:
         """Continue the run checkpointed in ``run_dir`` (default: ``out``) to the end, in this thread.
 
         The simulator must have the settings the run was started with (same workflow, data, model and
-        seed); otherwise `CheckpointError` says so. The resumed run ends with the same weights as a run
-        that was never interrupted. A checkpoint holds no code, so it is resumed by a simulator you
-        build again (in the notebook, or by ``fedkit run --resume DIR`` from the saved arguments).
+        seed; the model as `fedkit.models.architecture` describes it too, so a ReLU net is not resumed as a tanh
+        one); otherwise `CheckpointError` says what differs. The resumed run ends with the same weights as a run
+        that was never interrupted. Another engine (`RESUMABLE`) is allowed, with a warning (also in the run's
+        events) that the weights can then differ in the last bits. A checkpoint holds no code, so it is resumed
+        by a simulator you build again (in the notebook, or by ``fedkit run --resume DIR`` from the saved arguments).
         Ctrl-C raises `RunInterrupted` after checkpointing, as in `run`.
         """
         run_dir = Path(run_dir or self.out or "")
@@ -658,6 +708,10 @@ class Simulator:
                 )
             ckpt.check_clients([c.name for c in self.clients], run_dir)
             self._check_checkpoint_model(ckpt, run_dir)
+            changed = _engine_change(run_dir / "config.json", self)
+            if changed is not None:  # allowed (another machine may lack the engine), but said: here and in the events
+                warnings.warn(changed, UserWarning, stacklevel=2)
+                ckpt.history.events.append({"round": ckpt.round + 1, "what": "engine_changed", "reason": changed})
             run = Run(self)
             run.run_dir = run_dir
             run._rundir_lock = lock

@@ -259,7 +259,8 @@ class TermHook:
 
     def __init__(self, model: nn.Module, term: GradTerm) -> None:
         self.term = term
-        self.params = dict(model.named_parameters())
+        # a frozen parameter has no gradient to add to, and SGD leaves it as it is
+        self.params = {k: p for k, p in model.named_parameters() if p.requires_grad}
 
     def __call__(self) -> None:
         self.term.add_to(self.params, {k: p.grad for k, p in self.params.items()})

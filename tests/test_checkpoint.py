@@ -19,11 +19,11 @@ from fedkit import checkpoint
 from fedkit.data import ClientData
 
 
-def digits_sim(digits, out, rounds=6, lr=0.05, faults=None, on_round=()):
+def digits_sim(digits, out, rounds=6, lr=0.05, faults=None, on_round=(), model=None, engine="sequential"):
     parts = fk.data.dirichlet(digits.train, clients=4, alpha=0.5, seed=0)
-    return fk.Simulator(fk.FedAvg(rounds=rounds, min_clients=2), model=lambda: fk.models.for_data(digits), clients=parts,
-                        test=digits.test, train=fk.TrainConfig(lr=lr), seed=0, out=out, faults=faults,
-                        on_round=list(on_round))
+    return fk.Simulator(fk.FedAvg(rounds=rounds, min_clients=2), model=model or (lambda: fk.models.for_data(digits)),
+                        clients=parts, test=digits.test, train=fk.TrainConfig(lr=lr), seed=0, out=out, faults=faults,
+                        on_round=list(on_round), engine=engine)
 
 
 def test_every_round_leaves_a_verified_checkpoint(digits, tmp_path):
@@ -45,6 +45,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(digits, tmp_path, faults):
     resumed = digits_sim(digits, tmp_path / "cut", faults=faults).resume(progress=False)
     assert resumed.status == "done" and len(resumed.history) == 6
     assert resumed.model_sha256 == whole.model_sha256
+    assert not [e for e in resumed.history.events if e["what"] == "engine_changed"]  # the same engine: nothing to say
     assert resumed.history.series("accuracy") == pytest.approx(whole.history.series("accuracy"))
 
 
@@ -96,6 +97,77 @@ def test_resume_refuses_other_settings(digits, tmp_path):
     digits_sim(digits, tmp_path, rounds=2).run(progress=False)
     with pytest.raises(fk.CheckpointError, match="other settings"):
         digits_sim(digits, tmp_path, rounds=2, lr=0.1).resume(progress=False)
+
+
+class ActNet(torch.nn.Module):
+    """The digits MLP with its activation a module: ``ActNet(nn.ReLU())`` and ``ActNet(nn.Tanh())`` hold the same
+    parameters (names, shapes, initial values), and compute different things."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = torch.nn.Linear(64, 32), act, torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x.flatten(1))))
+
+
+def functional_net(activation):
+    """A class Net whose forward calls its activation as a function, as a notebook cell that is edited defines it."""
+    if activation == "relu":
+        class Net(ActNet):
+            def forward(self, x):
+                return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+    else:
+        class Net(ActNet):
+            def forward(self, x):
+                return self.fc2(torch.tanh(self.fc1(x.flatten(1))))
+    return lambda: Net(None)
+
+
+@pytest.mark.parametrize("relu, tanh, said", [
+    (lambda: ActNet(torch.nn.ReLU()), lambda: ActNet(torch.nn.Tanh()),
+     r"the model \(its modules: '\(act\): ReLU\(\)' then, '\(act\): Tanh\(\)' now\)"),
+    (functional_net("relu"), functional_net("tanh"), r"the model \(the code of functional_net.<locals>.Net.forward\)"),
+], ids=["module", "functional"])
+def test_resume_refuses_a_model_of_another_architecture_with_the_same_shapes(digits, tmp_path, relu, tanh, said):
+    whole = digits_sim(digits, tmp_path / "whole", rounds=3, model=relu).run(progress=False)
+    interrupted(digits_sim(digits, tmp_path / "cut", rounds=3, model=relu, on_round=[stop_after(0)]))
+    config = json.loads((tmp_path / "cut" / "config.json").read_text())
+    assert config["model"] == fk.models.architecture(relu())  # recorded
+    with pytest.raises(fk.CheckpointError, match=said + r".*build the Simulator as it was, or start a new run"):
+        digits_sim(digits, tmp_path / "cut", rounds=3, model=tanh).resume(progress=False)
+    resumed = digits_sim(digits, tmp_path / "cut", rounds=3, model=relu).resume(progress=False)  # nothing was lost
+    assert resumed.model_sha256 == whole.model_sha256
+
+
+def test_resume_of_a_run_that_did_not_record_its_model_says_so(finished):
+    """A run of an older fedkit (no ``model`` in config.json, another fingerprint): refused, and why."""
+    run_dir, _ = finished
+    config = json.loads((run_dir / "config.json").read_text())
+    del config["model"]
+    (run_dir / "config.json").write_text(json.dumps(config))
+    manifest = _manifest(run_dir)
+    _write_manifest(run_dir, {**manifest, "fingerprint": "0" * 64})
+    with pytest.raises(fk.CheckpointError, match=r"these differ: the model \(not recorded by the fedkit that started"):
+        digits_sim(fk.data.load("digits"), run_dir, rounds=2).resume(progress=False)
+
+
+def test_resume_on_another_engine_runs_and_warns_that_the_bits_differ(digits, tmp_path):
+    """Allowed (engines agree to float rounding; a run may go on where its engine is missing), and said: a Python
+    warning and an event in the run's history, and config.json names the engine the rounds from there ran on."""
+    whole = digits_sim(digits, tmp_path / "whole", rounds=3).run(progress=False)
+    interrupted(digits_sim(digits, tmp_path / "cut", rounds=3, on_round=[stop_after(0)]))
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())["engine"] == "sequential"
+    with pytest.warns(UserWarning, match=r"ran on engine 'sequential' and resumes on 'vectorized'.* can differ from an "
+                                         r"uninterrupted run's .*resume with engine='sequential' to get the same bits"):
+        resumed = digits_sim(digits, tmp_path / "cut", rounds=3, engine="vectorized").resume(progress=False)
+    assert resumed.status == "done" and resumed.summary()["engine"] == "vectorized"
+    for k, v in whole.weights.items():
+        torch.testing.assert_close(resumed.weights[k], v, atol=1e-5, rtol=0)
+    [event] = [e for e in resumed.history.events if e["what"] == "engine_changed"]
+    assert event["round"] == 1 and "model_sha256 will not match" in event["reason"]
+    assert event in checkpoint.load(tmp_path / "cut").history.events  # in history.jsonl, kept by the next checkpoint
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())["engine"] == "vectorized"
 
 
 def test_missing_checkpoint_never_starts_from_scratch(digits, tmp_path):

@@ -278,6 +278,18 @@ def test_run_directory_line_lists_what_was_written(tmp_path, capsys):
     assert "../plotly.min.js" in line and (tmp_path / "plotly.min.js").is_file()
 
 
+def test_resume_may_run_on_another_engine_and_warns_that_the_bits_differ(tmp_path, capsys):
+    assert main(["run", "--clients", "3", "--rounds", "2", "--no-progress", "--out", str(tmp_path),
+                 "--engine", "vectorized"]) == 0
+    assert resumed_args(parser(), flags("--resume", str(tmp_path)), ["resume"]).engine == "vectorized"  # kept
+    capsys.readouterr()
+    assert main(["run", "--resume", str(tmp_path), "--engine", "sequential", "--json", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out.strip().splitlines()[-1])["engine"] == "sequential"
+    assert f"fedkit run: warning: the run in {tmp_path} ran on engine 'vectorized' and resumes on 'sequential'" in err
+    assert "resume with --engine vectorized to get the same bits" in err and "UserWarning" not in err
+
+
 def test_resume_refuses_new_settings(tmp_path, capsys):
     (tmp_path / "cli.json").write_text("{}")
     with pytest.raises(SystemExit) as e:

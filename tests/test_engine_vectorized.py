@@ -273,3 +273,54 @@ def test_a_plain_gradient_hook_trains_alone(digits, caplog):
     said = [r.getMessage() for r in caplog.records if r.name == LOGGER]
     assert len(said) == 1 and "not a fedkit.train.GradTerm" in said[0]
     assert_same(sim(digits, fk.engine.sequential, fk.FedAvg(rounds=2, extensions=(Nudge(),))).run(progress=False), b)
+
+
+def frozen_first_layer(digits):
+    """The digits MLP with its first layer frozen (``requires_grad=False``), its initial weights fixed by a seed."""
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        model = fk.models.for_data(digits, "mlp")
+    for p in model.fc1.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("workflow", [lambda: fk.FedAvg(rounds=2), lambda: fk.FedProx(rounds=2, mu=0.1),
+                                      lambda: fk.SCAFFOLD(rounds=2)], ids=["fedavg", "fedprox", "scaffold"])
+def test_frozen_parameters_stay_frozen_as_in_the_sequential_engine(digits, workflow, caplog):
+    train = fk.TrainConfig(epochs=2, momentum=0.9, weight_decay=1e-3)  # decay and momentum would move a frozen one
+    build = lambda: frozen_first_layer(digits)  # noqa: E731
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        b = fk.Simulator(workflow(), model=build, clients=fk.data.dirichlet(digits.train, clients=5, alpha=0.3, seed=0),
+                         test=digits.test, train=train, seed=0, engine=vectorized_engine()).run(progress=False)
+    assert not [r for r in caplog.records if r.name == LOGGER]  # trained together, not fallen back
+    a = fk.Simulator(workflow(), model=build, clients=fk.data.dirichlet(digits.train, clients=5, alpha=0.3, seed=0),
+                     test=digits.test, train=train, seed=0, engine=fk.engine.sequential).run(progress=False)
+    assert_same(a, b)
+    start = build().state_dict()
+    for k in ("fc1.weight", "fc1.bias"):
+        assert torch.equal(b.weights[k], start[k]) and torch.equal(a.weights[k], start[k]), k
+    assert not torch.equal(b.weights["fc2.weight"], start["fc2.weight"])
+
+
+def test_a_float64_model_trains_together_as_in_the_sequential_engine(digits, caplog):
+    """A model made ``.double()`` on float64 features (the kit keeps the data's dtype): the same float64 weights."""
+    def double(d):
+        return fk.data.Dataset(d.x.double(), d.y, d.num_classes, d.name)
+
+    train, test = double(digits.train), double(digits.test)
+    parts = fk.data.dirichlet(train, clients=5, alpha=0.3, seed=0)
+
+    def run(engine):
+        return fk.Simulator(fk.FedProx(rounds=2, mu=0.1), model=lambda: fk.models.for_data(digits, "mlp").double(),
+                            clients=parts, test=test, train=fk.TrainConfig(epochs=2, momentum=0.9), seed=0,
+                            engine=engine).run(progress=False)
+
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        b = run(vectorized_engine())
+    assert not [r for r in caplog.records if r.name == LOGGER]
+    a = run(fk.engine.sequential)
+    assert b.status == "done" and all(v.dtype == torch.float64 for v in b.weights.values())
+    for k, v in a.weights.items():
+        torch.testing.assert_close(b.weights[k], v, atol=1e-12, rtol=0)
+    assert_same(a, b)

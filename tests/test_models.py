@@ -111,3 +111,45 @@ def test_small_cnn_takes_non_square_images():
     import torch
     from fedkit.models import SmallCNN
     assert SmallCNN(1, 10, side=(8, 12))(torch.zeros(2, 1, 8, 12)).shape == (2, 10)
+
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 2)
+
+
+def _relu_net():
+    class Net(_Net):
+        def forward(self, x):
+            return torch.relu(self.fc(x))
+    return Net
+
+
+def _relu_net_again():
+    class Net(_Net):
+        def forward(self, x):
+            """The same code, with a docstring and a comment."""
+            return torch.relu(self.fc(x))  # a comment
+    return Net
+
+
+def _tanh_net():
+    class Net(_Net):  # a notebook cell defining Net again, with tanh
+        def forward(self, x):
+            return torch.tanh(self.fc(x))
+    return Net
+
+
+def test_architecture_tells_activations_apart_as_modules_and_in_forward():
+    from fedkit.models import architecture
+    relu = architecture(torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.ReLU()))
+    tanh = architecture(torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.Tanh()))
+    assert relu["forward"] == tanh["forward"] == {}  # torch's own classes: their repr says it all
+    assert relu["modules"] != tanh["modules"] and "ReLU()" in relu["modules"]
+    a, b, c = (architecture(cls()) for cls in (_relu_net(), _relu_net_again(), _tanh_net()))
+    assert a["modules"] == c["modules"]  # the same layers: only the code of forward tells them apart
+    [ha], [hb], [hc] = (list(x["forward"].values()) for x in (a, b, c))
+    assert ha == hb and ha != hc and len(ha) == 16  # comments and docstrings aside, the code
+    assert architecture(MLP(4, 2))["forward"].keys() == {"MLP"}

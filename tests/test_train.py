@@ -63,6 +63,18 @@ def test_abort_is_checked_between_batches(digits):
         sgd_epochs(fk.models.MLP(64, 10), digits.train, fk.TrainConfig(), seed=0, abort=signal)
 
 
+def test_fedprox_and_scaffold_terms_leave_a_frozen_parameter_alone(digits):
+    """A parameter with ``requires_grad=False`` has no gradient: the terms skip it, as SGD does (no AttributeError)."""
+    model = fk.models.MLP(64, 10)
+    model.fc1.weight.requires_grad_(False)
+    start = fk.weights.clone(model.state_dict())
+    shifted = {k: v + 1 for k, v in start.items()}
+    hooks = [fk.train.proximal_hook(model, shifted, mu=0.5), fk.train.correction_hook(model, shifted)]
+    sgd_epochs(model, digits.train.subset(range(64)), fk.TrainConfig(weight_decay=1e-3), 0, fk.Signal(), hooks)
+    assert torch.equal(model.fc1.weight, start["fc1.weight"])
+    assert not torch.equal(model.fc1.bias, start["fc1.bias"])
+
+
 def test_evaluate_matches_a_direct_computation(digits):
     torch.manual_seed(0)
     model = fk.models.MLP(64, 10)

@@ -20,7 +20,9 @@ How the clients differ is kept exactly:
   neither its parameters nor its momentum);
 * algorithms: a client half whose class says ``vectorized = True`` (FedProx, SCAFFOLD, DP-FedAvg) changes the
   steps only through `fedkit.train.GradTerm` terms, which stack along the client axis;
-* faults and deadlines: drawn and noted as in the sequential engine; a task past its deadline answers ``late``.
+* faults and deadlines: drawn and noted as in the sequential engine; a task past its deadline answers ``late``;
+* frozen parameters (``requires_grad=False``) are left as received, as ``torch.optim.SGD`` leaves them, and the
+  model's dtype is kept (a float64 model on float64 data trains in float64).
 
 Whatever cannot be trained this way runs as in the sequential engine, and the reason is logged once per
 engine (logger ``fedkit.engine.vectorized``, level INFO): other tasks than ``train``, executors other than
@@ -360,15 +362,13 @@ def _validate(entries: list[_Entry]) -> None:
         x, y = torch.cat([v.x for v in vals]), torch.cat([v.y for v in vals])
         sizes = torch.tensor([len(v) for v in vals], device=x.device)
         owner = torch.repeat_interleave(torch.arange(len(g), device=x.device), sizes)
-        loss = torch.zeros(len(g), device=x.device)
-        right = torch.zeros(len(g), dtype=torch.long, device=x.device)
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            for i in range(0, len(x), 4096):
-                out = functional_call(model, weights, (x[i:i + 4096],))
-                loss.index_add_(0, owner[i:i + 4096], F.cross_entropy(out, y[i:i + 4096], reduction="none"))
-                right.index_add_(0, owner[i:i + 4096], (out.argmax(1) == y[i:i + 4096]).long())
+            out = torch.cat([functional_call(model, weights, (x[i:i + 4096],)) for i in range(0, len(x), 4096)])
+            each = F.cross_entropy(out, y, reduction="none")  # in the model's dtype (float64 too), as `evaluate` sums
+            loss = torch.zeros(len(g), dtype=each.dtype, device=x.device).index_add_(0, owner, each)
+            right = torch.zeros(len(g), dtype=torch.long, device=x.device).index_add_(0, owner, (out.argmax(1) == y).long())
         model.train(was_training)
         for e, l_, r, n in zip(g, loss.tolist(), right.tolist(), sizes.tolist()):
             e.t.metrics = {"val_loss": l_ / n, "val_accuracy": r / n, **e.t.metrics}
@@ -509,8 +509,9 @@ def _steps(entries: list[_Entry], abort: Signal) -> None:
     count, total = len(entries), steps[0] if entries else 0
     base = entries[0].t.model
     device = entries[0].t.data.x.device
-    keys = [k for k, _ in base.named_parameters()]
-    params = {k: torch.stack([e.t.received[k].detach() for e in entries]) for k in keys}  # the loaded weights
+    names = [k for k, _ in base.named_parameters()]
+    keys = [k for k, p in base.named_parameters() if p.requires_grad]  # trained; the others, as SGD does, left as loaded
+    params = {k: torch.stack([e.t.received[k].detach() for e in entries]) for k in names}  # the loaded weights
     terms = [type(entries[0].terms[j]).stack([e.terms[j] for e in entries], keys) for j in range(len(entries[0].terms))]
 
     # every client's batches, as sgd_epochs draws them, as rows of one index table into the chunk's data
@@ -535,7 +536,7 @@ def _steps(entries: list[_Entry], abort: Signal) -> None:
     lanes = torch.arange(bs, device=device)
 
     forward = _forward(base)
-    bufs = {k: torch.zeros_like(v) for k, v in params.items()} if momentum else {}
+    bufs = {k: torch.zeros_like(params[k]) for k in keys} if momentum else {}
     loss_sum = torch.zeros(count, device=device)
     right = torch.zeros(count, dtype=torch.long, device=device)
     timed = [e for e in entries if e.signal is not None and e.signal is not abort and e.signal.seconds is not None]
@@ -550,10 +551,11 @@ def _steps(entries: list[_Entry], abort: Signal) -> None:
                         e.answer = failed(err)
             k = active[s]
             idx, n = index[s, :k], taken[s, :k]
-            p = {key: v[:k] for key, v in params.items()}
+            p = {key: params[key][:k] for key in keys}
             y = ys[idx]
             with torch.enable_grad():
-                q = {key: v.detach().requires_grad_() for key, v in p.items()}
+                q = {key: v[:k] for key, v in params.items()}
+                q.update((key, v.detach().requires_grad_()) for key, v in p.items())
                 value, ok = _losses(forward(q, xs[idx]), y, lanes < n[:, None], n.to(loss_sum.dtype))
                 # the clients are independent: the gradient of the sum is each client's own gradient
                 grads = dict(zip(keys, torch.autograd.grad(value.sum(), [q[key] for key in keys])))
@@ -575,7 +577,7 @@ def _steps(entries: list[_Entry], abort: Signal) -> None:
             right[:k] += ok
         losses, rights = loss_sum.tolist(), right.tolist()
         for i, e in enumerate(entries):
-            e.trained = {key: params[key][i] for key in keys}
+            e.trained = {key: params[key][i] for key in names}
             seen = max(cfg.epochs * sizes[i], 1)
             e.t.stats = {"train_loss": losses[i] / seen, "train_accuracy": rights[i] / seen, "steps": steps[i],
                          "samples": sizes[i]}
