@@ -25,8 +25,9 @@ import functools
 import math
 import numbers
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from .errors import ConfigError, UpdateError
@@ -172,13 +173,34 @@ def rule_name(rule: Callable[..., Any]) -> str:
     if isinstance(rule, functools.partial):
         args = [repr(a) for a in rule.args] + [f"{k}={v!r}" for k, v in rule.keywords.items()]
         return f"{rule_name(rule.func)}({', '.join(args)})"
-    name = getattr(rule, "__name__", None)
+    name = getattr(rule, "__qualname__", None) or getattr(rule, "__name__", None)
     if name is None:
         return type(rule).__name__
     code = getattr(rule, "__code__", None)
-    if name == "<lambda>" and code is not None:
+    if name.endswith("<lambda>") and code is not None:
         return f"<lambda> at {Path(code.co_filename).name}:{code.co_firstlineno}"
     return name
+
+
+def apply_rule(rule: Rule, updates: Sequence[Update]) -> Weights:
+    """``rule(updates)``, refused with the rule's name unless it returns an update: a dict of tensors by name."""
+    out = rule(updates)
+    if not isinstance(out, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in out.items()):
+        raise UpdateError(f"the aggregation rule {rule_name(rule)} returned {out!r:.80} (a {type(out).__name__}); a rule "
+                          "must return the aggregated update, a dict of tensors keyed like the model's state_dict "
+                          "({name: tensor}), e.g. return fedkit.aggregate.weighted_mean(updates)")
+    return dict(out)
+
+
+def weigh_result(weigh: Callable[[DXO], float], result: DXO, client: str) -> float:
+    """``weigh(result)``, client ``client``'s aggregation weight, refused with the function's name unless it is a
+    finite number >= 0."""
+    value = weigh(result)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise UpdateError(f"the weighing {rule_name(weigh)} returned {value!r:.80} (a {type(value).__name__}) for client "
+                          f"{client!r}; it must return the client's aggregation weight, a finite number >= 0 (int or "
+                          "float), e.g. result.meta['num_samples'] as fedkit.aggregate.by_samples does")
+    return float(value)
 
 
 def _require_updates(updates: Sequence[Update]) -> None:
