@@ -173,11 +173,11 @@ def rule_name(rule: Callable[..., Any]) -> str:
     if isinstance(rule, functools.partial):
         args = [repr(a) for a in rule.args] + [f"{k}={v!r}" for k, v in rule.keywords.items()]
         return f"{rule_name(rule.func)}({', '.join(args)})"
-    name = getattr(rule, "__qualname__", None) or getattr(rule, "__name__", None)
+    name = getattr(rule, "__name__", None)
     if name is None:
         return type(rule).__name__
     code = getattr(rule, "__code__", None)
-    if name.endswith("<lambda>") and code is not None:
+    if name == "<lambda>" and code is not None:
         return f"<lambda> at {Path(code.co_filename).name}:{code.co_firstlineno}"
     return name
 

@@ -220,7 +220,8 @@ class ServerContext:
 
     def __post_init__(self) -> None:
         # the global model as the last round left it (here: as this context found it); end_round falls back on it
-        self.__dict__["_good"] = dict(self.server.model.weights) if self.server.model.readable else None
+        model = getattr(self.server, "model", None)
+        self.__dict__["_good"] = dict(model.weights) if model is not None and model.readable else None
 
     @property
     def model(self) -> GlobalModel:
