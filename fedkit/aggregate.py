@@ -185,10 +185,11 @@ def rule_name(rule: Callable[..., Any]) -> str:
 def apply_rule(rule: Rule, updates: Sequence[Update]) -> Weights:
     """``rule(updates)``, refused with the rule's name unless it returns an update: a dict of tensors by name."""
     out = rule(updates)
-    if not isinstance(out, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in out.items()):
-        raise UpdateError(f"the aggregation rule {rule_name(rule)} returned {out!r:.80} (a {type(out).__name__}); a rule "
-                          "must return the aggregated update, a dict of tensors keyed like the model's state_dict "
-                          "({name: tensor}), e.g. return fedkit.aggregate.weighted_mean(updates)")
+    tensors = isinstance(out, Mapping) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in out.items())
+    if not tensors:
+        raise UpdateError(f"the aggregation rule {rule_name(rule)} returned {out!r:.80} (a {type(out).__name__}); "
+                          "a rule must return the aggregated update, a dict of tensors keyed like the model's "
+                          "state_dict ({name: tensor}), e.g. return fedkit.aggregate.weighted_mean(updates)")
     return dict(out)
 
 
@@ -196,10 +197,11 @@ def weigh_result(weigh: Callable[[DXO], float], result: DXO, client: str) -> flo
     """``weigh(result)``, client ``client``'s aggregation weight, refused with the function's name unless it is a
     finite number >= 0."""
     value = weigh(result)
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
-        raise UpdateError(f"the weighing {rule_name(weigh)} returned {value!r:.80} (a {type(value).__name__}) for client "
-                          f"{client!r}; it must return the client's aggregation weight, a finite number >= 0 (int or "
-                          "float), e.g. result.meta['num_samples'] as fedkit.aggregate.by_samples does")
+    number = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    if not (number and math.isfinite(value) and value >= 0):
+        raise UpdateError(f"the weighing {rule_name(weigh)} returned {value!r:.80} (a {type(value).__name__}) for "
+                          f"client {client!r}; it must return the client's aggregation weight, a finite number >= 0 "
+                          "(int or float), e.g. result.meta['num_samples'] as fedkit.aggregate.by_samples does")
     return float(value)
 
 

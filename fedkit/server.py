@@ -374,10 +374,11 @@ class ServerContext:
             if good is not None:
                 self.server.weights = good
             kept = f"round {rounds[-1].round}'s" if rounds else "the initial"
+            names = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
             raise UpdateError(f"round {given}: {self.controller} left NaN or infinite values in the global model "
-                              f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); the run stops with {kept} model "
-                              "(and its checkpoint) as the last good one. Check the aggregation rule, the server "
-                              "optimizer's settings (a learning rate too large) or the controller's own arithmetic")
+                              f"({names}); the run stops with {kept} model (and its checkpoint) as the last good one. "
+                              "Check the aggregation rule, the server optimizer's settings (a learning rate too large) "
+                              "or the controller's own arithmetic")
 
 
 def _finite(x: Any) -> bool:
