@@ -25,8 +25,9 @@ import functools
 import math
 import numbers
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from .errors import ConfigError, UpdateError
@@ -179,6 +180,29 @@ def rule_name(rule: Callable[..., Any]) -> str:
     if name == "<lambda>" and code is not None:
         return f"<lambda> at {Path(code.co_filename).name}:{code.co_firstlineno}"
     return name
+
+
+def apply_rule(rule: Rule, updates: Sequence[Update]) -> Weights:
+    """``rule(updates)``, refused with the rule's name unless it returns an update: a dict of tensors by name."""
+    out = rule(updates)
+    tensors = isinstance(out, Mapping) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in out.items())
+    if not tensors:
+        raise UpdateError(f"the aggregation rule {rule_name(rule)} returned {out!r:.80} (a {type(out).__name__}); "
+                          "a rule must return the aggregated update, a dict of tensors keyed like the model's "
+                          "state_dict ({name: tensor}), e.g. return fedkit.aggregate.weighted_mean(updates)")
+    return dict(out)
+
+
+def weigh_result(weigh: Callable[[DXO], float], result: DXO, client: str) -> float:
+    """``weigh(result)``, client ``client``'s aggregation weight, refused with the function's name unless it is a
+    finite number >= 0."""
+    value = weigh(result)
+    number = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    if not (number and math.isfinite(value) and value >= 0):
+        raise UpdateError(f"the weighing {rule_name(weigh)} returned {value!r:.80} (a {type(value).__name__}) for "
+                          f"client {client!r}; it must return the client's aggregation weight, a finite number >= 0 "
+                          "(int or float), e.g. result.meta['num_samples'] as fedkit.aggregate.by_samples does")
+    return float(value)
 
 
 def _require_updates(updates: Sequence[Update]) -> None:

@@ -58,6 +58,50 @@ class Dataset:
         return self.subset(np.sort(order[n_out:])), self.subset(np.sort(order[:n_out]))
 
 
+IGNORE_INDEX = -100  # CrossEntropyLoss's default ignore_index: a label it skips while the sample is still counted
+
+
+def _values(t: torch.Tensor, limit: int = 5) -> str:
+    """The distinct values of ``t`` (at most ``limit``), with how many samples hold each: ``-100 (37 samples)``."""
+    values, counts = torch.unique(t, return_counts=True)
+    shown = [f"{v.item()!r} ({int(n)} sample{'s' if n != 1 else ''})" for v, n in zip(values[:limit], counts[:limit])]
+    return ", ".join(shown) + (f" and {len(values) - limit} more value(s)" if len(values) > limit else "")
+
+
+def check_dataset(d: Dataset, who: str) -> None:
+    """Refuse, naming ``who`` ("site-2's training split", "the test set") and the bad values, labels a model
+    cannot learn from or be scored on (not int64 class indices in [0, num_classes), e.g. CrossEntropy's ignore
+    index -100) and features that are NaN or infinite. One vectorised pass over the data: run it once per
+    dataset, when a federation is built."""
+    k = d.num_classes
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"{who}: num_classes must be a whole number >= 1 (the classes its labels index), got {k!r}")
+    y = d.y
+    rule = f"labels must be int64 class indices in [0, {k}) (num_classes={k})"
+    if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or y.ndim != 1:
+        what = (f"a {type(y).__name__}" if not isinstance(y, torch.Tensor) else
+                f"a tensor of {y.dtype} with shape {tuple(y.shape)}")
+        fix = ("convert them with y.long()" if isinstance(y, torch.Tensor) and not y.is_floating_point() and
+               not y.is_complex() and y.dtype != torch.bool else "give each sample its class index as an integer")
+        raise ConfigError(f"{who}: {rule}, one per sample, but they are {what}; {fix} (a 1-D torch.int64 tensor)")
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= k):
+        bad = y[(y < 0) | (y >= k)]
+        ignore = (f"; {IGNORE_INDEX} is CrossEntropyLoss's ignore index, which skips a sample in training yet counts "
+                  "it, and scores it as wrong: drop those samples instead") if bool((bad == IGNORE_INDEX).any()) else ""
+        raise ConfigError(f"{who}: {rule}, but {len(bad)} of {len(y)} label(s) are outside it: {_values(bad)}{ignore}. "
+                          "Drop or relabel those samples, or give the Dataset the right num_classes")
+    x = d.x
+    # the sum is finite when every value is (an overflow only sends it to the exact check): ~50x faster than isfinite
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and len(x) and not math.isfinite(x.sum()):
+        finite = torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
+        if not bool(finite.all()):
+            rows = torch.nonzero(~finite).flatten()
+            shown = ", ".join(str(int(i)) for i in rows[:5]) + (", ..." if len(rows) > 5 else "")
+            raise ConfigError(f"{who}: {len(rows)} of {len(x)} sample(s) have NaN or infinite features (rows {shown}); "
+                              "a model trained or scored on them gives NaN or meaningless numbers. Drop or impute "
+                              "those samples first")
+
+
 @dataclass(frozen=True, eq=False)
 class Data:
     """A loaded dataset: train and test splits plus what a model needs to know about them."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
+import torch
 from torch import nn
 
 from . import metrics as M
@@ -215,6 +216,12 @@ class ServerContext:
     start_round: int = 0
     offset: int = 0
     validate_task: str = "validate"  # the clients' task that scores a model they can read and the server cannot
+    controller: str = "the controller"  # the workflow's name, in the errors of the rounds it ends
+
+    def __post_init__(self) -> None:
+        # the global model as the last round left it (here: as this context found it); end_round falls back on it
+        model = getattr(self.server, "model", None)
+        self.__dict__["_good"] = dict(model.weights) if model is not None and model.readable else None
 
     @property
     def model(self) -> GlobalModel:
@@ -314,7 +321,11 @@ class ServerContext:
 
         The server scores a model it can read on its test set (when it has one); a model it cannot
         read is scored by the round's clients on their validation splits.
+
+        Refused: a round that does not follow the last one recorded (rounds go 0, 1, 2, ...), and a readable
+        model holding NaN or infinite values, which is put back to the last round's before the run fails.
         """
+        self._check_round(round)
         if not self.model.readable:
             metrics = {**self.score_on_clients(list(replies), round), **metrics}
         elif self.evaluate is not None:
@@ -340,8 +351,34 @@ class ServerContext:
         record = RoundRecord(round=round + self.offset, seconds=time.perf_counter() - started, metrics=metrics,
                              clients=clients)
         self.history.append(record)
+        if self.model.readable:
+            self.__dict__["_good"] = dict(self.model.weights)  # tensors are replaced, never edited in place
         self.channel.request(Order("round", record=record))
         return record
+
+    def _check_round(self, round: int) -> None:
+        """Refuse to end ``round`` unless it follows the last round recorded and leaves a finite global model."""
+        rounds = self.history.rounds
+        expected = rounds[-1].round + 1 if rounds else self.start_round + self.offset
+        given = round + self.offset if isinstance(round, int) and not isinstance(round, bool) else round
+        if given != expected:
+            last = f"the last round recorded is {rounds[-1].round}" if rounds else "no round is recorded yet"
+            raise ConfigError(f"{self.controller} ended round {given!r}, but {last}: rounds go 0, 1, 2, ... with one "
+                              f"fl.end_round each, so this one must be round {expected - self.offset}")
+        if not self.model.readable:
+            return  # the server cannot read it; the clients that decrypt it score it
+        weights = self.model.weights
+        bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            good = self.__dict__.get("_good")
+            if good is not None:
+                self.server.weights = good
+            kept = f"round {rounds[-1].round}'s" if rounds else "the initial"
+            names = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
+            raise UpdateError(f"round {given}: {self.controller} left NaN or infinite values in the global model "
+                              f"({names}); the run stops with {kept} model (and its checkpoint) as the last good one. "
+                              "Check the aggregation rule, the server optimizer's settings (a learning rate too large) "
+                              "or the controller's own arithmetic")
 
 
 def _finite(x: Any) -> bool:

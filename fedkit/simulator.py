@@ -44,7 +44,7 @@ from . import rundir
 from . import weights as W
 from .checkpoint import CheckpointError
 from .client import Client, derive_seed
-from .data import ClientData, Dataset, check_seed
+from .data import ClientData, Dataset, check_dataset, check_seed
 from .engine import Engine, sequential
 from .engine.choose import resolve as resolve_engine
 from .errors import ConfigError
@@ -370,6 +370,23 @@ class SaveError(RuntimeError):
     """A run whose results could not be written into its run directory."""
 
 
+class IncompleteRun(RuntimeError):
+    """A workflow whose ``control_flow`` returned without running the rounds it plans (and without saying why)."""
+
+
+def _check_rounds_run(workflow: Controller, history: History) -> None:
+    """Refuse to call a run done unless its workflow ran the rounds it plans, or recorded why it stopped early
+    (a ``stopped`` event, e.g. a spent privacy budget)."""
+    planned, done = getattr(workflow, "rounds", None), len(history)
+    if not isinstance(planned, int) or done == planned:
+        return
+    if done < planned and any(e.get("what") == "stopped" for e in history.events):
+        return
+    raise IncompleteRun(f"{type(workflow).__name__} plans {planned} round(s) but its control_flow returned after "
+                        f"{done}: the run is not complete. A controller calls fl.end_round once per round, and one "
+                        "that ends early on purpose says why with fl.event(round, 'stopped', reason=...)")
+
+
 def _strict_json(obj: Any) -> str:
     """Indented strict JSON: NaN and infinities as null, unknown objects as their text."""
     return json.dumps(strict(obj), indent=1, allow_nan=False)
@@ -468,6 +485,37 @@ def _build(model_fn: ModelFn) -> nn.Module:
     return model
 
 
+def _check_new_each_call(model_fn: ModelFn, probe: nn.Module) -> None:
+    """Refuse a builder that hands out one instance every time: clients would train, and the server score, one
+    shared model, so runs would differ and a resume be refused for a model that changed under it."""
+    if model_fn() is probe:
+        raise ConfigError(f"model() returned the same {type(probe).__name__} instance twice; return a new model each "
+                          "call, e.g. lambda: Net() (or pass the instance itself, model=net, which is copied)")
+
+
+def _check_rounds(workflow: Controller) -> None:
+    """Refuse a workflow whose ``rounds`` is not a whole number: the rounds it plans, >= 1 (0 for a workflow that
+    records no round, such as FedStats); a workflow without ``rounds`` plans no count."""
+    rounds = getattr(workflow, "rounds", None)
+    if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0):
+        raise ConfigError(f"{type(workflow).__name__}.rounds must be a whole number >= 1 (the rounds it runs; 0 for "
+                          f"one that records none), got {rounds!r}")
+
+
+def _check_client_data(name: str, data: ClientData, val_fraction: float | None = None) -> None:
+    """Refuse, naming client ``name``, an empty training split and labels or features a model cannot learn from
+    (`fedkit.data.check_dataset`); ``val_fraction``: the split the simulator made, named in the hint."""
+    for part, d in (("training", data.train), ("validation", data.val)):
+        if isinstance(d, Dataset):
+            check_dataset(d, f"{name}'s {part} split")
+    if isinstance(data.train, Dataset) and len(data.train) == 0:
+        held = len(data.val) if isinstance(data.val, Dataset) else 0
+        why = (f"val_fraction={val_fraction:g} holds out all {held} of its samples for validation; lower val_fraction "
+               "or give it more data" if val_fraction is not None else
+               "its ClientData has an empty train set; give it training samples or leave it out of the federation")
+        raise ConfigError(f"{name} has no training samples, so it would take part in every round with 0 samples: {why}")
+
+
 def _check_fits(model: nn.Module, test: Dataset, clients: Sequence[Client]) -> None:
     """Run ``model`` once on one client example and one test example; refuse a test set it cannot score.
 
@@ -539,6 +587,7 @@ class Simulator:
                  overwrite: bool = False, threads: str | int = "auto") -> None:
         if not isinstance(workflow, Controller):
             raise ConfigError(f"workflow must be a Controller such as fk.FedAvg(...), got {type(workflow).__name__}")
+        _check_rounds(workflow)
         if not isinstance(train, TrainConfig):
             raise ConfigError(f"train must be a fk.TrainConfig, got {type(train).__name__}")
         if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) or not 0.0 <= val_fraction < 1.0:
@@ -597,6 +646,7 @@ class Simulator:
         self.last_run: Run | None = None  # the latest run of run() / resume(): after Ctrl-C, the interrupted one
         self.title: str | None = None  # the run's context in its plot's title (the CLI: algorithm, data, clients)
         probe = _build(self.model_fn)
+        _check_new_each_call(self.model_fn, probe)
         self._architecture = architecture(probe)  # in config.json: a resume refuses a model that computes otherwise
         self.threads = resolve_threads(threads, probe, self.device)  # torch CPU threads of every run (torch_threads)
         workflow.check_model(probe)  # fail now, with how to fix the model, not in every client's first round
@@ -606,12 +656,16 @@ class Simulator:
         if len(set(names)) != len(names):
             raise ConfigError(f"client names must be unique, got {names}")
         if test is not None:
+            check_dataset(test, "the test set")
             _check_fits(probe, test, self.clients)
 
     def _client(self, i: int, c: Dataset | ClientData | Client) -> Client:
         if isinstance(c, Client):
+            if isinstance(c.data, ClientData):
+                _check_client_data(c.name, c.data)
             return c
-        if isinstance(c, Dataset):
+        split = isinstance(c, Dataset)
+        if split:
             if len(c) == 0:
                 raise ConfigError(f"client {i + 1} has no data")
             train, val = c.split(self.val_fraction, seed=derive_seed(self.seed, i, 2)) if len(c) > 1 else (c, c.subset([]))
@@ -624,7 +678,9 @@ class Simulator:
             self._executors = {"train": Trainer(self.model_fn, self.train), "validate": Evaluator(self.model_fn),
                                "submit_model": SubmitModel(), "stats_range": stats, "stats": stats,
                                "standardize": Standardize(), **self.executors}
-        return Client(f"site-{i + 1}", c, dict(self._executors), result_filters=list(self.client_result_filters))
+        name = f"site-{i + 1}"
+        _check_client_data(name, c, self.val_fraction if split else None)
+        return Client(name, c, dict(self._executors), result_filters=list(self.client_result_filters))
 
     def describe(self) -> dict[str, Any]:
         """The settings of this simulator, as saved in ``config.json`` (the same in every process)."""
@@ -814,9 +870,11 @@ class Simulator:
                 except ValueError as e:
                     raise CheckpointError(str(e)) from None
             fl = ServerContext(server, tuple(clients), Channel(), run.signal, run.history, self.seed,
-                               evaluate=self._evaluator(), start_round=start_round)
+                               evaluate=self._evaluator(), start_round=start_round,
+                               controller=type(self.workflow).__name__)
             listeners = [track, *self.on_round, *extra_listeners]
             serve(self.workflow.control_flow, fl, clients, self.engine, self.device, listeners)
+            _check_rounds_run(self.workflow, run.history)
             run.weights = _plaintext(server.model, owner)
             if run.run_dir is not None and len(run.history) and saved["round"] != run.history.rounds[-1].round:
                 save(run.history.rounds[-1].round)  # a workflow that stopped early (privacy budget) is checkpointed too

@@ -364,3 +364,25 @@ def test_krum_with_too_few_clients_fails_the_run_with_the_reason(tiny_model):
 def test_fedavg_rejects_a_rule_that_is_not_callable():
     with pytest.raises(ConfigError, match="FedAvg.aggregate must be a rule"):
         fk.FedAvg(aggregate="median")
+
+
+def test_a_rule_returning_none_and_a_weigh_returning_a_string_are_named(tiny_model):
+    """Issue 18 item 9: the user's function is named, with what it returned and what was expected."""
+    def forgets_return(updates):
+        weighted_mean(updates)
+
+    with pytest.raises(UpdateError, match=r"aggregation rule forgets_return returned None \(a NoneType\); a rule must "
+                                          r"return the aggregated update, a dict of tensors"):
+        toy_run(tiny_model, forgets_return, 1.0, 2.0).run(progress=False)
+    d = fk.Dataset(torch.zeros(4, 1), torch.zeros(4, dtype=torch.long), 2)
+    clients = [fk.Client(f"c{i}", ClientData(d, d), {"train": fixed_diff(1.0)}) for i in range(2)]
+
+    def by_name(result):
+        return "3"
+
+    for weigh, match in ((by_name, r"weighing by_name returned '3' \(a str\) for client 'c0'"),
+                         (lambda r: float("nan"), r"weighing <lambda> at test_aggregate_rules\.py:\d+ returned nan"),
+                         (lambda r: True, r"returned True \(a bool\)")):
+        sim = fk.Simulator(fk.FedAvg(rounds=1, weigh=weigh), model=tiny_model, clients=clients)
+        with pytest.raises(UpdateError, match=match + r".*a finite number >= 0"):
+            sim.run(progress=False)

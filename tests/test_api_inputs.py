@@ -130,6 +130,27 @@ def cases(digits, small) -> list[tuple[str, str, list[Any], Callable[[Any], Any]
     add("Simulator", "device", ["tpu9", "", "cuda:x"], lambda v: sim(device=v), "junk")
     add("Simulator", "out", [3, 1.5, ["runs"]], lambda v: sim(out=v), "junk")
     add("Simulator", "on_round", [3, "f", [3]], lambda v: sim(on_round=v), "junk")
+    # issue 18 items 8 and 9: labels and features a model cannot learn from, an empty training split, one shared
+    # model instance, a workflow's rounds that are not a whole number
+    first = parts[0]
+    bad_y = lambda y: Dataset(first.x, y, 10, "bad labels")  # noqa: E731
+    nan_x = first.x.clone()
+    nan_x[0] = float("nan")
+    add("Simulator", "clients (labels, features)", [
+        [bad_y(torch.full_like(first.y, -100)), parts[1]], [bad_y(first.y.clamp(max=0) + 10), parts[1]],
+        [bad_y(first.y.int()), parts[1]], [bad_y(first.y.float()), parts[1]], [bad_y(first.y[:, None]), parts[1]],
+        [Dataset(first.x, first.y, 5), parts[1]], [Dataset(nan_x, first.y, 10), parts[1]],
+        [ClientData(first.subset([]), first), parts[1]], [first.subset([0, 1]), parts[1]]],
+        lambda v: sim(clients=v, val_fraction=0.9), "junk")
+    add("Simulator", "test (labels, features)", [Dataset(digits.test.x, torch.full_like(digits.test.y, -100), 10),
+                                                  Dataset(digits.test.x, digits.test.y.int(), 10),
+                                                  Dataset(digits.test.x, digits.test.y.float(), 10),
+                                                  Dataset(digits.test.x * float("inf"), digits.test.y, 10)],
+        lambda v: sim(test=v), "junk")
+    shared = mlp()
+    add("Simulator", "model (one instance)", [lambda: shared], lambda v: sim(model=v), "junk")
+    add("Simulator", "workflow.rounds", ["three", True, -1, 1.5, None.__class__, [3]], lambda v: sim(
+        workflow=type("Mine", (fk.Controller,), {"rounds": v, "control_flow": lambda self, fl: None})()), "junk")
 
     add("FedAvg", "rounds", _ints(1), lambda v: fk.FedAvg(rounds=v))
     add("FedAvg", "clients_per_round", _ints(1, none_ok=True), lambda v: fk.FedAvg(clients_per_round=v))

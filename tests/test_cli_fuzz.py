@@ -15,6 +15,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
+import torch
 
 import fedkit as fk
 from fedkit import rundir
@@ -236,9 +237,10 @@ def _bad_api_calls(rng, digits, out):
     parts = fk.data.iid(digits.train, clients=3, seed=0)
 
     def sim(workflow=None, **kw):
-        return fk.Simulator(workflow or fk.FedAvg(rounds=1), model=lambda: fk.models.for_data(digits), clients=parts,
-                            **kw)
+        return fk.Simulator(workflow or fk.FedAvg(rounds=1), model=lambda: fk.models.for_data(digits),
+                            **{"clients": parts, **kw})
 
+    shared = fk.models.for_data(digits)
     calls = [
         lambda: DataSpec(clients=rng.choice([0, -1, 2.5, "8", True])),
         lambda: DataSpec(alpha=rng.choice([0, -1, float("nan"), float("inf"), "0.5"])),
@@ -274,8 +276,28 @@ def _bad_api_calls(rng, digits, out):
         lambda: sim(out=out / "busy").resume(progress=False),
         lambda: sim(out=out / "nowhere").resume(progress=False),
         lambda: sim(fk.FedAvg(rounds=2), out=out / "done").resume(progress=False),  # not the settings of that run
+        # issue 18 items 8 and 9: refused when the Simulator is built, so nothing is written into out
+        lambda: sim(clients=[_labelled(parts[0], rng.choice([-100, 10, 12])), *parts[1:]], out=out / "x").run(progress=False),
+        lambda: sim(clients=[_labelled(parts[0], 0, rng.choice([torch.int32, torch.float32])), *parts[1:]],
+                    out=out / "x").run(progress=False),
+        lambda: sim(test=_labelled(digits.test, rng.choice([-100, 10])), out=out / "x").run(progress=False),
+        lambda: sim(test=fk.Dataset(digits.test.x * rng.choice([float("nan"), float("inf")]), digits.test.y, 10),
+                    out=out / "x").run(progress=False),
+        lambda: sim(clients=[parts[0].subset([0, 1]), *parts[1:]], val_fraction=rng.choice([0.75, 0.9]),
+                    out=out / "x").run(progress=False),
+        lambda: sim(clients=[fk.data.ClientData(p.subset([]), p) for p in parts], out=out / "x").run(progress=False),
+        lambda: fk.Simulator(fk.FedAvg(rounds=1), model=lambda: shared, clients=parts, out=out / "x").run(progress=False),
+        lambda: sim(type("Mine", (fk.Controller,), {"rounds": rng.choice(["three", True, -1, 2.5]),
+                                                    "control_flow": lambda self, fl: None})(), out=out / "x").run(progress=False),
     ]
     return calls
+
+
+def _labelled(d, value, dtype=None):
+    """``d`` with its first label set to ``value`` (and all labels cast to ``dtype``)."""
+    y = d.y.clone()
+    y[0] = value
+    return fk.Dataset(d.x, y if dtype is None else y.to(dtype), d.num_classes)
 
 
 def test_bad_api_calls_raise_config_errors_and_write_nothing(sandbox, digits):

@@ -404,3 +404,28 @@ def test_numpy_seed_and_largest_seed_accepted():
 def test_data_instead_of_a_dataset_is_explained(digits):
     with pytest.raises(fedkit.ConfigError, match=r"pass its \.train"):
         D.iid(digits, clients=2)
+
+
+def test_labels_a_model_cannot_learn_from_and_nan_features_are_refused_naming_the_values():
+    """Issue 18 item 8: check_dataset says who, which values, and what to do (once per dataset, vectorised)."""
+    x, y = torch.zeros(6, 2), torch.tensor([0, 1, 2, 0, 1, 2])
+    D.check_dataset(Dataset(x, y, 3), "site-1's training split")  # good labels and features pass
+    D.check_dataset(Dataset(x[:0], y[:0], 3), "site-1's validation split")  # an empty split too
+    ignore = y.clone()
+    ignore[[0, 3]] = -100
+    cases = [
+        (Dataset(x, ignore, 3), r"site-9's training split: labels must be int64 class indices in \[0, 3\).*2 of 6 "
+                                r"label\(s\) are outside it: -100 \(2 samples\); -100 is CrossEntropyLoss's ignore index"),
+        (Dataset(x, y, 2), r"2 of 6 label\(s\) are outside it: 2 \(2 samples\).*right num_classes"),
+        (Dataset(x, y.int(), 3), r"torch\.int32 with shape \(6,\); convert them with y\.long\(\)"),
+        (Dataset(x, y.float(), 3), r"torch\.float32.*give each sample its class index as an integer"),
+        (Dataset(x, y.view(6, 1), 3), r"shape \(6, 1\)"),
+        (Dataset(x, y, 0), r"num_classes must be a whole number >= 1.*got 0"),
+        (Dataset(x, y, True), r"num_classes must be a whole number >= 1.*got True"),
+    ]
+    nan = x.clone()
+    nan[4, 1], nan[5, 0] = float("nan"), float("-inf")
+    cases.append((Dataset(nan, y, 3), r"2 of 6 sample\(s\) have NaN or infinite features \(rows 4, 5\)"))
+    for dataset, match in cases:
+        with pytest.raises(fedkit.ConfigError, match=match):
+            D.check_dataset(dataset, "site-9's training split")

@@ -310,7 +310,7 @@ def test_progress_without_a_terminal_is_a_line_per_round(tiny_model, capsys):
 
 def test_custom_controller_with_send_and_wait(tiny_model):
     class AskEach(fk.Controller):
-        rounds = 1
+        rounds = 0  # it records no round (fl.end_round): a controller that planned one and ran none would fail
 
         def control_flow(self, fl):
             for name in fl.client_names:
@@ -327,7 +327,7 @@ def test_executor_object_and_model_instance_are_accepted(digits):
             return fk.DXO(fk.DataKind.STATISTICS, {"mean": ctx.data.train.x.mean(0)}, {"count": len(ctx.data.train)})
 
     class Gather(fk.Controller):
-        rounds = 1
+        rounds = 0  # it records no round (fl.end_round): a controller that planned one and ran none would fail
 
         def control_flow(self, fl):
             replies = fl.broadcast_and_wait(fk.Task("stats", fk.DXO("WEIGHTS", {})))
@@ -512,3 +512,134 @@ def test_summary_and_config_are_strict_json(tmp_path, tiny_model):
     for line in (tmp_path / "history.jsonl").read_text().splitlines():
         strict(line)
     assert fk.History.load(tmp_path).to_dict() == run.history.to_dict()
+
+
+def _relabel(d, rows, value, dtype=None):
+    y = d.y.clone()
+    y[rows] = value
+    return fk.Dataset(d.x, y if dtype is None else y.to(dtype), d.num_classes, d.name)
+
+
+def test_bad_labels_and_nan_features_are_refused_at_build_naming_the_client_or_the_test_set(digits, tmp_path):
+    """Issue 18 item 8: -100 (CrossEntropy's ignore index) in training was skipped yet counted, in the test set it
+    scored 0.0; labels past num_classes, int32 or float labels failed every client in round 0; NaN test features
+    gave an accuracy. Each is refused when the Simulator is built, naming who holds the bad values."""
+    parts = list(fk.data.iid(digits.train.subset(range(300)), clients=3, seed=0))
+    nan_test, inf_train = digits.test.x.clone(), parts[1].x.clone()
+    nan_test[3], inf_train[0, 0, 0, 0] = float("nan"), float("inf")
+    cases = [
+        (dict(clients=[_relabel(parts[0], slice(0, 40), -100), *parts[1:]]),
+         r"site-1's training split: labels must be int64 class indices in \[0, 10\).*: -100 \(\d+ samples\); -100 is "
+         r"CrossEntropyLoss's ignore index"),
+        (dict(test=_relabel(digits.test, slice(None), -100)), r"the test set: labels must be int64.*360 of 360 label"),
+        (dict(clients=[parts[0], parts[1], _relabel(parts[2], 0, 12)]), r"site-3's (training|validation) split: .*: 12 \(1 "
+                                                                        r"sample\).*right num_classes"),
+        (dict(clients=[_relabel(parts[0], 0, 0, torch.int32), *parts[1:]]), r"site-1's training split: .*torch\.int32.*"
+                                                                            r"y\.long\(\)"),
+        (dict(clients=[*parts[:2], _relabel(parts[2], 0, 0, torch.float32)]), r"site-3's training split: .*torch\.float32"),
+        (dict(test=fk.Dataset(nan_test, digits.test.y, 10)), r"the test set: 1 of 360 sample\(s\) have NaN or infinite "
+                                                            r"features \(rows 3\)"),
+        (dict(clients=[parts[0], fk.Dataset(inf_train, parts[1].y, 10), parts[2]]), r"site-2's training split: 1 of \d+ "
+                                                                                     r"sample\(s\) have NaN or infinite"),
+    ]
+    for changes, match in cases:
+        args = dict(workflow=fk.FedAvg(rounds=1), model=lambda: fk.models.for_data(digits), clients=parts,
+                    test=digits.test, out=tmp_path / "run")
+        with pytest.raises(fk.ConfigError, match=match):
+            fk.Simulator(**{**args, **changes})
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_client_with_an_empty_training_split_is_refused_at_build(digits):
+    """Issue 18 item 9: such a client took part in every round with 0 samples."""
+    parts = list(fk.data.iid(digits.train.subset(range(300)), clients=3, seed=0))
+    model = lambda: fk.models.for_data(digits)  # noqa: E731
+    with pytest.raises(fk.ConfigError, match=r"site-1 has no training samples.*val_fraction=0\.9 holds out all 2 of its "
+                                             r"samples for validation; lower val_fraction"):
+        fk.Simulator(fk.FedAvg(rounds=1), model=model, clients=[parts[0].subset([0, 1]), *parts[1:]], val_fraction=0.9)
+    with pytest.raises(fk.ConfigError, match=r"site-2 has no training samples.*ClientData has an empty train set"):
+        fk.Simulator(fk.FedAvg(rounds=1), model=model,
+                     clients=[ClientData(p.subset([]) if i == 1 else p, p) for i, p in enumerate(parts)])
+    fk.Simulator(fk.FedAvg(rounds=1), model=model, clients=[parts[0].subset([0, 1]), *parts[1:]], val_fraction=0.5)
+
+
+def test_a_model_builder_returning_one_instance_is_refused(digits):
+    """Issue 18 item 9: one shared instance gave different runs and a misleading resume refusal."""
+    net = fk.models.for_data(digits)
+    parts = fk.data.iid(digits.train.subset(range(300)), clients=3, seed=0)
+    with pytest.raises(fk.ConfigError, match=r"model\(\) returned the same MLP instance twice; return a new model each "
+                                             r"call, e.g. lambda: Net\(\)"):
+        fk.Simulator(fk.FedAvg(rounds=1), model=lambda: net, clients=parts)
+    fk.Simulator(fk.FedAvg(rounds=1), model=net, clients=parts)  # the instance itself is copied: accepted
+
+
+def test_a_workflow_whose_rounds_is_not_a_whole_number_is_refused_at_build(tiny_model):
+    """Issue 18 item 9: rounds="three" on a controller of one's own was accepted."""
+    for bad in ("three", True, -1, 1.5, None.__class__):
+        wf = type("Mine", (fk.Controller,), {"rounds": bad, "control_flow": lambda self, fl: None})()
+        with pytest.raises(fk.ConfigError, match=r"Mine\.rounds must be a whole number >= 1.*got "):
+            fk.Simulator(wf, model=tiny_model, clients=toy_clients(fixed_diff(1.0, 1)))
+    for good in (0, 2):  # 0: a workflow that records no round (FedStats, CrossSiteEval)
+        wf = type("Mine", (fk.Controller,), {"rounds": good, "control_flow": lambda self, fl: None})()
+        fk.Simulator(wf, model=tiny_model, clients=toy_clients(fixed_diff(1.0, 1)))
+
+
+def test_a_controller_that_runs_no_round_does_not_end_done_and_complete(tiny_model, tmp_path):
+    """Issue 18 item 9: a controller planning 3 rounds that ran none ended "done, complete: true"."""
+    class Idle(fk.Controller):
+        rounds = 3
+
+        def control_flow(self, fl):
+            fl.broadcast_and_wait(fk.Task("train", fl.model.task_data({})))
+
+    sim = fk.Simulator(Idle(), model=tiny_model, clients=toy_clients(fixed_diff(1.0, 1)), out=tmp_path / "r")
+    with pytest.raises(fk.simulator.IncompleteRun, match=r"Idle plans 3 round\(s\) but its control_flow returned after 0: "
+                                                          r"the run is not complete.*fl\.end_round once per round"):
+        sim.run(progress=False)
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert (summary["status"], summary["complete"], summary["rounds"], summary["rounds_planned"]) == ("failed", False, 0, 3)
+    assert summary["error"].startswith("IncompleteRun: Idle plans 3")
+
+
+class _Ends(fk.Controller):
+    """Ends the rounds ``order``, the weights scaled by ``scales[i]`` first (NaN makes the model non-finite)."""
+
+    def __init__(self, order, scales=None):
+        self.order, self.scales, self.rounds = order, scales or [1.0] * len(order), len(order)
+
+    def control_flow(self, fl):
+        for rnd, scale in zip(self.order, self.scales):
+            replies = fl.broadcast_and_wait(fk.Task("train", fl.model.task_data({}), round=rnd))
+            fl.server.weights = {k: v + scale for k, v in fl.server.weights.items()}
+            fl.end_round(rnd, replies, time.perf_counter())
+
+
+def test_a_controller_that_writes_nan_weights_fails_keeping_the_last_good_round(tiny_model, tmp_path):
+    """Issue 18 item 9: NaN weights ended "done" with a NaN model."""
+    sim = fk.Simulator(_Ends([0, 1, 2], [1.0, math.nan, 1.0]), model=tiny_model, clients=toy_clients(fixed_diff(1.0, 1)),
+                       out=tmp_path)
+    with pytest.raises(fk.UpdateError, match=r"round 1: _Ends left NaN or infinite values in the global model \(weight\); "
+                                             r"the run stops with round 0's model \(and its checkpoint\)"):
+        sim.run(progress=False)
+    run = sim.last_run
+    assert run.status == "failed" and len(run.history) == 1
+    assert run.weights["weight"].item() == sim.initial_weights()["weight"].item() + 1.0  # round 0's model, finite
+    ckpt = checkpoint.load(tmp_path)
+    assert ckpt.round == 0 and fk.weights.sha256(ckpt.weights) == run.model_sha256
+    assert json.loads((tmp_path / "summary.json").read_text())["model_sha256"] == run.model_sha256
+
+
+def test_end_round_refuses_a_round_that_does_not_follow_the_last(tiny_model, tmp_path):
+    """Issue 18 item 9: end_round took rounds 0, 0, 5 and wrote a checkpoint that resume later refused."""
+    for order, match in (([0, 0, 5], r"_Ends ended round 0, but the last round recorded is 0: rounds go 0, 1, 2, \.\.\. "
+                                     r"with one fl\.end_round each, so this one must be round 1"),
+                         ([1, 2], r"_Ends ended round 1, but no round is recorded yet.*must be round 0")):
+        sim = fk.Simulator(_Ends(order), model=tiny_model, clients=toy_clients(fixed_diff(1.0, 1)), out=tmp_path,
+                           overwrite=True)
+        with pytest.raises(fk.ConfigError, match=match):
+            sim.run(progress=False)
+    # FedAvg in a Chain, and resumed, still numbers its rounds on from the last one recorded
+    sim = fk.Simulator(fk.Chain(fk.FedAvg(rounds=1), fk.FedAvg(rounds=2)), model=tiny_model,
+                       clients=toy_clients(fixed_diff(1.0, 1)), out=tmp_path / "chain")
+    sim.run(progress=False)
+    assert [r.round for r in checkpoint.load(tmp_path / "chain").history] == [0, 1, 2]

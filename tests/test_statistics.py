@@ -146,7 +146,8 @@ def test_nan_in_a_clients_data_is_named():
     data = fk.data.synthetic(samples=100, features=3, seed=0).train
     x = data.x.clone()
     x[5, 1] = float("nan")
-    with pytest.raises(fk.UpdateError, match="client 'site-1' reported non-finite 'min'"):
+    # refused when the federation is built (fedkit.data.check_dataset), before any statistics are sent
+    with pytest.raises(fk.ConfigError, match=r"site-1's training split: 1 of \d+ sample\(s\) have NaN or infinite features"):
         run_stats([fk.Dataset(x[:40], data.y[:40], 4), data.subset(range(40, 80))], FedStats(min_count=1))
 
 

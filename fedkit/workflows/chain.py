@@ -85,5 +85,6 @@ class Chain(Controller):
             # round was checkpointed. Running them again would, e.g., scale data a second time.
             finished = end <= fl.start_round if part.rounds > 0 else offset < fl.start_round
             if not finished:
-                part.control_flow(replace(fl, offset=fl.offset + offset, start_round=max(0, fl.start_round - offset)))
+                part.control_flow(replace(fl, offset=fl.offset + offset, start_round=max(0, fl.start_round - offset),
+                                          controller=type(part).__name__))
             offset = end

@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..aggregate import Rule, by_samples, rule_name, weighted_mean
+from ..aggregate import Rule, apply_rule, by_samples, rule_name, weigh_result, weighted_mean
 from ..errors import ConfigError
 from ..exchange import DXO, MetaKey, Task, Weights
 from ..global_model import Encryption, screen_norms
@@ -190,7 +190,7 @@ class FedAvg(Controller):
             except RoundRefused as e:  # e.g. every client's privacy budget is spent: the last completed round stays
                 fl.event(rnd, "stopped", reason=e.reason)
                 return
-            fl.model.update(results, {n: self.weigh(r) for n, r in results.items()},
+            fl.model.update(results, {n: weigh_result(self.weigh, r, n) for n, r in results.items()},
                             lambda weights, valid: self.step(weights, valid, fl.server.state, rnd, fl))
             for ext in self.extensions:
                 ext.after_aggregate(fl, results)
@@ -259,7 +259,7 @@ class FedAvg(Controller):
                               "needs the run's ServerContext: call step(weights, results, state, round, fl) as FedAvg's "
                               "loop does; without fl the step would skip it")
         if results:
-            diff = self.aggregate([(r.data, self.weigh(r)) for r in results.values()])
+            diff = apply_rule(self.aggregate, [(r.data, weigh_result(self.weigh, r, n)) for n, r in results.items()])
             check_update(diff, weights, f"aggregation rule {rule_name(self.aggregate)!r}")
         else:
             diff = {k: torch.zeros_like(v) for k, v in weights.items()}
