@@ -512,3 +512,75 @@ def test_summary_and_config_are_strict_json(tmp_path, tiny_model):
     for line in (tmp_path / "history.jsonl").read_text().splitlines():
         strict(line)
     assert fk.History.load(tmp_path).to_dict() == run.history.to_dict()
+
+
+# ---- a run stuck "running": every way a run ends sets a final status, writes the summary, releases the lock
+
+class _OddExit(BaseException):
+    """Neither an Exception nor a KeyboardInterrupt, like GeneratorExit."""
+
+
+def _exits(error):
+    def execute(task, ctx, abort):
+        raise error
+    return execute
+
+
+class _ExitingController(fk.Controller):
+    rounds = 1
+
+    def control_flow(self, fl):
+        raise SystemExit(4)
+
+
+@pytest.mark.parametrize("where, error", [("executor", SystemExit(3)), ("control_flow", SystemExit(4)),
+                                          ("executor", _OddExit("odd"))])
+def test_a_run_stuck_running_when_user_code_raises_systemexit(tmp_path, tiny_model, where, error):
+    out = tmp_path / "r"
+    workflow = _ExitingController() if where == "control_flow" else fk.FedAvg(rounds=2)
+    sim = fk.Simulator(workflow, model=tiny_model, clients=toy_clients(_exits(error)), out=out)
+    run = sim.start()
+    assert run._done.wait(30)
+    with pytest.raises(fk.simulator.RunExited, match=rf"raised {type(error).__name__}\(") as e:
+        run.wait(5)
+    assert run.status == "failed" and type(e.value.__cause__) is type(error)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed" and type(error).__name__ in summary["error"]
+    assert not (out / "run.lock").exists() and fk.rundir.holder(out) is None
+    sim.overwrite = True
+    with pytest.raises(fk.simulator.RunExited):  # run(): the same failure, raised, and never an exit of the caller
+        sim.run(progress=False)
+    assert sim.last_run.status == "failed" and not (out / "run.lock").exists()
+
+
+class _Spinning(fk.Controller):
+    """A control_flow that loops without sending a task: it never meets the abort (``stop`` ends it after the test)."""
+    rounds = 1
+
+    def __init__(self):
+        self.stop = threading.Event()
+
+    def control_flow(self, fl):
+        while not self.stop.is_set():
+            time.sleep(0.01)
+
+
+def test_a_run_stuck_running_when_control_flow_spins_ends_after_the_grace(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setattr(fk.simulator, "ABORT_GRACE", 0.5)
+    out = tmp_path / "r"
+    spinning = _Spinning()
+    run = fk.Simulator(spinning, model=tiny_model, clients=toy_clients(fixed_diff(1.0, 1)), out=out).start()
+    time.sleep(0.2)
+    assert run.status == "running" and (out / "run.lock").exists()
+    t0 = time.perf_counter()
+    with pytest.warns(RuntimeWarning, match=r"did not end within 0.5 s .*keeps running as a daemon thread"):
+        run.abort("stop button")
+        assert run._done.wait(10)
+    assert time.perf_counter() - t0 < 0.5 + 1.0  # the grace, and a poll or two
+    assert run.wait(1).status == "aborted" and run.error is None
+    assert run.history.events[-1]["reason"].startswith("stop button (the workflow's control_flow did not end")
+    assert json.loads((out / "summary.json").read_text())["status"] == "aborted"
+    assert not (out / "run.lock").exists() and fk.rundir.holder(out) is None
+    left = [t for t in threading.enumerate() if t.name == "fedkit-controller"]
+    assert left and all(t.daemon for t in left)  # left behind, as the warning says
+    spinning.stop.set()
