@@ -71,10 +71,6 @@ ClientsLike = Sequence[Dataset] | Sequence[ClientData] | Sequence[Client]
 # parameters (a CNN on 32x32 images, wide MLPs) the products are large enough for several threads to pay off.
 AUTO_ONE_THREAD_BELOW = 1_000_000
 
-# After abort() (or Ctrl-C), how long (seconds) a workflow's control_flow that sends no task (and so never meets
-# the abort) may take to end: then the run ends as aborted without it, with a warning (Python cannot stop a thread).
-ABORT_GRACE = 5.0
-
 
 def check_threads(threads: Any, what: str = "threads") -> str | int:
     """``"auto"`` or a whole number >= 1 (torch's CPU threads for the run); `ConfigError` otherwise."""
@@ -267,6 +263,18 @@ class Run:
         return fig
 
 
+class RunExited(RuntimeError):
+    """The run's code (an executor, a ``control_flow``, a listener) raised a BaseException that is neither an
+    Exception nor a KeyboardInterrupt (``sys.exit()``'s SystemExit, a GeneratorExit...): the run failed with it as
+    ``__cause__``, rather than letting it end the run's thread with the run left ``running`` (or exit the caller)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(f"the run's code raised {type(error).__name__}({', '.join(map(repr, error.args))}), which ends "
+                         "the run: a client's executor, a workflow's control_flow or a listener must raise an Exception "
+                         "(or return) instead")
+        self.__cause__ = error
+
+
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C (Kernel > Interrupt) stopped a blocking run: raised by `Simulator.run` / `resume` (and `fk.compare`)
     after the run was recorded as ``aborted`` and, with ``out``, checkpointed. ``run`` is that partial `Run`
@@ -331,18 +339,6 @@ def write_html(figure: Any, html: Path, js_folder: Path) -> None:
 
 class SaveError(RuntimeError):
     """A run whose results could not be written into its run directory."""
-
-
-class RunExited(RuntimeError):
-    """The run's code (an executor, a ``control_flow``, a listener) raised a BaseException that is neither an
-    Exception nor a KeyboardInterrupt (``sys.exit()``'s SystemExit, a GeneratorExit...): the run failed with it as
-    ``__cause__``, rather than letting it end the run's thread with the run left ``running`` (or exit the caller)."""
-
-    def __init__(self, error: BaseException) -> None:
-        super().__init__(f"the run's code raised {type(error).__name__}({', '.join(map(repr, error.args))}), which ends "
-                         "the run: a client's executor, a workflow's control_flow or a listener must raise an Exception "
-                         "(or return) instead")
-        self.__cause__ = error
 
 
 def _strict_json(obj: Any) -> str:
@@ -882,6 +878,11 @@ def uses_local_models(workflow: Controller) -> bool:
     if getattr(workflow, "submit_task", None):
         return True
     return not isinstance(workflow, (FedAvg, Cyclic, FedStats, FederatedScaling))
+
+
+# After abort() (or Ctrl-C), how long (seconds) a workflow's control_flow that sends no task (and so never meets
+# the abort) may take to end: then the run ends as aborted without it, with a warning (Python cannot stop a thread).
+ABORT_GRACE = 5.0
 
 
 def serve(control: Callable[[ServerContext], None], fl: ServerContext, clients: Mapping[str, Client],
