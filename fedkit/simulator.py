@@ -51,7 +51,7 @@ from .errors import ConfigError
 from .exchange import Aborted, ExecutorLike, Filter, Signal, Weights
 from .faults import Faults
 from .global_model import GlobalModel, PlainModel
-from .history import LOG, History, HistoryLog, RoundRecord, strict
+from .history import LOG, History, HistoryLog, RoundRecord, strict, write_atomic
 from .preprocess import Standardize
 from .privacy.ckks import STATE_KEY
 from .privacy.he_filters import decrypt_global, provision
@@ -234,10 +234,10 @@ class Run:
         directory.mkdir(parents=True, exist_ok=True)
         self.history.save(directory)
         torch.save(self.weights, directory / "model.pt")
-        (directory / "summary.json").write_text(_strict_json({**self.summary(), "run_dir": str(directory)}))
         (directory / "config.json").write_text(_strict_json(self.simulator.describe()))
         if len(self.history):
             write_html(self.figure(), directory / "plot.html", js_folder=directory.parent)
+        _write_summary(self, directory)  # last: a summary that says "done" comes after everything it sums up
         self.run_dir = directory
         return directory
 
@@ -320,9 +320,8 @@ def shared_plotlyjs(folder: str | Path) -> Path:
     path = Path(folder) / "plotly.min.js"
     js = get_plotlyjs().encode()
     if not path.is_file() or path.stat().st_size != len(js):  # missing, or of another plotly version
-        tmp = path.with_name(f".plotly.min.js.{os.getpid()}.{threading.get_ident()}")
-        tmp.write_bytes(js)
-        os.replace(tmp, path)
+        # a temporary name of this process and thread's own: runs in several processes may share the folder
+        write_atomic(path, js, tmp=path.with_name(f".plotly.min.js.{os.getpid()}.{threading.get_ident()}"))
     return path
 
 
@@ -334,7 +333,8 @@ def write_html(figure: Any, html: Path, js_folder: Path) -> None:
         js = shared_plotlyjs(js_folder)
     except OSError:
         js = shared_plotlyjs(html.parent)
-    figure.write_html(html, include_plotlyjs=os.path.relpath(js, html.parent).replace(os.sep, "/"))
+    page = figure.to_html(include_plotlyjs=os.path.relpath(js, html.parent).replace(os.sep, "/"))
+    write_atomic(html, page.encode("utf-8"))
 
 
 class SaveError(RuntimeError):
@@ -394,6 +394,13 @@ def _save_failed(run: "Run", error: BaseException) -> None:
                               "elsewhere")
         run.error.__cause__ = error
         run.status = "failed"
+    with contextlib.suppress(Exception):  # the summary says so, where the disk has room for it
+        _write_summary(run, run.run_dir)
+
+
+def _write_summary(run: "Run", directory: Path) -> None:
+    """``directory/summary.json``: the run's summary, replaced whole or not at all."""
+    write_atomic(directory / "summary.json", _strict_json({**run.summary(), "run_dir": str(directory)}).encode())
 
 
 def _privacy(history: History) -> dict[str, float | None]:

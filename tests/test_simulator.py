@@ -584,3 +584,77 @@ def test_a_run_stuck_running_when_control_flow_spins_ends_after_the_grace(tmp_pa
     left = [t for t in threading.enumerate() if t.name == "fedkit-controller"]
     assert left and all(t.daemon for t in left)  # left behind, as the warning says
     spinning.stop.set()
+
+
+# ---- disk full: a write that fails leaves no temporary file behind, and the run can be saved (resumed) later
+
+def _disk_full(monkeypatch, full):
+    """Writes to a path for which ``full(path)`` is true write half their bytes, then fail as a full disk does."""
+    import builtins
+    import errno
+    import pathlib
+
+    from fedkit import history
+
+    def enospc(path):
+        return OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    class Half:
+        def __init__(self, f, path):
+            self.f, self.path = f, path
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            raise enospc(self.path)
+
+    def opening(path, mode="r", *args, **kwargs):
+        f = builtins.open(path, mode, *args, **kwargs)
+        return Half(f, path) if "w" in mode and full(pathlib.Path(path)) else f
+
+    write_bytes = pathlib.Path.write_bytes
+
+    def writing(self, data):
+        if full(self):
+            write_bytes(self, data[: len(data) // 2])
+            raise enospc(self)
+        return write_bytes(self, data)
+
+    monkeypatch.setattr(history, "open", opening, raising=False)  # write_atomic's
+    monkeypatch.setattr(pathlib.Path, "write_bytes", writing)
+
+
+def _leftovers(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.name.startswith(".plotly") or p.name.endswith((".tmp", ".partial")))
+
+
+def test_disk_full_leaves_no_plotlyjs_temp_and_resume_succeeds(tmp_path, tiny_model, monkeypatch):
+    out = tmp_path / "runs" / "r"
+    _disk_full(monkeypatch, lambda p: p.name.startswith(".plotly.min.js"))  # the shared 4.8 MB copy, in runs/
+    run = _out_sim(tiny_model, out).start()
+    assert run._done.wait(30) and run.status == "failed"
+    assert "No space left on device" in str(run.error)
+    assert _leftovers(tmp_path) == []  # in runs/ (the shared copy's folder) and in the run directory
+    assert json.loads((out / "summary.json").read_text())["status"] == "failed"  # not the "done" written before
+    monkeypatch.undo()  # space freed
+    resumed = _out_sim(tiny_model, out).resume(progress=False)
+    assert resumed.status == "done" and (out / "plot.html").is_file() and (tmp_path / "runs" / "plotly.min.js").is_file()
+    assert json.loads((out / "summary.json").read_text())["status"] == "done" and _leftovers(tmp_path) == []
+
+
+def test_disk_full_leaves_no_partial_checkpoint_and_resume_succeeds(tmp_path, tiny_model, monkeypatch):
+    out = tmp_path / "r"
+    whole = _out_sim(tiny_model, None, rounds=3).run(progress=False)
+    _disk_full(monkeypatch, lambda p: p.parent.name == "round-00001.partial")  # the second round's checkpoint
+    with pytest.raises(OSError, match="No space left on device"):
+        _out_sim(tiny_model, out, rounds=3).run(progress=False)
+    assert _leftovers(tmp_path) == [] and checkpoint.load(out).round == 0
+    monkeypatch.undo()
+    resumed = _out_sim(tiny_model, out, rounds=3).resume(progress=False)
+    assert resumed.status == "done" and resumed.model_sha256 == whole.model_sha256 and _leftovers(tmp_path) == []
