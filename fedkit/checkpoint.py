@@ -133,9 +133,13 @@ def save(run_dir: str | Path, round: int, weights: Weights, server_state: dict[s
     name = manifest["dir"]
     tmp = root / (name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for fname, data in files.items():
-        (tmp / fname).write_bytes(data)
+    try:
+        tmp.mkdir()
+        for fname, data in files.items():
+            (tmp / fname).write_bytes(data)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial folder would hold the space a full disk needs back
+        raise
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)

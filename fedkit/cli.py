@@ -4,7 +4,8 @@
 
 With ``--json`` the last line printed is a JSON summary (status, final_accuracy, final_loss, rounds, seconds,
 model_sha256, run_dir, error), for a refused or failed run too. Exit codes: 0 done, 2 refused (bad
-arguments, a run directory in use or holding a run), 1 the run failed, 130 interrupted. Every refusal is
+arguments, a run directory in use or holding a run), 1 the run failed, 130 interrupted (Ctrl-C), 143 terminated
+(SIGTERM, which stops a run as Ctrl-C does: checkpointed, summed up, resumable). Every refusal is
 one format, ``fedkit run: error: <what is wrong>`` and a ``hint:`` line, in the flags' words, and comes
 before the first round: nothing is loaded, trained or written for a command that cannot work.
 
@@ -28,6 +29,8 @@ import difflib
 import json
 import math
 import re
+import shlex
+import signal
 import sys
 import time
 import warnings
@@ -432,7 +435,7 @@ def _hint(prog: str, e: BaseException) -> str:
     if isinstance(e, UsageError) and e.hint:
         return e.hint
     if isinstance(e, rundir.RunExists):
-        return (f"continue it with `fedkit run --resume {e.directory}` if it was interrupted, add --overwrite to "
+        return (f"continue it with `{_resume_command(e.directory)}` if it was interrupted, add --overwrite to "
                 "replace it, or choose another --out")
     if isinstance(e, rundir.RunDirBusy):
         pid = e.holder.get("pid")
@@ -516,12 +519,57 @@ def _saved_summary(run_dir: str | None) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ fedkit run / compare
 
+INTERRUPTED, TERMINATED = 130, 128 + signal.SIGTERM  # exit codes: Ctrl-C, SIGTERM (143), as a shell reports them
+
+
+def _resume_command(run_dir: str | Path) -> str:
+    """The command that continues the run in ``run_dir``, quoted for a shell (a path with a space, a quote...)."""
+    return f"fedkit run --resume {shlex.quote(str(run_dir))}"
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """While the block runs, SIGTERM (``kill``, a scheduler or a container stopping the job) stops the command as Ctrl-C
+    does: a KeyboardInterrupt in the main thread, so the run is checkpointed, summed up and resumable. Yields a list
+    that holds the signal once it came (the exit code is then `TERMINATED`). Only the first SIGTERM interrupts: the
+    run is stopping already. The previous handler comes back after the block; the library never touches signals
+    (a notebook's kernel keeps its own)."""
+    got: list[int] = []
+
+    def interrupt(signum: int, frame: Any) -> None:
+        if not got:
+            got.append(signum)
+            raise KeyboardInterrupt(f"terminated by signal {signal.Signals(signum).name}")
+
+    try:
+        before = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (main() called from a thread): signals cannot be handled here
+        yield got
+        return
+    try:
+        yield got
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``fedkit ...``: 0 when the run is done, 2 for bad arguments, 1 when the run fails, 130 when interrupted.
+    """``fedkit ...``: 0 when the run is done, 2 for bad arguments, 1 when the run fails, 130 when interrupted
+    (Ctrl-C), 143 when terminated (SIGTERM: stopped as Ctrl-C stops it).
 
     A command line refused before the run raises ``SystemExit(2)`` (as argparse does); a refusal that comes
     when the run starts (a checkpoint that cannot be resumed) returns 2.
     """
+    with _sigterm_as_interrupt() as terminated:
+        try:
+            code = _main(argv)
+        except SystemExit as e:
+            if terminated and e.code == INTERRUPTED:
+                raise SystemExit(TERMINATED) from None
+            raise
+    return TERMINATED if terminated and code == INTERRUPTED else code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = parser()
     try:
@@ -619,7 +667,7 @@ def run_main(p: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequenc
               f"{summary['failures']} client failure(s)")
         print(f"run directory: {summary['run_dir']} ({', '.join(_written(summary['run_dir']))})")
     if run.status == "aborted":
-        print(f"{prog}: interrupted after {summary['rounds']} round(s); continue with: fedkit run --resume {args.out}",
+        print(f"{prog}: interrupted after {summary['rounds']} round(s); continue with: {_resume_command(args.out)}",
               file=sys.stderr)
         return 130
     return 0

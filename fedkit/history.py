@@ -11,6 +11,7 @@ back as the floats they were.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -226,12 +227,18 @@ def loads(text: str | bytes) -> Any:
     return data
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename: a kill leaves the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+def write_atomic(path: Path, data: bytes, tmp: Path | None = None) -> None:
+    """Write ``data`` to ``path`` through a temporary file (``tmp``; ``path`` + ``.tmp`` by default) and a rename: a
+    kill leaves the old file or the new one, and a write that fails (a full disk) leaves no temporary file behind."""
+    tmp = tmp or path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)  # a partial file would hold the space a full disk needs back
+        raise
 
 
 # ---- the append-only log of a running run

@@ -51,7 +51,7 @@ from .errors import ConfigError
 from .exchange import Aborted, ExecutorLike, Filter, Signal, Weights
 from .faults import Faults
 from .global_model import GlobalModel, PlainModel
-from .history import LOG, History, HistoryLog, RoundRecord, strict
+from .history import LOG, History, HistoryLog, RoundRecord, strict, write_atomic
 from .models import architecture
 from .preprocess import Standardize
 from .privacy.ckks import STATE_KEY
@@ -157,7 +157,9 @@ class Run:
 
     def abort(self, reason: str = "aborted by the user") -> None:
         """Ask the run to stop: training stops at the next batch, and a client blocked inside its executor is
-        left behind at once; the last completed global model is kept."""
+        left behind at once; the last completed global model is kept. A workflow's ``control_flow`` that sends no
+        task meanwhile gets `ABORT_GRACE` seconds to end; then the run ends without it (warning that its thread
+        keeps running)."""
         self.signal.trigger(reason)
 
     def wait(self, timeout: float | None = None) -> "Run":
@@ -238,10 +240,10 @@ class Run:
         directory.mkdir(parents=True, exist_ok=True)
         self.history.save(directory)
         torch.save(self.weights, directory / "model.pt")
-        (directory / "summary.json").write_text(_strict_json({**self.summary(), "run_dir": str(directory)}))
         (directory / "config.json").write_text(_strict_json(self.simulator.describe()))
         if len(self.history):
             write_html(self.figure(), directory / "plot.html", js_folder=directory.parent)
+        _write_summary(self, directory)  # last: a summary that says "done" comes after everything it sums up
         self.run_dir = directory
         return directory
 
@@ -265,6 +267,18 @@ class Run:
             fig.update_layout(yaxis_title=accuracy, yaxis2={"title": loss, "overlaying": "y", "side": "right",
                                                             "showgrid": False}, legend_title_text="")
         return fig
+
+
+class RunExited(RuntimeError):
+    """The run's code (an executor, a ``control_flow``, a listener) raised a BaseException that is neither an
+    Exception nor a KeyboardInterrupt (``sys.exit()``'s SystemExit, a GeneratorExit...): the run failed with it as
+    ``__cause__``, rather than letting it end the run's thread with the run left ``running`` (or exit the caller)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(f"the run's code raised {type(error).__name__}({', '.join(map(repr, error.args))}), which ends "
+                         "the run: a client's executor, a workflow's control_flow or a listener must raise an Exception "
+                         "(or return) instead")
+        self.__cause__ = error
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -349,9 +363,8 @@ def shared_plotlyjs(folder: str | Path) -> Path:
     path = Path(folder) / "plotly.min.js"
     js = get_plotlyjs().encode()
     if not path.is_file() or path.stat().st_size != len(js):  # missing, or of another plotly version
-        tmp = path.with_name(f".plotly.min.js.{os.getpid()}.{threading.get_ident()}")
-        tmp.write_bytes(js)
-        os.replace(tmp, path)
+        # a temporary name of this process and thread's own: runs in several processes may share the folder
+        write_atomic(path, js, tmp=path.with_name(f".plotly.min.js.{os.getpid()}.{threading.get_ident()}"))
     return path
 
 
@@ -363,7 +376,8 @@ def write_html(figure: Any, html: Path, js_folder: Path) -> None:
         js = shared_plotlyjs(js_folder)
     except OSError:
         js = shared_plotlyjs(html.parent)
-    figure.write_html(html, include_plotlyjs=os.path.relpath(js, html.parent).replace(os.sep, "/"))
+    page = figure.to_html(include_plotlyjs=os.path.relpath(js, html.parent).replace(os.sep, "/"))
+    write_atomic(html, page.encode("utf-8"))
 
 
 class SaveError(RuntimeError):
@@ -440,6 +454,13 @@ def _save_failed(run: "Run", error: BaseException) -> None:
                               "elsewhere")
         run.error.__cause__ = error
         run.status = "failed"
+    with contextlib.suppress(Exception):  # the summary says so, where the disk has room for it
+        _write_summary(run, run.run_dir)
+
+
+def _write_summary(run: "Run", directory: Path) -> None:
+    """``directory/summary.json``: the run's summary, replaced whole or not at all."""
+    write_atomic(directory / "summary.json", _strict_json({**run.summary(), "run_dir": str(directory)}).encode())
 
 
 def _privacy(history: History) -> dict[str, float | None]:
@@ -886,9 +907,10 @@ class Simulator:
         except Aborted as e:  # Run.abort() (a Stop button): an aborted run, returned
             run.status = "aborted"
             run.history.events.append({"round": len(run.history), "what": "aborted", "reason": str(e) or "interrupted"})
-        except Exception as e:
-            run.status, run.error = "failed", e
-            run.history.events.append({"round": len(run.history), "what": "failed", "reason": f"{type(e).__name__}: {e}",
+        except BaseException as e:  # SystemExit, GeneratorExit... too: every way a run ends has a final status
+            run.status, run.error = "failed", e if isinstance(e, Exception) else RunExited(e)
+            run.history.events.append({"round": len(run.history), "what": "failed",
+                                       "reason": f"{type(run.error).__name__}: {run.error}",
                                        "detail": traceback.format_exc()})
         finally:
             try:
@@ -976,6 +998,11 @@ def uses_local_models(workflow: Controller) -> bool:
     return not isinstance(workflow, (FedAvg, Cyclic, FedStats, FederatedScaling))
 
 
+# After abort() (or Ctrl-C), how long (seconds) a workflow's control_flow that sends no task (and so never meets
+# the abort) may take to end: then the run ends as aborted without it, with a warning (Python cannot stop a thread).
+ABORT_GRACE = 5.0
+
+
 def serve(control: Callable[[ServerContext], None], fl: ServerContext, clients: Mapping[str, Client],
           engine: Engine = sequential, device: torch.device = torch.device("cpu"),
           listeners: Sequence[Callable[[RoundRecord], None]] = ()) -> None:
@@ -984,8 +1011,11 @@ def serve(control: Callable[[ServerContext], None], fl: ServerContext, clients: 
     ``listeners`` (checkpoint, progress bar, widgets). Re-raises what the controller raised.
 
     Kernel interrupts (Ctrl-C) arrive in this thread: they abort the run, and every order the
-    controller still sends fails with `Aborted`, so its thread always ends; then KeyboardInterrupt is
+    controller still sends fails with `Aborted`, so its thread ends; then KeyboardInterrupt is
     raised here (after the controller's thread has ended), whatever the controller made of it.
+    A controller that sends no order after an abort (a loop that never sends a task never meets it) is
+    waited for `ABORT_GRACE` seconds; then this returns without it (`Aborted`), warning that its thread
+    keeps running (a daemon thread: Python cannot stop it).
     """
     outcome: dict[str, BaseException] = {}
     interrupted: list[KeyboardInterrupt] = []
@@ -1001,9 +1031,9 @@ def serve(control: Callable[[ServerContext], None], fl: ServerContext, clients: 
     fl.channel.serving = True
     thread = threading.Thread(target=run_controller, name="fedkit-controller", daemon=True)
     thread.start()
-    finished = False
+    finished, grace = False, _Grace(fl.abort)
     try:
-        while (order := fl.channel.next()) is not None:
+        while (order := _next_order(fl.channel, grace)) is not None:
             try:
                 if order.kind == "work":
                     engine([clients[n] for n in order.targets], fl.server, device, fl.abort)
@@ -1020,24 +1050,59 @@ def serve(control: Callable[[ServerContext], None], fl: ServerContext, clients: 
                 order.done.set()
         finished = True
     finally:
-        if not finished:  # left early (an interrupt while waiting): let the controller's thread end cleanly
+        if finished:  # the controller closed its channel: its thread is ending
+            thread.join()
+        else:  # left early (an interrupt, an abort the controller never met): let its thread end cleanly
             fl.abort.trigger("interrupted")
-            _refuse_orders(fl.channel, thread)
-        thread.join()
+            _refuse_orders(fl.channel, thread, grace)
+        if thread.is_alive():
+            warnings.warn(f"the workflow's control_flow did not end within {ABORT_GRACE:g} s of the abort (it sent no "
+                          f"task, so it never met the abort): the run ends without it, but Python cannot stop a thread, "
+                          f"so its thread ({thread.name}) keeps running as a daemon thread until control_flow returns "
+                          "or the process ends; make control_flow check fl.abort (or send tasks)", RuntimeWarning,
+                          stacklevel=2)
     if interrupted:
         raise interrupted[0]
     if "error" in outcome:
         raise outcome["error"]
 
 
-def _refuse_orders(channel: Channel, thread: threading.Thread) -> None:
-    """Answer every order still coming with `Aborted` until the controller's ``thread`` has ended."""
-    while thread.is_alive():
+class _Grace:
+    """`ABORT_GRACE` seconds, counted from the first time `over` is asked after ``abort`` was triggered."""
+
+    def __init__(self, abort: Signal) -> None:
+        self.abort, self.until = abort, None
+
+    def over(self) -> bool:
+        if not self.abort.triggered:
+            return False
+        if self.until is None:
+            self.until = time.monotonic() + ABORT_GRACE
+        return time.monotonic() >= self.until
+
+
+def _next_order(channel: Channel, grace: _Grace) -> Any:
+    """The controller's next order, or None once it has finished; `Aborted` when the run was aborted and ``grace``
+    is over with no order (a controller that sends none never meets the abort)."""
+    while True:
+        try:
+            return channel.next(timeout=0.1)
+        except queue.Empty:
+            if grace.over():
+                raise Aborted(f"{grace.abort.reason or 'aborted'} (the workflow's control_flow did not end within "
+                              f"{ABORT_GRACE:g} s: its thread keeps running)") from None
+
+
+def _refuse_orders(channel: Channel, thread: threading.Thread, grace: _Grace) -> None:
+    """Answer every order still coming with `Aborted` until the controller's ``thread`` has ended, or, after an
+    abort, until ``grace`` is over."""
+    while thread.is_alive() and not grace.over():
         try:
             order = channel.next(timeout=0.1)
         except queue.Empty:
             continue
-        if order is None:
+        if order is None:  # the controller closed its channel: its thread is ending
+            thread.join()
             return
         order.error = Aborted("interrupted")
         order.done.set()

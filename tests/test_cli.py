@@ -269,6 +269,50 @@ def test_an_interrupted_run_resumes_to_the_model_of_an_uninterrupted_one(tmp_pat
     assert resumed["rounds"] == whole["rounds"] == 4 and resumed["model_sha256"] == whole["model_sha256"]
 
 
+def test_sigterm_mid_run_stops_like_ctrl_c_with_a_quoted_resume_command(tmp_path):
+    """SIGTERM (kill, a scheduler) ended the process at once: exit -15, no JSON line, a stale run.lock. Now it stops as
+    Ctrl-C does (checkpoint, the JSON summary, the resume command, quoted for a shell), exit 143."""
+    import shlex
+    import signal
+    import time
+
+    out = tmp_path / "a run's dir"  # a space and a quote: the resume command must survive a paste into a shell
+    p = subprocess.Popen([sys.executable, "-m", "fedkit", "run", "--dataset", "digits", "--clients", "2", "--rounds",
+                          "20", "--json", "--no-progress", "--out", str(out)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        if (out / "history.jsonl").is_file() and '{"round":' in (out / "history.jsonl").read_text():
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 143, stderr
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["status"] == "aborted" and summary["complete"] is False and 1 <= summary["rounds"] < 20
+    assert not (out / "run.lock").exists()
+    assert "Traceback" not in stderr
+    command = shlex.split(re.search(r"continue with: (.*)", stderr).group(1))
+    assert command[:3] == ["fedkit", "run", "--resume"] and command[3] == str(out)
+    resumed = subprocess.run([sys.executable, "-m", "fedkit", *command[1:]], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr  # the command as printed
+    final = json.loads((out / "summary.json").read_text())
+    assert final["status"] == "done" and final["rounds"] == 20
+
+
+def test_the_library_leaves_sigterm_alone_and_the_cli_restores_it(tmp_path):
+    import signal
+
+    import torch
+
+    before = signal.getsignal(signal.SIGTERM)
+    fk.Simulator(fk.FedAvg(rounds=1), model=lambda: torch.nn.Linear(2, 2),
+                 clients=[fk.Dataset(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long), 2)] * 2).run(progress=False)
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert main(["run", "--clients", "2", "--rounds", "1", "--no-progress", "--out", str(tmp_path / "r")]) == 0
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_run_directory_line_lists_what_was_written(tmp_path, capsys):
     assert main(["run", "--clients", "3", "--rounds", "2", "--no-progress", "--out", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out

@@ -17,8 +17,12 @@ ray = pytest.importorskip("ray", reason="the ray engine needs Ray: pip install '
 
 @pytest.fixture(scope="module")
 def engine():
-    """One local Ray (2 CPUs) for the module: starting one costs seconds."""
-    e = fk.engine.ray(num_cpus=2).start()
+    """One local Ray (2 CPUs) for the module: starting one costs seconds. It is started from a thread that ends at
+    once, as the run's thread of ``Simulator.start()`` would start it: Ray must outlive that thread."""
+    e = fk.engine.ray(num_cpus=2)
+    starter = threading.Thread(target=e.start)
+    starter.start()
+    starter.join()
     yield e
     e.close()
     assert not ray.is_initialized()
@@ -28,6 +32,18 @@ def sim(digits, engine="sequential", workflow=None, faults=None, out=None, on_ro
     parts = clients or fk.data.iid(digits.train, clients=4, seed=0)
     return fk.Simulator(workflow or fk.FedAvg(rounds=2), model=lambda: fk.models.for_data(digits), clients=parts,
                         test=digits.test, seed=0, engine=engine, faults=faults, out=out, on_round=list(on_round))
+
+
+def test_a_dead_kernel_ray_outlives_the_thread_that_started_it(digits, engine):
+    """Ray's processes died with the thread that called ray.init (a run's thread, with start()): the next run
+    waited 60 s for Ray's GCS, then Ray ended the process. start/wait twice, then run, on one engine."""
+    assert ray._private.worker._global_node.remaining_processes_alive()  # the GCS and raylet, after their starter ended
+    want = sim(digits).run(progress=False).model_sha256
+    started = time.perf_counter()
+    runs = [sim(digits, engine).start().wait(timeout=120), sim(digits, engine).start().wait(timeout=120),
+            sim(digits, engine).run(progress=False)]
+    assert [r.status for r in runs] == ["done"] * 3 and {r.model_sha256 for r in runs} == {want}
+    assert time.perf_counter() - started < 60
 
 
 def test_fedavg_gives_the_sequential_bits_and_puts_client_data_once(digits, engine):

@@ -643,3 +643,149 @@ def test_end_round_refuses_a_round_that_does_not_follow_the_last(tiny_model, tmp
                        clients=toy_clients(fixed_diff(1.0, 1)), out=tmp_path / "chain")
     sim.run(progress=False)
     assert [r.round for r in checkpoint.load(tmp_path / "chain").history] == [0, 1, 2]
+
+
+# ---- a run stuck "running": every way a run ends sets a final status, writes the summary, releases the lock
+
+class _OddExit(BaseException):
+    """Neither an Exception nor a KeyboardInterrupt, like GeneratorExit."""
+
+
+def _exits(error):
+    def execute(task, ctx, abort):
+        raise error
+    return execute
+
+
+class _ExitingController(fk.Controller):
+    rounds = 1
+
+    def control_flow(self, fl):
+        raise SystemExit(4)
+
+
+@pytest.mark.parametrize("where, error", [("executor", SystemExit(3)), ("control_flow", SystemExit(4)),
+                                          ("executor", _OddExit("odd"))])
+def test_a_run_stuck_running_when_user_code_raises_systemexit(tmp_path, tiny_model, where, error):
+    out = tmp_path / "r"
+    workflow = _ExitingController() if where == "control_flow" else fk.FedAvg(rounds=2)
+    sim = fk.Simulator(workflow, model=tiny_model, clients=toy_clients(_exits(error)), out=out)
+    run = sim.start()
+    assert run._done.wait(30)
+    with pytest.raises(fk.simulator.RunExited, match=rf"raised {type(error).__name__}\(") as e:
+        run.wait(5)
+    assert run.status == "failed" and type(e.value.__cause__) is type(error)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed" and type(error).__name__ in summary["error"]
+    assert not (out / "run.lock").exists() and fk.rundir.holder(out) is None
+    sim.overwrite = True
+    with pytest.raises(fk.simulator.RunExited):  # run(): the same failure, raised, and never an exit of the caller
+        sim.run(progress=False)
+    assert sim.last_run.status == "failed" and not (out / "run.lock").exists()
+
+
+class _Spinning(fk.Controller):
+    """A control_flow that loops without sending a task: it never meets the abort (``stop`` ends it after the test)."""
+    rounds = 1
+
+    def __init__(self):
+        self.stop = threading.Event()
+
+    def control_flow(self, fl):
+        while not self.stop.is_set():
+            time.sleep(0.01)
+
+
+def test_a_run_stuck_running_when_control_flow_spins_ends_after_the_grace(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setattr(fk.simulator, "ABORT_GRACE", 0.5)
+    out = tmp_path / "r"
+    spinning = _Spinning()
+    run = fk.Simulator(spinning, model=tiny_model, clients=toy_clients(fixed_diff(1.0, 1)), out=out).start()
+    time.sleep(0.2)
+    assert run.status == "running" and (out / "run.lock").exists()
+    t0 = time.perf_counter()
+    with pytest.warns(RuntimeWarning, match=r"did not end within 0.5 s .*keeps running as a daemon thread"):
+        run.abort("stop button")
+        assert run._done.wait(10)
+    assert time.perf_counter() - t0 < 0.5 + 1.0  # the grace, and a poll or two
+    assert run.wait(1).status == "aborted" and run.error is None
+    assert run.history.events[-1]["reason"].startswith("stop button (the workflow's control_flow did not end")
+    assert json.loads((out / "summary.json").read_text())["status"] == "aborted"
+    assert not (out / "run.lock").exists() and fk.rundir.holder(out) is None
+    left = [t for t in threading.enumerate() if t.name == "fedkit-controller"]
+    assert left and all(t.daemon for t in left)  # left behind, as the warning says
+    spinning.stop.set()
+
+
+# ---- disk full: a write that fails leaves no temporary file behind, and the run can be saved (resumed) later
+
+def _disk_full(monkeypatch, full):
+    """Writes to a path for which ``full(path)`` is true write half their bytes, then fail as a full disk does."""
+    import builtins
+    import errno
+    import pathlib
+
+    from fedkit import history
+
+    def enospc(path):
+        return OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    class Half:
+        def __init__(self, f, path):
+            self.f, self.path = f, path
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            raise enospc(self.path)
+
+    def opening(path, mode="r", *args, **kwargs):
+        f = builtins.open(path, mode, *args, **kwargs)
+        return Half(f, path) if "w" in mode and full(pathlib.Path(path)) else f
+
+    write_bytes = pathlib.Path.write_bytes
+
+    def writing(self, data):
+        if full(self):
+            write_bytes(self, data[: len(data) // 2])
+            raise enospc(self)
+        return write_bytes(self, data)
+
+    monkeypatch.setattr(history, "open", opening, raising=False)  # write_atomic's
+    monkeypatch.setattr(pathlib.Path, "write_bytes", writing)
+
+
+def _leftovers(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.name.startswith(".plotly") or p.name.endswith((".tmp", ".partial")))
+
+
+def test_disk_full_leaves_no_plotlyjs_temp_and_resume_succeeds(tmp_path, tiny_model, monkeypatch):
+    out = tmp_path / "runs" / "r"
+    _disk_full(monkeypatch, lambda p: p.name.startswith(".plotly.min.js"))  # the shared 4.8 MB copy, in runs/
+    run = _out_sim(tiny_model, out).start()
+    assert run._done.wait(30) and run.status == "failed"
+    assert "No space left on device" in str(run.error)
+    assert _leftovers(tmp_path) == []  # in runs/ (the shared copy's folder) and in the run directory
+    assert json.loads((out / "summary.json").read_text())["status"] == "failed"  # not the "done" written before
+    monkeypatch.undo()  # space freed
+    resumed = _out_sim(tiny_model, out).resume(progress=False)
+    assert resumed.status == "done" and (out / "plot.html").is_file() and (tmp_path / "runs" / "plotly.min.js").is_file()
+    assert json.loads((out / "summary.json").read_text())["status"] == "done" and _leftovers(tmp_path) == []
+
+
+def test_disk_full_leaves_no_partial_checkpoint_and_resume_succeeds(tmp_path, tiny_model, monkeypatch):
+    out = tmp_path / "r"
+    whole = _out_sim(tiny_model, None, rounds=3).run(progress=False)
+    _disk_full(monkeypatch, lambda p: p.parent.name == "round-00001.partial")  # the second round's checkpoint
+    with pytest.raises(OSError, match="No space left on device"):
+        _out_sim(tiny_model, out, rounds=3).run(progress=False)
+    assert _leftovers(tmp_path) == [] and checkpoint.load(out).round == 0
+    monkeypatch.undo()
+    resumed = _out_sim(tiny_model, out, rounds=3).resume(progress=False)
+    assert resumed.status == "done" and resumed.model_sha256 == whole.model_sha256 and _leftovers(tmp_path) == []

@@ -29,8 +29,10 @@ deadline, counts from when it was handed out, not from a place in Ray's queue.
 
 Starting Ray costs seconds (tens on a busy laptop: ``startup_seconds`` says how long): the engine starts it
 once, on first use (or ``start()``), warms one worker per slot (imports torch and fedkit) and keeps it for
-every run until ``close()``. Workers need fedkit and torch at the driver's versions; a cluster's address
-given explicitly (not ``"auto"``) may need ``RAY_AUTH_MODE=token`` and the cluster's token (Ray's own rule).
+every run until ``close()``. Ray is started from a thread of the engine's own that lives until ``close()``,
+whichever thread first uses the engine (a run's, with ``Simulator.start()``): see `_start_kept`.
+Workers need fedkit and torch at the driver's versions; a cluster's address given explicitly (not ``"auto"``)
+may need ``RAY_AUTH_MODE=token`` and the cluster's token (Ray's own rule).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import traceback
 import weakref
 from collections import Counter, deque
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -144,6 +146,7 @@ class RayEngine:
         self.startup_seconds = 0.0  # how long starting (or connecting to) Ray and warming its workers took
         self._ray: Any = None  # the ray package, once started
         self._owned = False  # this engine called ray.init: close() calls ray.shutdown
+        self._keeper: threading.Event | None = None  # set by close(): the thread that started Ray may end
         self._remote: Any = None
         self._cache: "weakref.WeakKeyDictionary[Client, _Cached]" = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
@@ -176,7 +179,7 @@ class RayEngine:
                     kwargs["address"] = self.address
                     kwargs.pop("include_dashboard")  # a setting of the head node, not of a driver
                 kwargs.update(self.init_kwargs)
-                ray_package.init(**kwargs)
+                self._keeper = _start_kept(lambda: ray_package.init(**kwargs))
                 self._owned = True
                 atexit.register(self.close)
             gpus = self.num_gpus_per_task
@@ -192,15 +195,19 @@ class RayEngine:
     def close(self) -> None:
         """Shut down the Ray this engine started or connected to (not one it found running); idempotent."""
         with self._lock:
-            ray_package, owned = self._ray, self._owned
-            self._ray, self._remote, self._owned = None, None, False
+            ray_package, owned, keeper = self._ray, self._owned, self._keeper
+            self._ray, self._remote, self._owned, self._keeper = None, None, False, None
             self._cache = weakref.WeakKeyDictionary()
         try:
             atexit.unregister(self.close)
         except Exception:
             pass
-        if ray_package is not None and owned and ray_package.is_initialized():
-            ray_package.shutdown()
+        try:
+            if ray_package is not None and owned and ray_package.is_initialized():
+                ray_package.shutdown()
+        finally:
+            if keeper is not None:
+                keeper.set()  # Ray is down: the thread that started it may end now
 
     def __enter__(self) -> "RayEngine":
         return self
@@ -313,6 +320,35 @@ class RayEngine:
         for k in [k for k in client.state if k not in state and (not k.startswith("_") or k in self.keep)]:
             del client.state[k]
         client.state.update(state)
+
+
+def _start_kept(start: Callable[[], Any]) -> threading.Event:
+    """Call ``start`` (``ray.init``) in a daemon thread that then waits until the returned event is set (by
+    ``close()``); re-raise here what ``start`` raised.
+
+    Why a thread of its own: a local Ray's processes (GCS, raylet) are started with Linux's
+    ``PR_SET_PDEATHSIG``, which kills them when the *thread* that started them ends, not the process. Started
+    in a run's thread (``Simulator.start()``, or ``run()`` in a thread of the user's), Ray died with that run,
+    and the next run on the engine waited 60 s for Ray's GCS before Ray terminated the process (a dead kernel).
+    """
+    started, stop = threading.Event(), threading.Event()
+    outcome: list[BaseException | None] = []
+
+    def keep() -> None:
+        try:
+            start()
+            outcome.append(None)
+        except BaseException as e:  # handed to the caller, which raises it
+            outcome.append(e)
+        started.set()
+        if outcome[0] is None:
+            stop.wait()
+
+    threading.Thread(target=keep, name="fedkit-ray", daemon=True).start()
+    started.wait()
+    if outcome[0] is not None:
+        raise outcome[0]
+    return stop
 
 
 def _cancel(ray_package: Any, ref: Any, force: bool) -> None:
