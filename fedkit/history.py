@@ -34,6 +34,12 @@ class RoundRecord:
     metrics: dict[str, Any]
     clients: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    @property
+    def number(self) -> int:
+        """The round's number as a person reads it, counting from 1: in tables, CSV files, plots and progress.
+        ``round`` is its 0-based index, which ``history.json``, the log and checkpoints keep."""
+        return self.round + 1
+
 
 class History:
     """The records of a run. Appended to while the run goes, so it can be read live from another thread."""
@@ -66,16 +72,16 @@ class History:
         return default
 
     def to_dataframe(self):
-        """One row per round: ``round``, ``seconds`` and every global metric."""
+        """One row per round: ``round`` (its number, from 1, as plotted), ``seconds`` and every global metric."""
         import pandas as pd
 
-        return pd.DataFrame([{"round": r.round, "seconds": r.seconds, **r.metrics} for r in list(self.rounds)])
+        return pd.DataFrame([{"round": r.number, "seconds": r.seconds, **r.metrics} for r in list(self.rounds)])
 
     def client_dataframe(self):
-        """One row per round and client: samples, steps, seconds, bytes, losses and accuracies."""
+        """One row per round (its number, from 1) and client: samples, steps, seconds, bytes, losses and accuracies."""
         import pandas as pd
 
-        return pd.DataFrame([{"round": r.round, "client": c, **row}
+        return pd.DataFrame([{"round": r.number, "client": c, **row}
                              for r in list(self.rounds) for c, row in r.clients.items()])
 
     def to_dict(self) -> dict:
@@ -99,15 +105,13 @@ class History:
     def save(self, directory: str | Path) -> None:
         """Write ``history.json``, ``rounds.csv`` and ``clients.csv`` into ``directory`` (strict JSON: NaN is null).
 
-        The CSV files count rounds from 1, as the plots and the progress bar do (their ``round`` is the round's
-        number); ``history.json`` (and `RoundRecord.round`, `to_dataframe`) keep the 0-based round index.
+        The CSV files are `to_dataframe` and `client_dataframe`: they count rounds from 1, as the plots and the
+        progress bar do (`RoundRecord.number`); ``history.json`` keeps the 0-based index (`RoundRecord.round`).
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         write_atomic(directory / "history.json", dumps(self.to_dict(), indent=1).encode())
         for name, frame in (("rounds.csv", self.to_dataframe()), ("clients.csv", self.client_dataframe())):
-            if "round" in frame:
-                frame["round"] = frame["round"] + 1
             frame.to_csv(directory / name, index=False)
 
     @classmethod

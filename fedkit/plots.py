@@ -13,6 +13,9 @@ from .history import History
 from .metrics import ACCURACY, TRAIN_LOSS, epsilons, label, reported, resolve
 
 
+ROUND_TICKS = 10  # up to this many rounds shown, a tick at every round; beyond, plotly's own whole steps (5, 10...)
+
+
 def _history(run: Any) -> History:
     return run if isinstance(run, History) else run.history
 
@@ -29,11 +32,11 @@ def curves(runs: Mapping[str, Any] | Any, metric: str = ACCURACY, title: str | N
     for name, run in runs.items():
         h = _history(run)
         key = resolve(metric, reported(r.metrics for r in h))
-        fig.add_trace(go.Scatter(x=[r.round + 1 for r in h], y=h.series(key), mode="lines+markers",
+        fig.add_trace(go.Scatter(x=[r.number for r in h], y=h.series(key), mode="lines+markers",
                                  name=str(name) if key == metric else f"{name} (on clients)"))
     fig.update_layout(title=title or f"global model {metric} per round", xaxis_title="round", yaxis_title=metric,
                       template="plotly_white", legend_title_text="run")
-    return fig
+    return round_axis(fig)
 
 
 def client_curves(run: Any, metric: str = TRAIN_LOSS) -> go.Figure:
@@ -42,9 +45,9 @@ def client_curves(run: Any, metric: str = TRAIN_LOSS) -> go.Figure:
     fig = go.Figure()
     if metric in df:
         for client, rows in df.groupby("client", sort=False):
-            fig.add_trace(go.Scatter(x=rows["round"] + 1, y=rows[metric], mode="lines", name=str(client)))
+            fig.add_trace(go.Scatter(x=rows["round"], y=rows[metric], mode="lines", name=str(client)))
     fig.update_layout(title=f"per-client {metric}", xaxis_title="round", yaxis_title=metric, template="plotly_white")
-    return fig
+    return round_axis(fig)
 
 
 def partition(parts: Partition, title: str | None = None) -> go.Figure:
@@ -66,14 +69,34 @@ def _values(data: Any) -> list[Any]:
     return [] if data is None or isinstance(data, str) else list(data)
 
 
+def _numbers(fig: go.Figure, axis: str) -> list[float]:
+    """The finite numbers ``fig``'s traces put on ``axis`` ("x" or "y")."""
+    return [float(v) for t in fig.data for v in _values(getattr(t, axis, None))
+            if isinstance(v, numbers.Real) and math.isfinite(v)]
+
+
+def round_axis(fig: go.Figure, axis: str = "x") -> go.Figure:
+    """Make ``fig``'s ``axis`` ("x" or "y") an axis of rounds: whole-number ticks (1, 2, 3, never 1.5).
+
+    Up to `ROUND_TICKS` rounds in the data, a tick at each of them; more, and plotly spaces the ticks itself:
+    its steps (2, 5, 10, 20...) are whole numbers once the axis spans more rounds than it has room for
+    ticks, and one tick per round would crowd 200 rounds. Call it after adding the traces.
+    """
+    values = _numbers(fig, axis)
+    update = fig.update_xaxes if axis == "x" else fig.update_yaxes
+    if values and max(values) - min(values) < ROUND_TICKS:
+        every = list(range(math.floor(min(values)), math.ceil(max(values)) + 1))
+        return update(tickformat=",d", tickmode="array", tickvals=every)
+    return update(tickformat=",d", tickmode="auto", tickvals=None)
+
+
 def log_axis(fig: go.Figure, axis: str = "x") -> go.Figure:
     """Make ``fig``'s ``axis`` ("x" or "y") logarithmic, with whole tick labels: 0.01, 0.1, 1, 10 (and 2, 5
     between them when the data spans at most three powers of ten), never plotly's bare "2 5" digits.
 
     The ticks are chosen from the data already in ``fig``: call it after adding the traces.
     """
-    values = [float(v) for t in fig.data for v in _values(getattr(t, axis, None))
-              if isinstance(v, numbers.Real) and math.isfinite(v) and v > 0]
+    values = [v for v in _numbers(fig, axis) if v > 0]
     update = fig.update_xaxes if axis == "x" else fig.update_yaxes
     if not values:
         return update(type="log", dtick=1, tickformat="~g")

@@ -26,7 +26,6 @@ import math
 import numbers
 import os
 import queue
-import sys
 import threading
 import time
 import traceback
@@ -54,6 +53,7 @@ from .global_model import GlobalModel, PlainModel
 from .history import LOG, History, HistoryLog, RoundRecord, strict, write_atomic
 from .models import architecture
 from .preprocess import Standardize
+from .progress import bar as progress_bar
 from .privacy.ckks import STATE_KEY
 from .privacy.he_filters import decrypt_global, provision
 from .privacy.he_model import EncryptedModel
@@ -830,7 +830,8 @@ class Simulator:
 
     def _blocking(self, run: Run, ckpt: checkpoint.Checkpoint | None, progress: bool, desc: str = "rounds") -> Run:
         self.last_run = run
-        bar = _progress(self.workflow, progress, done=ckpt.round + 1 if ckpt else 0, desc=desc)
+        bar = progress_bar(getattr(self.workflow, "rounds", None), progress, done=ckpt.round + 1 if ckpt else 0,
+                           desc=desc)
         try:
             self._execute(run, ckpt, extra_listeners=[bar.update_record] if bar else [])
         finally:
@@ -1146,43 +1147,3 @@ def _describe(obj: Any) -> Any:
         return f"{getattr(obj, '__module__', '?')}.{obj.__qualname__}"
     return type(obj).__name__
 
-
-class _Bar:
-    """A tqdm progress bar over rounds that shows the latest global accuracy: in a notebook (a widget) or on a
-    terminal. Where stderr is neither (a log file, a pipe, CI), a plain line per round instead of the
-    carriage-return updates that would flood the log."""
-
-    def __init__(self, total: int, done: int = 0, desc: str = "rounds") -> None:
-        from tqdm.auto import tqdm
-
-        self._total, self._done, self._desc = total, done, desc
-        self._bar = None
-        if tqdm.__module__.startswith("tqdm.notebook") or _isatty(sys.stderr):
-            self._bar = tqdm(total=total, initial=done, desc=desc, unit="round")
-
-    def update_record(self, record: RoundRecord) -> None:
-        acc = record.metrics.get("accuracy")
-        self._done += 1
-        if self._bar is None:
-            of = f"/{self._total}" if self._total else ""
-            score = f", accuracy {acc:.3f}" if acc is not None else ""
-            print(f"{self._desc}: round {self._done}{of}{score}", file=sys.stderr, flush=True)
-            return
-        if acc is not None:
-            self._bar.set_postfix(accuracy=f"{acc:.3f}")
-        self._bar.update(1)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
-def _isatty(stream: Any) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):
-        return False
-
-
-def _progress(workflow: Controller, enabled: bool, done: int = 0, desc: str = "rounds") -> _Bar | None:
-    return _Bar(getattr(workflow, "rounds", None), done, desc) if enabled else None

@@ -27,6 +27,7 @@ from .errors import ConfigError
 from .experiment import PARTITIONS, Experiment
 from .history import History, RoundRecord
 from .metrics import ACCURACY, BYTES_DOWN, BYTES_UP, CLIENTS, TRAIN_LOSS, epsilons, label, reported, resolve, scored
+from .plots import round_axis
 from .server import Controller
 from .simulator import Run
 from .workflows import SCAFFOLD, Cyclic, FedAvg, FedOpt, FedProx
@@ -78,12 +79,12 @@ class Dashboard:
         clients = history.client_dataframe()
         if rounds.empty:
             return
-        x = rounds["round"] + 1
+        x = rounds["round"]
         scores = scored(rounds.columns)[:2]  # an HE run's server cannot score its model: its clients' scores
         _set_lines(self.accuracy, {label(m): (x, rounds[m]) for m in scores if m in rounds},
                    axes={label(m): "y2" for m in scores[1:]})  # the loss on the right-hand axis
         if TRAIN_LOSS in clients:
-            per_client = {str(c): (g["round"] + 1, g[TRAIN_LOSS]) for c, g in clients.groupby("client", sort=False)}
+            per_client = {str(c): (g["round"], g[TRAIN_LOSS]) for c, g in clients.groupby("client", sort=False)}
             _set_lines(self.clients, per_client)
             self.clients.layout.showlegend = len(per_client) <= 12  # more would not fit below: names on hover
         traffic = {m: (x, rounds[m]) for m in (BYTES_DOWN, BYTES_UP) if m in rounds}
@@ -93,6 +94,8 @@ class Dashboard:
         private = epsilons(rounds.columns)
         _set_lines(self.privacy, {label(m): (x, rounds[m]) for m in private})
         self.privacy_box.layout.display = "" if private else "none"
+        for fig in self.figures:
+            round_axis(fig)
 
 
 def _set_lines(fig: go.FigureWidget, lines: dict[str, tuple[Any, Any]], axes: dict[str, str] | None = None) -> None:
@@ -129,8 +132,9 @@ class ComparisonView:
         aborted = getattr(run, "status", "done") == "aborted"
         if aborted:
             name += f" (aborted after round {len(h)})"
-        self.figure.add_scatter(x=[r.round + 1 for r in h], y=h.series(key), mode="lines+markers", name=name,
+        self.figure.add_scatter(x=[r.number for r in h], y=h.series(key), mode="lines+markers", name=name,
                                 line_dash="dash" if aborted else "solid")
+        round_axis(self.figure)
 
     def clear(self) -> None:
         self.runs.clear()
@@ -297,7 +301,7 @@ class ExperimentPanel:
         return self.run
 
     def _on_round(self, record: RoundRecord) -> None:
-        self.progress.value = record.round + 1
+        self.progress.value = record.number
         # redraw at most every REDRAW_S: a fast run (tens of rounds a second) would otherwise flood the browser
         # with figure updates, and a click on Stop would wait behind them; the run's end draws the last state
         now = time.monotonic()

@@ -199,6 +199,15 @@ ERRORS_JS = """() => {
   return out;
 }"""
 
+# JavaScript: the text of every stderr output (JupyterLab tints it red: a person reads it as an error), with its
+# cell's index among the notebook's cells
+STDERR_JS = """() => {
+  const nb = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook');
+  const cells = [...nb.querySelectorAll('.jp-Cell')];
+  return [...nb.querySelectorAll('.jp-RenderedText[data-mime-type="application/vnd.jupyter.stderr"]')].map(e => ({
+    cell: cells.indexOf(e.closest('.jp-Cell')), text: e.textContent.slice(0, 500)}));
+}"""
+
 # JavaScript: every plotly figure of the notebook, with its number of drawn traces
 # (heatmaps draw as g.hm, images as g.im, in their own layers; lines, bars... as g.trace)
 FIGURES_JS = """() => {

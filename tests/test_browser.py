@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from browser_support import (ERRORS_JS, FIGURES_JS, JupyterLab, find_chromium, scratch_notebook, smoke_copy,
-                             wait_until_run)
+from browser_support import (ERRORS_JS, FIGURES_JS, STDERR_JS, JupyterLab, find_chromium, scratch_notebook,
+                             smoke_copy, wait_until_run)
 
 ROOT = Path(__file__).parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -32,6 +32,12 @@ RUN_ALL_TIMEOUT = 240  # seconds for one notebook's Run All (5-20 s each in nbcl
 # console errors that are not the notebooks' doing, each with the reason it is harmless
 HARMLESS_CONSOLE = [
     # none so far: add (regex, reason) pairs here, never a blanket pattern
+]
+
+# stderr output a notebook shows on purpose (a warning it demonstrates), as (notebook, regex of the text, reason);
+# anything else on stderr is drawn red in JupyterLab and read as an error: progress, notes and logs go elsewhere
+EXPECTED_STDERR: list[tuple[str, str, str]] = [
+    # none so far: add one entry per cell that shows a warning on purpose, never a blanket pattern
 ]
 
 CHROMIUM = find_chromium()
@@ -154,6 +160,7 @@ def test_notebook_runs_clean_in_jupyterlab(path, opened):
         last = max((i for i, p in enumerate(prompts) if re.search(r"\[\d+\]", p)), default=-1)
         not_run = [i for i, p in enumerate(prompts) if re.search(r"\[\s*\]", p) or (not p.strip() and i > last)]
         errors = nb.page.evaluate(ERRORS_JS)
+        stderr = [o for o in nb.page.evaluate(STDERR_JS) if not _expected_stderr(path.name, o["text"])]
         figures = nb.page.evaluate(FIGURES_JS)
         # the panel's live figures are empty until its Run is clicked (test_panel_run_and_stop); figures in
         # a hidden tab or box are not drawn at all: only the figures a person sees after Run All must have traces
@@ -166,11 +173,15 @@ def test_notebook_runs_clean_in_jupyterlab(path, opened):
         if not_run:
             problems.append(f"code cells that did not run (0-based among code cells): {not_run}; prompts {prompts}")
         problems += errors
+        if stderr:
+            problems.append("stderr output (red in JupyterLab: a student reads it as an error), by cell:\n  "
+                            + "\n  ".join(f"cell {o['cell']}: {o['text'][:200]!r}" for o in stderr[:10]))
         if empty:
             problems.append(f"plotly figures drawn without traces: {empty}")
         console = nb.console_errors()
         (SHOTS / f"{path.stem}.json").write_text(json.dumps(  # what was seen, next to the screenshot
-            {"run_all_seconds": round(nb.seconds, 1), "prompts": prompts, "errors": errors, "figures": figures,
+            {"run_all_seconds": round(nb.seconds, 1), "prompts": prompts, "errors": errors, "stderr": stderr,
+             "figures": figures,
              "console_errors": nb.console}, indent=1))
         if console:
             problems.append("browser console errors:\n  " + "\n  ".join(console[:20]))
@@ -178,6 +189,10 @@ def test_notebook_runs_clean_in_jupyterlab(path, opened):
     finally:
         if path.name != PANEL:
             nb.close()
+
+
+def _expected_stderr(notebook: str, text: str) -> bool:
+    return any(name == notebook and re.search(pattern, text) for name, pattern, _ in EXPECTED_STDERR)
 
 
 def _panel(nb: Notebook):

@@ -174,7 +174,7 @@ def test_dp_sgd_epsilon_equals_opacus_accountant(dp_sgd_run):
             acc.step(noise_multiplier=1.0, sample_rate=16 / n)
         assert r["epsilon"].iloc[-1] == acc.get_epsilon(delta=1e-5), client
         assert list(r["steps"]) == [round(n / 16)] * 5  # an epoch is n / batch_size Poisson steps
-    assert dp_sgd_run.history.series("client_epsilon")[-1] == rows[rows["round"] == 4]["epsilon"].max()
+    assert dp_sgd_run.history.series("client_epsilon")[-1] == rows[rows["round"] == 5]["epsilon"].max()
 
 
 def test_dp_sgd_epsilon_is_cumulative_per_client(digits):

@@ -66,7 +66,7 @@ def test_to_dataframe(history):
     df = history.to_dataframe()
     assert isinstance(df, pd.DataFrame)
     assert list(df.columns[:2]) == ["round", "seconds"] and set(df.columns) == {"round", "seconds", "accuracy", "loss"}
-    assert df["round"].tolist() == [0, 1, 2]
+    assert df["round"].tolist() == [1, 2, 3]  # the rounds' numbers, as plotted and as in rounds.csv
     assert df["seconds"].tolist() == [1.5, 1.25, 1.0]
     assert df["accuracy"].tolist() == [0.5, 0.75, 0.875]
     assert df["loss"].isna().tolist() == [False, True, False]
@@ -76,10 +76,24 @@ def test_client_dataframe(history):
     df = history.client_dataframe()
     assert len(df) == 5
     assert df[["round", "client"]].values.tolist() == [
-        [0, "site-1"], [0, "site-2"], [1, "site-1"], [2, "site-2"], [2, "site-1"]]
+        [1, "site-1"], [1, "site-2"], [2, "site-1"], [3, "site-2"], [3, "site-1"]]
     assert df["train_loss"].tolist() == [2.2, 1.8, 1.1, 0.4, 0.6]
     assert df.groupby("client")["samples"].sum().to_dict() == {"site-1": 30, "site-2": 60}
     assert History().client_dataframe().empty
+
+
+def test_to_dataframe_counts_rounds_as_the_csv_and_the_plots_do(tmp_path, history):
+    from fedkit import plots
+
+    history.save(tmp_path)
+    numbers = [1, 2, 3]
+    assert history.to_dataframe()["round"].tolist() == pd.read_csv(tmp_path / "rounds.csv")["round"].tolist() == numbers
+    assert list(plots.curves(history).data[0].x) == numbers
+    assert [r.number for r in history] == numbers and [r.round for r in history] == [0, 1, 2]  # history.json's index
+    clients = history.client_dataframe()
+    assert clients["round"].tolist() == pd.read_csv(tmp_path / "clients.csv")["round"].tolist() == [1, 1, 2, 3, 3]
+    per_client = {t.name: list(t.x) for t in plots.client_curves(history).data}
+    assert per_client == {c: rows["round"].tolist() for c, rows in clients.groupby("client")}
 
 
 def test_dict_round_trip(history):

@@ -34,3 +34,7 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path):
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
+    # JupyterLab draws stderr in red: a student reads it as an error (progress is a widget, notes go to stdout)
+    stderr = [(i, o.text[:200]) for i, c in enumerate(nb.cells) if c.cell_type == "code"
+              for o in c.outputs if o.output_type == "stream" and o.name == "stderr"]
+    assert not stderr, f"stderr output (cell index, text): {stderr}"

@@ -164,6 +164,25 @@ def test_log_axis_has_whole_tick_labels():
     assert "1M" in bytes_.layout.yaxis.ticktext
 
 
+def ticks(fig) -> tuple:
+    axis = fig.layout.xaxis
+    return axis.tickformat, axis.tickmode, axis.tickvals
+
+
+def test_round_axes_have_integer_ticks():
+    # plotly alone puts ticks at 1, 1.5, 2, 2.5, 3 for three rounds: a tick at each round, whole-number labels
+    three = make_history([0.25, 0.5, 0.75], {i: {"site-1": {"train_loss": 1.0}} for i in range(3)})
+    assert ticks(plots.curves(three)) == (",d", "array", (1, 2, 3))
+    assert ticks(plots.client_curves(three)) == (",d", "array", (1, 2, 3))
+    assert ticks(plots.curves(make_history([0.5]))) == (",d", "array", (1,))  # not 0, 1, 2 around one round
+    assert ticks(plots.curves(make_history([0.5] * 10)))[2] == tuple(range(1, 11))
+    # more rounds: plotly's own steps (2, 5, 10, 50: whole numbers at that span), not 200 crowded labels
+    assert ticks(plots.curves(make_history([0.5] * 11))) == (",d", "auto", None)
+    assert ticks(plots.curves(make_history([0.5] * 200))) == (",d", "auto", None)
+    # a notebook's own figure of rounds (plotly express, NumPy values) gets the same axis
+    assert ticks(plots.round_axis(go.Figure(go.Bar(x=np.array([1, 2, 3, 4]), y=[1, 2, 3, 4]))))[2] == (1, 2, 3, 4)
+
+
 def test_partition_on_synthetic_dirichlet():
     data = fk.data.synthetic(samples=500, features=3, classes=5, seed=1)
     p = fk.data.dirichlet(data.train, clients=4, alpha=0.2, seed=0)

@@ -245,6 +245,18 @@ def test_dashboard_draws_both_epsilons_and_follows_a_new_run():
     assert lines(dash.privacy) == {LABELS["client_epsilon"]: ([1, 2, 3], [0.5, 1.0, 1.5])}
 
 
+def test_live_round_axes_have_integer_ticks():
+    dash = Dashboard()
+    dash.update(history({"accuracy": [0.25, 0.5, 0.75], "bytes_down": [10] * 3, "client_epsilon": [0.5, 1.0, 1.5]},
+                        lambda i: {"site-1": {"train_loss": 1.0}}))
+    for fig in dash.figures:  # accuracy, per-client loss, bytes, epsilon: rounds 1, 2, 3, never 1.5
+        assert fig.data and (fig.layout.xaxis.tickformat, fig.layout.xaxis.tickvals) == (",d", (1, 2, 3)), fig.layout.title.text
+    assert lines(dash.clients)["site-1"][0] == [1, 2, 3]  # the table's round is the round's number: no + 1
+    view = ComparisonView()
+    view.add("a", SimpleNamespace(history=DP_SGD, status="done"))
+    assert list(view.figure.data[0].x) == [1, 2, 3] and view.figure.layout.xaxis.tickvals == (1, 2, 3)
+
+
 def test_comparison_of_an_he_run_shows_its_clients_scores():
     view = ComparisonView()
     view.add("he", SimpleNamespace(history=HE))
