@@ -15,12 +15,14 @@ as FLARE's ``ScatterAndGather`` stays the same and HE lives in filters and an ag
 
 from __future__ import annotations
 
+import math
+import numbers
 import statistics
 from abc import ABC, abstractmethod
 from typing import Any, Callable
 
 from .errors import UpdateError
-from .exchange import DXO, DataKind, Reply, Weights
+from .exchange import DXO, DataKind, MetaKey, Reply, Weights
 from .weights import check_update, norm
 
 Step = Callable[[Weights, dict[str, DXO]], Weights]
@@ -35,11 +37,73 @@ class Encryption:
     """
 
 
+def credited_steps(result: DXO) -> int:
+    """The local steps the norm screens share ``result``'s norm over: its ``num_steps``, at least 1 and at most
+    its ``num_samples``; 1 where either is missing or not a finite number (the norm is then judged whole).
+
+    Both counts are reported by the client. One that claims more steps is allowed a proportionally larger
+    update, so the credit is capped at the samples it reports: the number FedAvg already weighs it by
+    (`fedkit.aggregate.by_samples`). A client that lies about its samples owns the weighted mean whatever a
+    screen does, so the screen trusts nothing the aggregation does not (with ``weigh=uniform`` it is the
+    one place the count is trusted). Against clients that lie, use a robust rule (median, Krum) or clipping,
+    not this screen. The cap rests on a step using at least one example per epoch: with several epochs of
+    batch size 1 every client's credit is cut alike, so updates stay comparable.
+
+    >>> credited_steps(DXO(DataKind.WEIGHT_DIFF, {}, {"num_steps": 63, "num_samples": 1001}))
+    63
+    >>> credited_steps(DXO(DataKind.WEIGHT_DIFF, {}, {"num_steps": 10**6, "num_samples": 12})), credited_steps(DXO(DataKind.WEIGHT_DIFF, {}))
+    (12, 1)
+    """
+    counts = [result.meta.get(k) for k in (MetaKey.NUM_STEPS, MetaKey.NUM_SAMPLES)]
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in counts):
+        return 1
+    return max(1, int(min(counts)))
+
+
+def step_norms(valid: dict[str, DXO]) -> dict[str, tuple[float, int]]:
+    """Each update's norm and its `credited_steps`: what the norm screens judge is norm / steps.
+
+    Why per step: a client with more data takes more local steps and moves further (on quantity skew, a
+    1,001-sample client's update was 47x the median of its 10-sample peers). An update is the sum of its
+    steps, so by the triangle inequality its norm is at most the sum of their lengths, and norm / steps at
+    most their mean length, which depends on the learning rate, the momentum and the gradients, not on how
+    much data a client holds. Early in local training the steps point the same way and the norm grows about
+    linearly with them; later it grows more slowly (steps that cancel, noise growing as sqrt(steps)), so a
+    client with many steps looks *smaller* per step: the rule errs towards keeping a large honest client,
+    never rejects one for its size, and still catches garbage that is orders of magnitude off. Dividing an
+    update by its local steps is FedNova's normalisation (Wang et al. 2020, "Tackling the Objective
+    Inconsistency Problem in Heterogeneous Federated Optimization"), used here only to judge norms: the
+    aggregate is not changed. Median-norm screens in the literature (e.g. FLAME's clipping bound, Nguyen et
+    al. 2022) compare raw norms, which assumes every client does the same local work.
+    """
+    return {name: (norm(r.data), credited_steps(r)) for name, r in valid.items()}
+
+
+NORM_REMEDY = "raise max_norm_ratio= or set max_norm_ratio=None to screen no norms"  # ends each norm rejection
+
+
+def _keep_typical(replies: dict[str, Reply], valid: dict[str, DXO], sizes: dict[str, tuple[float, int]],
+                  typical: float, what: str, max_norm_ratio: float) -> dict[str, DXO]:
+    """The ``valid`` updates whose norm per step is at most ``max_norm_ratio`` times ``typical`` (0: no notion
+    of typical, all kept); the others are rejected in place, with what to do if an honest client was."""
+    kept = {}
+    for name, (size, steps) in sizes.items():
+        per_step = size / steps
+        if typical > 0 and per_step > max_norm_ratio * typical:
+            replies[name].reject("rejected", f"client {name!r} sent an update of norm {size:.3g} over {steps} local "
+                                             f"step(s), {per_step:.3g} per step: {per_step / typical:.3g}x {what} (the "
+                                             f"limit is max_norm_ratio={max_norm_ratio:g}; if this client is honest, "
+                                             f"{NORM_REMEDY})")
+        else:
+            kept[name] = valid[name]
+    return kept
+
+
 def screen(replies: dict[str, Reply], reference: Weights, max_norm_ratio: float | None) -> dict[str, DXO]:
     """Keep the replies whose result is a finite WEIGHT_DIFF shaped like ``reference``; reject the rest in place.
 
-    With ``max_norm_ratio``, an update whose norm is more than that multiple of the median norm of
-    the round's other valid updates is rejected too (a heuristic against scaled garbage; it needs at
+    With ``max_norm_ratio``, an update whose norm per local step (`step_norms`) is more than that multiple
+    of the round's median norm per step is rejected too (a heuristic against scaled garbage; it needs at
     least three valid updates to say what is typical, see `screen_norms` for fewer). Each rejected
     reply keeps its reason.
     """
@@ -58,30 +122,27 @@ def screen(replies: dict[str, Reply], reference: Weights, max_norm_ratio: float 
             continue
         valid[name] = result
     if max_norm_ratio is not None and len(valid) >= 3:
-        norms = {n: norm(r.data) for n, r in valid.items()}
-        median = statistics.median(norms.values())
-        for name, size in norms.items():
-            if median > 0 and size > max_norm_ratio * median:
-                replies[name].reject("rejected", f"client {name!r} sent an update of norm {size:.3g}, {size / median:.0f}x "
-                                                 f"the round's median {median:.3g} (the limit is {max_norm_ratio:g}x)")
-                del valid[name]
+        sizes = step_norms(valid)
+        median = statistics.median(size / steps for size, steps in sizes.values())
+        valid = _keep_typical(replies, valid, sizes, median, f"the round's median {median:.3g} per step",
+                              max_norm_ratio)
     return valid
 
 
-RECENT_NORMS = 20  # how many accepted update norms `screen_norms` remembers, as plain floats in the server state
+RECENT_NORMS = 20  # how many accepted norms per step `screen_norms` remembers, as plain floats in the server state
 
 
 def screen_norms(replies: dict[str, Reply], valid: dict[str, DXO], max_norm_ratio: float, recent: list[float],
                  model_norm: float) -> dict[str, DXO]:
     """Reject the ``valid`` updates that are too large for what is typical; keep ``recent`` up to date.
 
-    `screen`'s norm check needs three peers. This one does not: what is typical is the median norm of
-    ``recent`` (the norms of the last `RECENT_NORMS` accepted updates, oldest first, as the caller
-    keeps them), or, before any update was accepted, ``model_norm`` (the global model's norm; 0:
-    unknown). With three valid updates or more, the round's median is typical, but no more than
-    ``max_norm_ratio`` times that: a round whose majority is garbage cannot vouch for itself. An
-    update above ``max_norm_ratio`` times what is typical is rejected in place, with its reason; the
-    norms of those kept are appended to ``recent``.
+    Every norm here is per local step (`step_norms`: a client with more data may move further). `screen`'s
+    norm check needs three peers. This one does not: what is typical is the median of ``recent`` (the
+    norms per step of the last `RECENT_NORMS` accepted updates, oldest first, as the caller keeps them),
+    or, before any update was accepted, ``model_norm`` (the global model's norm; 0: unknown). With three
+    valid updates or more, the round's median is typical, but no more than ``max_norm_ratio`` times that:
+    a round whose majority is garbage cannot vouch for itself. An update above ``max_norm_ratio`` times
+    what is typical is rejected in place, with its reason; the norms of those kept are appended to ``recent``.
 
     >>> import torch
     >>> from fedkit.exchange import Task
@@ -93,29 +154,23 @@ def screen_norms(replies: dict[str, Reply], valid: dict[str, DXO], max_norm_rati
     >>> sorted(screen_norms(rs, {n: r.result for n, r in rs.items()}, 10.0, recent, 1.0)), rs["b"].status
     (['a'], 'rejected')
     """
-    norms = {n: norm(r.data) for n, r in valid.items()}
+    sizes = step_norms(valid)
     if recent:
         typical = statistics.median(recent)
-        what = f"the median norm {typical:.3g} of the last {len(recent)} accepted update(s)"
+        what = f"the median norm {typical:.3g} of the last {len(recent)} accepted update(s) (per step)"
     elif model_norm > 0:
         typical, what = model_norm, f"the global model's own norm {model_norm:.3g} (no update accepted yet)"
     else:
         typical, what = 0.0, ""
-    if len(norms) >= 3:
-        median = statistics.median(norms.values())
+    if len(sizes) >= 3:
+        median = statistics.median(size / steps for size, steps in sizes.values())
         if not typical or median <= max_norm_ratio * typical:
-            typical, what = median, f"the round's median {median:.3g}"
+            typical, what = median, f"the round's median {median:.3g} per step"
         else:
-            typical, what = max_norm_ratio * typical, (f"{max_norm_ratio:g}x {what} (the round's median {median:.3g} is "
-                                                      "itself implausible)")
-    kept = {}
-    for name, size in norms.items():
-        if typical > 0 and size > max_norm_ratio * typical:
-            replies[name].reject("rejected", f"client {name!r} sent an update of norm {size:.3g}, {size / typical:.3g}x "
-                                             f"{what} (the limit is {max_norm_ratio:g}x)")
-        else:
-            kept[name] = valid[name]
-            recent.append(size)
+            typical, what = max_norm_ratio * typical, (f"{max_norm_ratio:g}x {what} (the round's median {median:.3g} "
+                                                      "per step is itself implausible)")
+    kept = _keep_typical(replies, valid, sizes, typical, what, max_norm_ratio)
+    recent.extend(size / steps for name, (size, steps) in sizes.items() if name in kept)
     del recent[:-RECENT_NORMS]
     return kept
 
