@@ -264,7 +264,8 @@ def refuse_unused(a: Flags, given: Collection[str], algorithms: Sequence[str], c
         if taken:
             raise ConfigError(f"--dp-fedavg sets {', '.join(taken)} itself: DP-FedAvg weighs every client the same and "
                               "adds noise to their plain mean (its sensitivity bound needs both), and goes on with "
-                              f"whichever sampled clients answer, never retrying a round; drop {', '.join(taken)}")
+                              f"whichever sampled clients answer, never retrying a round, and screens no update norms (it "
+                              f"clips every update to --clip-norm); drop {', '.join(taken)}")
     unused: dict[str, list[str]] = {}
     for dest, (means_something, needs) in _MEANINGFUL.items():
         if dest in given and not means_something(a, algorithms):
