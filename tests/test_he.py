@@ -249,7 +249,7 @@ def test_unselected_layers_are_aggregated_in_plaintext():
 
 
 def test_the_encrypted_model_screens_its_plaintext_layers_per_local_step():
-    """Issue 18 item 5, with HE: the plaintext layers' norms are judged per local step, as without HE."""
+    """Issue 18 item 5, with HE: the plaintext layers' norms are judged whole and per local step, as without HE."""
     def answering(b, steps, samples):
         def execute(task, ctx, abort):
             return fk.DXO(fk.DataKind.WEIGHT_DIFF, {"w": torch.zeros(5000), "b": torch.tensor(b)},
