@@ -249,8 +249,8 @@ def _add_common(r: argparse.ArgumentParser) -> None:
     ft.add_argument("--task-timeout", type=_positive_float, default=None,
                     help="seconds a client may take per round (default: no deadline)")
     ft.add_argument("--max-norm-ratio", type=_norm_ratio, default=FedAvg.max_norm_ratio,
-                    help="reject an update whose norm per local step is more than this many times what is typical "
-                         "(the round's median, recent accepted updates); off: no norm screen")
+                    help="reject an update whose norm is more than this many times what is typical (the round's median, "
+                         "recent accepted updates) both whole and per local step; off: no norm screen")
     ft.add_argument("--dropout", type=float, default=0.0, help="probability a client drops out of a round")
     ft.add_argument("--crash", type=float, default=0.0, help="probability a client's training raises")
     ft.add_argument("--straggle", type=float, default=0.0, help="probability a client answers after --task-timeout")

@@ -69,11 +69,11 @@ def step_norms(valid: dict[str, DXO]) -> dict[str, tuple[float, int]]:
     most their mean length, which depends on the learning rate, the momentum and the gradients, not on how
     much data a client holds. Early in local training the steps point the same way and the norm grows about
     linearly with them; later it grows more slowly (steps that cancel, a model that has converged on the
-    client's data), so a client that took *fewer* steps than its peers can be ahead of them per step (up to
+    client's data), so a client that took *fewer* steps than its peers can be ahead of them per step (about
     5x on digits with 5 local epochs). So an update is too large only when it is, beyond ``max_norm_ratio``,
     larger than what is typical both whole and per step: a client with more steps may move proportionally
-    further, one with fewer is never held to more than the whole-norm screen it always had, and garbage
-    orders of magnitude off fails both. Dividing an update by its local steps is FedNova's normalisation
+    further, none is rejected that the whole-norm screen alone would keep against the same typical norm,
+    and garbage orders of magnitude off fails both. Dividing an update by its local steps is FedNova's normalisation
     (Wang et al. 2020, "Tackling the Objective Inconsistency Problem in Heterogeneous Federated
     Optimization"), used here only to judge norms: the aggregate is not changed. Median-norm screens in the
     literature (e.g. FLAME's clipping bound, Nguyen et al. 2022) compare whole norms, which assumes every
