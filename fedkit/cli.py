@@ -43,10 +43,12 @@ from .cli_flags import (ALGORITHMS, RULES, SERVER_OPTS, WEIGHINGS, check_sizes, 
                         experiment_from_args, privacy_from_args, refuse_unused, workflow_from_args)
 from .errors import ConfigError
 from .experiment import ENGINES, MODELS, PARTITIONS
+from .global_model import NORM_REMEDY
 from .privacy.accounting import MECHANISMS
 from .privacy.ckks import MAX_COEFF_BITS, CKKS
 from .simulator import RunInterrupted, write_html
 from .train import TrainConfig
+from .workflows import FedAvg
 
 __all__ = ["main", "parser", "add_dp_arguments", "add_he_arguments", "resumed_args", "given_flags",
            "experiment_from_args", "workflow_from_args", "encryption_from_args", "privacy_from_args"]
@@ -154,6 +156,17 @@ def _number(low: float = -math.inf, high: float = math.inf, low_open: bool = Fal
 
 _positive_float = _number(0.0, low_open=True)
 _fraction = _number(0.0, 1.0, high_open=True)  # momentum: [0, 1)
+NO_NORM_SCREEN = ("off", "none")  # what --max-norm-ratio takes for FedAvg's max_norm_ratio=None
+
+
+def _norm_ratio(text: str) -> float | str:
+    """--max-norm-ratio: a number > 1, or off / none (kept as "off": cli.json stores it and a resume reads it back)."""
+    if text.strip().lower() in NO_NORM_SCREEN:
+        return "off"
+    try:
+        return _number(1.0, low_open=True)(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e}; or off to screen no norms") from None
 
 
 def _algorithm_list(text: str) -> list[str]:
@@ -241,6 +254,9 @@ def _add_common(r: argparse.ArgumentParser) -> None:
     ft.add_argument("--max-retries", type=_whole(0), default=2, help="retries of a round short of --min-clients")
     ft.add_argument("--task-timeout", type=_positive_float, default=None,
                     help="seconds a client may take per round (default: no deadline)")
+    ft.add_argument("--max-norm-ratio", type=_norm_ratio, default=FedAvg.max_norm_ratio,
+                    help="reject an update whose norm is more than this many times what is typical (the round's median, "
+                         "recent accepted updates) both whole and per local step; off: no norm screen")
     ft.add_argument("--dropout", type=float, default=0.0, help="probability a client drops out of a round")
     ft.add_argument("--crash", type=float, default=0.0, help="probability a client's training raises")
     ft.add_argument("--straggle", type=float, default=0.0, help="probability a client answers after --task-timeout")
@@ -398,7 +414,7 @@ _RENAMED = {"epochs": "local-epochs", "weigh": "weigh-by", "poly_modulus_degree"
             "coeff_mod_bit_sizes": "he-coeff-mod-bits", "scale_bits": "he-scale-bits", "layers": "he-layers"}
 _OWNERS = r"(?<![\w-])(?:(?:FedAvg|FedProx|FedOpt|SCAFFOLD|Cyclic|DataSpec|TrainConfig|Experiment|DPSGD|UserDP)\.|CKKS: )"
 _SETTINGS = (r"min_clients|clients_per_round|max_retries|sample_rate|noise_multiplier|target_epsilon|max_grad_norm|"
-             r"shards_per_client|min_size|batch_size")
+             r"shards_per_client|min_size|batch_size|max_norm_ratio")
 
 # the API's words -> the flags' (for the refusals that come from the objects the flags build)
 FLAG_WORDS: list[tuple[str, Any]] = [
@@ -413,6 +429,8 @@ FLAG_WORDS: list[tuple[str, Any]] = [
     (r"\bengine='([\w-]+)'", r"--engine \1"),
     (r"\bout=", "--out "),
     (r"\btask_timeout\b(?! \(--task-timeout)", "--task-timeout"),
+    (r"\bmax_norm_ratio=None\b", "--max-norm-ratio off"),
+    (r"\bmax_norm_ratio=(?=[\s,;)]|$)", "--max-norm-ratio"),  # the setting named, no value given
     (_OWNERS + r"(\w+)\b", lambda m: "--" + _RENAMED.get(m.group(1), m.group(1).replace("_", "-"))),
     (r"\b(poly_modulus_degree|coeff_mod_bit_sizes|scale_bits)\b(=?)",
      lambda m: "--" + _RENAMED[m.group(1)] + (" " if m.group(2) else "")),
@@ -428,6 +446,15 @@ def flag_words(message: str) -> str:
 
 
 HELP_HINT = "`{prog} --help` lists every option with its default"
+
+
+def _failure_hint(e: BaseException, where: str | Path) -> str:
+    """The line after a failed run: where its record is, and, when the norm screen rejected a client, the flag."""
+    record = f"{where} holds what the run did (history.json, events)"
+    if NORM_REMEDY in str(e):
+        return ("the norm screen rejected an update (the reason is above): if that client is honest, raise "
+                f"--max-norm-ratio or turn the screen off with --max-norm-ratio off; {record}")
+    return record
 
 
 def _hint(prog: str, e: BaseException) -> str:
@@ -652,7 +679,7 @@ def run_main(p: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequenc
         return 2
     except Exception as e:
         _say(prog, f"the run failed: {type(e).__name__}: {e}", args.out, as_json, status="failed",
-             hint=f"the run directory {args.out} holds what the run did (history.json, events)")
+             hint=_failure_hint(e, f"the run directory {args.out}"))
         return 1
     finally:
         lock.release()
@@ -737,7 +764,7 @@ def compare_main(p: argparse.ArgumentParser, args: argparse.Namespace, argv: Seq
                 return 2
             except Exception as e:
                 _say(prog, f"{name} failed: {type(e).__name__}: {e}", str(out), args.json, status="failed",
-                     hint=f"{out / name} holds what the run did (history.json, events)")
+                     hint=_failure_hint(e, out / name))
                 return 1
         figure = plots.curves(runs, title=f"global model accuracy per round: {_context(args)}")
         write_html(figure, out / "compare.html", js_folder=out)  # one plotly.min.js for the comparison's plots

@@ -127,12 +127,20 @@ def privacy_from_args(a: Flags) -> DPSGD | UserDP | None:
                   accountant=a.dp_accountant, adaptive_clip=AdaptiveClip() if a.adaptive_clip else None)
 
 
+def norm_ratio_from_args(a: Flags) -> float | None:
+    """FedAvg's ``max_norm_ratio`` from --max-norm-ratio (off: None); FedAvg's default where the flag is absent
+    (a cli.json written before it)."""
+    ratio = getattr(a, "max_norm_ratio", FedAvg.max_norm_ratio)
+    return None if ratio == "off" else ratio
+
+
 def scatter_gather_options(a: Flags, he: CKKS | None, dp: DP) -> dict[str, Any]:
     """The `FedAvg` settings the federation and fault-tolerance flags give, with ``he`` and ``dp`` in."""
     options: dict[str, Any] = dict(
         rounds=a.rounds, clients_per_round=a.clients_per_round, weigh=WEIGHINGS[a.weigh_by],
         aggregate=RULES[a.aggregate](a), min_clients=a.min_clients, max_retries=a.max_retries,
-        task_timeout=a.task_timeout, he=he, extensions=(dp,) if dp is not None else ())
+        task_timeout=a.task_timeout, he=he, extensions=(dp,) if dp is not None else (),
+        max_norm_ratio=norm_ratio_from_args(a))
     if isinstance(dp, UserDP):
         if a.weigh_by == "steps":
             raise ConfigError("DP-FedAvg weighs every client the same (its sensitivity bound needs it); drop --weigh-by")
@@ -222,6 +230,9 @@ _MEANINGFUL: dict[str, tuple[Callable[[Flags, Sequence[str]], bool], Callable[[b
     "min_clients": _scatter_gather_only("cyclic needs every client"),
     "max_retries": _scatter_gather_only("cyclic never retries"),
     "task_timeout": _scatter_gather_only("cyclic sets no deadline"),
+    "max_norm_ratio": (lambda a, algs: any(n != "cyclic" for n in algs) and not (a.he and not a.he_layers),
+                       lambda compare: _algorithm(_SCATTER_GATHER)(compare) + " on updates the server can read "
+                       "(cyclic screens no norms; with --he only the layers left out of --he-layers are screened)"),
     "weigh_by": _scatter_gather_only("cyclic averages nothing"),
     "aggregate": _scatter_gather_only("cyclic averages nothing"),
     "trim": (lambda a, algs: a.aggregate == "trimmed-mean", lambda compare: "--aggregate trimmed-mean"),
@@ -241,7 +252,8 @@ _MEANINGFUL: dict[str, tuple[Callable[[Flags, Sequence[str]], bool], Callable[[b
 
 
 # what --dp-fedavg sets itself (fk.DPFedAvg's settings): flag (its dest) -> (the one value it honours, or None)
-_DP_FEDAVG_SETS = {"weigh_by": "uniform", "aggregate": "mean", "min_clients": None, "max_retries": None}
+_DP_FEDAVG_SETS = {"weigh_by": "uniform", "aggregate": "mean", "min_clients": None, "max_retries": None,
+                   "max_norm_ratio": "off"}
 
 
 def refuse_unused(a: Flags, given: Collection[str], algorithms: Sequence[str], compare: bool = False) -> None:
@@ -252,7 +264,8 @@ def refuse_unused(a: Flags, given: Collection[str], algorithms: Sequence[str], c
         if taken:
             raise ConfigError(f"--dp-fedavg sets {', '.join(taken)} itself: DP-FedAvg weighs every client the same and "
                               "adds noise to their plain mean (its sensitivity bound needs both), and goes on with "
-                              f"whichever sampled clients answer, never retrying a round; drop {', '.join(taken)}")
+                              f"whichever sampled clients answer, never retrying a round, and screens no update norms (it "
+                              f"clips every update to --clip-norm); drop {', '.join(taken)}")
     unused: dict[str, list[str]] = {}
     for dest, (means_something, needs) in _MEANINGFUL.items():
         if dest in given and not means_something(a, algorithms):

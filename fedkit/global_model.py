@@ -15,12 +15,14 @@ as FLARE's ``ScatterAndGather`` stays the same and HE lives in filters and an ag
 
 from __future__ import annotations
 
+import math
+import numbers
 import statistics
 from abc import ABC, abstractmethod
 from typing import Any, Callable
 
 from .errors import UpdateError
-from .exchange import DXO, DataKind, Reply, Weights
+from .exchange import DXO, DataKind, MetaKey, Reply, Weights
 from .weights import check_update, norm
 
 Step = Callable[[Weights, dict[str, DXO]], Weights]
@@ -35,13 +37,103 @@ class Encryption:
     """
 
 
+def credited_steps(result: DXO) -> int:
+    """The local steps the norm screens share ``result``'s norm over: its ``num_steps``, at least 1 and at most
+    its ``num_samples``; 1 where either is missing or not a finite number (the norm is then judged whole).
+
+    Both counts are reported by the client. One that claims more steps is allowed a proportionally larger
+    update, so the credit is capped at the samples it reports: the number FedAvg already weighs it by
+    (`fedkit.aggregate.by_samples`). A client that lies about its samples owns the weighted mean whatever a
+    screen does, so the screen trusts nothing the aggregation does not (with ``weigh=uniform`` it is the
+    one place the count is trusted). Against clients that lie, use a robust rule (median, Krum) or clipping,
+    not this screen. The cap rests on a step using at least one example per epoch: with several epochs of
+    batch size 1 every client's credit is cut alike, so updates stay comparable.
+
+    >>> credited_steps(DXO(DataKind.WEIGHT_DIFF, {}, {"num_steps": 63, "num_samples": 1001}))
+    63
+    >>> credited_steps(DXO(DataKind.WEIGHT_DIFF, {}, {"num_steps": 10**6, "num_samples": 12})), credited_steps(DXO(DataKind.WEIGHT_DIFF, {}))
+    (12, 1)
+    """
+    counts = [result.meta.get(k) for k in (MetaKey.NUM_STEPS, MetaKey.NUM_SAMPLES)]
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in counts):
+        return 1
+    return max(1, int(min(counts)))
+
+
+def step_norms(valid: dict[str, DXO]) -> dict[str, tuple[float, int]]:
+    """Each update's norm and its `credited_steps`: the norm screens judge the norm whole and per step.
+
+    Why both: a client with more data takes more local steps and moves further (on quantity skew, an honest
+    1,001-sample client's update was 47x the median of its 10-sample peers). An update is the sum of its
+    steps, so by the triangle inequality its norm is at most the sum of their lengths: norm / steps is at
+    most their mean length, which depends on the learning rate, the momentum and the gradients, not on how
+    much data a client holds. Early in local training the steps point the same way and the norm grows about
+    linearly with them; later it grows more slowly (steps that cancel, a model that has converged on the
+    client's data), so a client that took *fewer* steps than its peers can be ahead of them per step (about
+    5x on digits with 5 local epochs). So an update is too large only when it is, beyond ``max_norm_ratio``,
+    larger than what is typical both whole and per step: a client with more steps may move proportionally
+    further, none is rejected that the whole-norm screen alone would keep against the same typical norm,
+    and garbage orders of magnitude off fails both. Dividing an update by its local steps is FedNova's normalisation
+    (Wang et al. 2020, "Tackling the Objective Inconsistency Problem in Heterogeneous Federated
+    Optimization"), used here only to judge norms: the aggregate is not changed. Median-norm screens in the
+    literature (e.g. FLAME's clipping bound, Nguyen et al. 2022) compare whole norms, which assumes every
+    client does the same local work.
+    """
+    return {name: (norm(r.data), credited_steps(r)) for name, r in valid.items()}
+
+
+NORM_REMEDY = "raise max_norm_ratio= or set max_norm_ratio=None to screen no norms"  # ends each norm rejection
+
+
+def _typical(sizes: list[float], recent: list[float], model_norm: float, max_norm_ratio: float,
+             unit: str) -> tuple[float, str]:
+    """What is typical for ``sizes`` (one measure, ``unit``, of a round's valid updates) and how to say it.
+
+    The median of ``recent`` (that measure of the last accepted updates) or, before any, ``model_norm`` (0:
+    unknown). With three updates or more, the round's median, but no more than ``max_norm_ratio`` times that:
+    a round whose majority is garbage cannot vouch for itself."""
+    if recent:
+        typical = statistics.median(recent)
+        what = f"the median {unit} {typical:.3g} of the last {len(recent)} accepted update(s)"
+    elif model_norm > 0:
+        typical, what = model_norm, f"the global model's own norm {model_norm:.3g} (no update accepted yet)"
+    else:
+        typical, what = 0.0, ""
+    if len(sizes) >= 3:
+        median = statistics.median(sizes)
+        if not typical or median <= max_norm_ratio * typical:
+            typical, what = median, f"the round's median {median:.3g}"
+        else:
+            typical, what = max_norm_ratio * typical, (f"{max_norm_ratio:g}x {what} (the round's median {median:.3g} "
+                                                      "is itself implausible)")
+    return typical, what
+
+
+def _keep_typical(replies: dict[str, Reply], valid: dict[str, DXO], sizes: dict[str, tuple[float, int]],
+                  whole: tuple[float, str], per_step: tuple[float, str], max_norm_ratio: float) -> dict[str, DXO]:
+    """The ``valid`` updates within ``max_norm_ratio`` times what is typical (``(value, words)``; 0: unknown,
+    within) whole or per step; the others are rejected in place, saying what to do if the client is honest."""
+    (t_whole, what_whole), (t_step, what_step) = whole, per_step
+    kept = {}
+    for name, (size, steps) in sizes.items():
+        if t_whole > 0 and size > max_norm_ratio * t_whole and t_step > 0 and size / steps > max_norm_ratio * t_step:
+            replies[name].reject("rejected", f"client {name!r} sent an update of norm {size:.3g}, {size / t_whole:.3g}x "
+                                             f"{what_whole}, and over {steps} local step(s) {size / steps:.3g} per step, "
+                                             f"{size / steps / t_step:.3g}x {what_step} (the limit is max_norm_ratio="
+                                             f"{max_norm_ratio:g}, whole or per step; if this client is honest, "
+                                             f"{NORM_REMEDY})")
+        else:
+            kept[name] = valid[name]
+    return kept
+
+
 def screen(replies: dict[str, Reply], reference: Weights, max_norm_ratio: float | None) -> dict[str, DXO]:
     """Keep the replies whose result is a finite WEIGHT_DIFF shaped like ``reference``; reject the rest in place.
 
-    With ``max_norm_ratio``, an update whose norm is more than that multiple of the median norm of
-    the round's other valid updates is rejected too (a heuristic against scaled garbage; it needs at
-    least three valid updates to say what is typical, see `screen_norms` for fewer). Each rejected
-    reply keeps its reason.
+    With ``max_norm_ratio``, an update whose norm is more than that multiple of the round's median norm,
+    and whose norm per local step is too (`step_norms`), is rejected too (a heuristic against scaled
+    garbage; it needs at least three valid updates to say what is typical, see `screen_norms` for fewer).
+    Each rejected reply keeps its reason.
     """
     valid: dict[str, DXO] = {}
     for name, reply in replies.items():
@@ -58,30 +150,25 @@ def screen(replies: dict[str, Reply], reference: Weights, max_norm_ratio: float 
             continue
         valid[name] = result
     if max_norm_ratio is not None and len(valid) >= 3:
-        norms = {n: norm(r.data) for n, r in valid.items()}
-        median = statistics.median(norms.values())
-        for name, size in norms.items():
-            if median > 0 and size > max_norm_ratio * median:
-                replies[name].reject("rejected", f"client {name!r} sent an update of norm {size:.3g}, {size / median:.0f}x "
-                                                 f"the round's median {median:.3g} (the limit is {max_norm_ratio:g}x)")
-                del valid[name]
+        valid = screen_norms(replies, valid, max_norm_ratio, [], 0.0)
     return valid
 
 
-RECENT_NORMS = 20  # how many accepted update norms `screen_norms` remembers, as plain floats in the server state
+RECENT_NORMS = 20  # how many accepted norms `screen_norms` remembers (each measure), as plain floats in the server state
 
 
 def screen_norms(replies: dict[str, Reply], valid: dict[str, DXO], max_norm_ratio: float, recent: list[float],
-                 model_norm: float) -> dict[str, DXO]:
+                 model_norm: float, recent_per_step: list[float] | None = None) -> dict[str, DXO]:
     """Reject the ``valid`` updates that are too large for what is typical; keep ``recent`` up to date.
 
-    `screen`'s norm check needs three peers. This one does not: what is typical is the median norm of
-    ``recent`` (the norms of the last `RECENT_NORMS` accepted updates, oldest first, as the caller
-    keeps them), or, before any update was accepted, ``model_norm`` (the global model's norm; 0:
-    unknown). With three valid updates or more, the round's median is typical, but no more than
-    ``max_norm_ratio`` times that: a round whose majority is garbage cannot vouch for itself. An
-    update above ``max_norm_ratio`` times what is typical is rejected in place, with its reason; the
-    norms of those kept are appended to ``recent``.
+    Each update is judged whole and per local step (`step_norms`), and rejected only when it is more than
+    ``max_norm_ratio`` times what is typical in both. `screen`'s norm check needs three peers. This one
+    does not: what is typical is the median of ``recent`` (the norms of the last `RECENT_NORMS` accepted
+    updates, oldest first, as the caller keeps them) and of ``recent_per_step`` (their norms per step; None:
+    not kept), or, before any update was accepted, ``model_norm`` (the global model's norm; 0: unknown).
+    With three valid updates or more, the round's median is typical, but no more than ``max_norm_ratio``
+    times that: a round whose majority is garbage cannot vouch for itself. A rejected update keeps its
+    reason; the norms of those kept are appended to ``recent`` and ``recent_per_step``.
 
     >>> import torch
     >>> from fedkit.exchange import Task
@@ -93,30 +180,14 @@ def screen_norms(replies: dict[str, Reply], valid: dict[str, DXO], max_norm_rati
     >>> sorted(screen_norms(rs, {n: r.result for n, r in rs.items()}, 10.0, recent, 1.0)), rs["b"].status
     (['a'], 'rejected')
     """
-    norms = {n: norm(r.data) for n, r in valid.items()}
-    if recent:
-        typical = statistics.median(recent)
-        what = f"the median norm {typical:.3g} of the last {len(recent)} accepted update(s)"
-    elif model_norm > 0:
-        typical, what = model_norm, f"the global model's own norm {model_norm:.3g} (no update accepted yet)"
-    else:
-        typical, what = 0.0, ""
-    if len(norms) >= 3:
-        median = statistics.median(norms.values())
-        if not typical or median <= max_norm_ratio * typical:
-            typical, what = median, f"the round's median {median:.3g}"
-        else:
-            typical, what = max_norm_ratio * typical, (f"{max_norm_ratio:g}x {what} (the round's median {median:.3g} is "
-                                                      "itself implausible)")
-    kept = {}
-    for name, size in norms.items():
-        if typical > 0 and size > max_norm_ratio * typical:
-            replies[name].reject("rejected", f"client {name!r} sent an update of norm {size:.3g}, {size / typical:.3g}x "
-                                             f"{what} (the limit is {max_norm_ratio:g}x)")
-        else:
-            kept[name] = valid[name]
-            recent.append(size)
-    del recent[:-RECENT_NORMS]
+    per_step = [] if recent_per_step is None else recent_per_step
+    sizes = step_norms(valid)
+    whole = _typical([s for s, _ in sizes.values()], recent, model_norm, max_norm_ratio, "norm")
+    stepped = _typical([s / k for s, k in sizes.values()], per_step, model_norm, max_norm_ratio, "norm per step")
+    kept = _keep_typical(replies, valid, sizes, whole, stepped, max_norm_ratio)
+    for history, measure in ((recent, lambda s, k: s), (per_step, lambda s, k: s / k)):
+        history.extend(measure(*sizes[name]) for name in kept)
+        del history[:-RECENT_NORMS]
     return kept
 
 

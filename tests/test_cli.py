@@ -123,6 +123,9 @@ def test_every_part_comes_from_its_flags():
     (["--aggregate", "median"], fk.FedAvg(aggregate=fk.aggregate.coordinate_median)),
     (["--min-clients", "4", "--max-retries", "1", "--task-timeout", "30"],
      fk.FedAvg(min_clients=4, max_retries=1, task_timeout=30.0)),
+    (["--max-norm-ratio", "4"], fk.FedAvg(max_norm_ratio=4.0)),
+    (["--max-norm-ratio", "off"], fk.FedAvg(max_norm_ratio=None)),
+    (["--algorithm", "scaffold", "--max-norm-ratio", "None"], fk.SCAFFOLD(max_norm_ratio=None)),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_algorithm_flags_build_their_workflow(argv, expected):
     assert workflow(*argv) == expected
@@ -238,6 +241,21 @@ def test_cli_json_holds_the_flags_and_resume_rebuilds_the_same_experiment(tmp_pa
     resumed = resumed_args(parser(), flags("--resume", str(tmp_path)))
     assert experiment_from_args(resumed) == experiment_from_args(flags(*argv))
     assert resumed.out == str(tmp_path)
+
+
+def test_fedkit_run_finishes_on_quantity_skew_and_a_norm_rejection_names_max_norm_ratio(tmp_path, capsys):
+    """Issue 18 item 5: the command exited 1 (the 1,001-sample client rejected every attempt). A screen set too
+    tight still fails the run, with a hint that names --max-norm-ratio; off is stored in cli.json and resumes."""
+    argv = ["run", "--partition", "quantity", "--alpha", "0.3", "--clients", "6", "--rounds", "2", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "default")]) == 0
+    assert main([*argv, "--max-norm-ratio", "1.01", "--out", str(tmp_path / "tight")]) == 1
+    err = capsys.readouterr().err
+    assert "per step" in err and "raise --max-norm-ratio or set --max-norm-ratio off" in err and "max_norm_ratio" not in err
+    assert err.splitlines()[-1].startswith("hint: the norm screen rejected an update") and "--max-norm-ratio off" in err
+    (tmp_path / "off").mkdir()
+    (tmp_path / "off" / "cli.json").write_text(json.dumps({"max_norm_ratio": "off"}))
+    assert experiment_from_args(resumed_args(parser(), flags("--resume", str(tmp_path / "off")))).workflow == \
+        fk.FedAvg(max_norm_ratio=None)
 
 
 def test_a_cli_json_of_an_older_fedkit_still_resumes(tmp_path):
@@ -432,6 +450,9 @@ def test_a_damaged_cli_json_is_refused(tmp_path, capsys, content, message):
     (["--algorithm", "cyclic", "--clients-per-round", "2"], "--clients-per-round only means something with"),
     (["--dp-fedavg", "--max-retries", "3"], "--dp-fedavg sets --max-retries itself"),
     (["--fault-seed", "3"], "--fault-seed only means something with a fault to inject"),
+    (["--algorithm", "cyclic", "--max-norm-ratio", "5"], "--max-norm-ratio only means something with"),
+    (["--he", "--max-norm-ratio", "5"], "with --he only the layers left out of --he-layers are screened"),
+    (["--dp-fedavg", "--max-norm-ratio", "5"], "--dp-fedavg sets --max-norm-ratio itself"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_options_that_would_be_ignored_are_refused(tmp_path, capsys, argv, message):
     d = tmp_path / "run"

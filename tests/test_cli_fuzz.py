@@ -35,7 +35,7 @@ SEEDS = ["seed", "fault-seed"]
 POSITIVE_FLOATS = ["alpha", "server-lr", "lr", "task-timeout", "max-grad-norm", "clip-norm", "target-epsilon"]
 RANGES = {"trim": ["0.5", "0.7", "-0.1", "1"], "momentum": ["1", "1.5", "-0.1"], "server-momentum": ["1", "2", "-1"],
           "delta": ["0", "1", "2", "-1e-5"], "sample-rate": ["0", "1.5", "-0.5"], "mu": ["-1", "-0.01"],
-          "noise-multiplier": ["-1", "-0.5"]}
+          "noise-multiplier": ["-1", "-0.5"], "max-norm-ratio": ["1", "0.5", "0", "-2", "offf", "no"]}
 PROBABILITIES = ["dropout", "crash", "straggle", "corrupt"]
 CHOICES = {"dataset": "imagenet", "partition": "random", "algorithm": "fedmagic", "aggregate": "mode",
            "weigh-by": "votes", "model": "resnet", "server-opt": "lamb", "order": "random",
@@ -88,6 +88,8 @@ def combination_mutation(rng):
         ["--algorithm", "cyclic", "--clients-per-round", "2"], ["--algorithm", "cyclic", "--min-clients", "2"],
         ["--algorithm", "cyclic", "--aggregate", "median"], ["--algorithm", "cyclic", "--task-timeout", "30"],
         ["--algorithm", "cyclic", "--weigh-by", "uniform"], ["--dp-fedavg", "--max-retries", "1"],
+        ["--algorithm", "cyclic", "--max-norm-ratio", "5"], ["--dp-fedavg", "--max-norm-ratio", "5"],
+        ["--he", "--max-norm-ratio", "off"],
         ["--dp-fedavg", "--min-clients", "1"], ["--dp-fedavg", "--aggregate", "median"],
         ["--dp-fedavg", "--weigh-by", "samples"], ["--dp-fedavg", "--clients-per-round", "2"],
         ["--dp-sgd", "--dp-fedavg"], ["--noise-multiplier", "1"], ["--target-epsilon", "3"], ["--sample-rate", "0.5"],

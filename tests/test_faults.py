@@ -10,6 +10,7 @@ import fedkit as fk
 from fedkit.data import ClientData
 from fedkit.faults import corrupt
 from fedkit.server import Reply, Server
+import fedkit.global_model as gm
 from fedkit.global_model import RECENT_NORMS, screen, screen_norms
 
 
@@ -215,6 +216,69 @@ def test_a_scaled_update_is_caught_without_three_peers():
     recent = [1.0] * 30
     screened([1.0], recent)
     assert len(recent) == RECENT_NORMS  # a short history, plain floats, checkpointed with the server state
+
+
+def test_the_norm_screen_judges_norm_whole_and_per_local_step():
+    """Issue 18 item 5: a client with more data takes more steps and moves further; an update is rejected only
+    when it is too large both whole and per step."""
+    def result(size, steps=None, samples=None):
+        meta = {k: v for k, v in ((fk.MetaKey.NUM_STEPS, steps), (fk.MetaKey.NUM_SAMPLES, samples)) if v is not None}
+        return fk.DXO("WEIGHT_DIFF", {"w": torch.tensor([float(size)])}, meta)
+
+    # the failing case: three 1- or 2-step clients near 0.15, one honest 1,001-sample client at 6.88 over 63 steps
+    sizes = {"s0": result(0.14, 1, 12), "s1": result(0.15, 1, 12), "s2": result(0.16, 2, 20), "big": result(6.88, 63, 1001)}
+    kept, replies = screened_results(sizes, [])
+    assert sorted(kept) == ["big", "s0", "s1", "s2"] and gm.credited_steps(sizes["big"]) == 63
+    # a client that took fewer steps than its peers may be ahead of them per step: its whole norm is typical
+    kept, _ = screened_results({"a": result(3.0, 60, 900), "b": result(3.3, 60, 900), "c": result(3.1, 63, 1001),
+                                "small": result(1.0, 1, 12)}, [])
+    assert "small" in kept
+    # scaled garbage is still caught, with or without peers, however many steps it honestly reports
+    kept, replies = screened_results({**sizes, "evil": result(5e4, 63, 1001)}, [])
+    assert "evil" not in kept and "over 63 local step(s)" in replies["evil"].error
+    recent, per_step = [0.15, 0.1], [0.15, 0.1]
+    kept, replies = screened_results({"big": result(6.88, 63, 1001), "evil": result(5e4, 2, 20)}, recent, per_step)
+    assert list(kept) == ["big"] and "per step" in replies["evil"].error
+    assert recent[-1] == pytest.approx(6.88) and per_step[-1] == pytest.approx(6.88 / 63)  # what is typical next time
+    # the steps are self-reported: the credit stops at the samples the client reports (what FedAvg weighs it by)
+    kept, replies = screened_results({**sizes, "liar": result(50.0, 10**6, 12)}, [])
+    assert "liar" not in kept and "over 12 local step(s)" in replies["liar"].error
+    # without both counts (an executor of one's own), an update's norm is judged whole, as before
+    assert gm.credited_steps(result(1.0, steps=40)) == gm.credited_steps(result(1.0, steps=True, samples=5)) == 1
+    kept, _ = screened_results({**sizes, "big": result(6.88)}, [])
+    assert "big" not in kept
+    # the refusal says what to change, in the API's words (the CLI says --max-norm-ratio)
+    assert "raise max_norm_ratio= or set max_norm_ratio=None" in replies["liar"].error
+    # `screen` (the three-peer check the encrypted model uses) judges the same way
+    task = fk.Task("train", fk.DXO("WEIGHTS", {"w": torch.zeros(1)}))
+    rs = {n: Reply(n, task, r, status="ok") for n, r in {**sizes, "evil": result(5e4, 63, 1001)}.items()}
+    assert sorted(screen(rs, {"w": torch.zeros(1)}, max_norm_ratio=10.0)) == ["big", "s0", "s1", "s2"]
+    assert "per step" in rs["evil"].error
+
+
+def screened_results(results, recent, per_step=None, model_norm=1.0, ratio=10.0):
+    """screen_norms on replies holding ``results`` (name -> DXO): (kept, replies)."""
+    task = fk.Task("train", fk.DXO("WEIGHTS", {"w": torch.zeros(1)}))
+    replies = {n: Reply(n, task, r, status="ok") for n, r in results.items()}
+    return screen_norms(replies, dict(results), ratio, recent, model_norm, per_step), replies
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.5])
+@pytest.mark.parametrize("clients", [6, 8])
+@pytest.mark.parametrize("algorithm", [fk.FedAvg, fk.SCAFFOLD], ids=["FedAvg", "SCAFFOLD"])
+def test_fedavg_and_scaffold_finish_on_quantity_skew(digits, one_thread, algorithm, clients, alpha):
+    """20 seeds of each; before the norm screen judged norms per step, up to 4 of them failed (the largest
+    client rejected every attempt). Two rounds: the rejections came in the first."""
+    failed = []
+    for seed in range(20):
+        sim = fk.Simulator(algorithm(rounds=2), model=lambda: fk.models.for_data(digits),
+                           clients=fk.data.quantity_skew(digits.train, clients, alpha=alpha, seed=seed),
+                           train=fk.TrainConfig(validate=False), seed=seed)
+        try:
+            assert sim.run(progress=False).history.events == []  # nobody rejected
+        except fk.RoundFailed as e:
+            failed.append((seed, str(e)[-200:]))
+    assert failed == []
 
 
 @pytest.mark.parametrize("n, min_clients", [(2, None), (3, 2)])

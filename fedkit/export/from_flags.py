@@ -16,6 +16,7 @@ from .nvflare_job import FlareJob, nvflare
 RUN_ONLY = {
     "engine": "FLARE runs the clients itself (nvflare simulator -t THREADS, or one process per site)",
     "no_progress": "FLARE prints its own logs",
+    "max_norm_ratio": "FLARE's FedAvg has no update-norm screen: it aggregates every update that arrives",
 }
 
 

@@ -46,6 +46,7 @@ from .extensions import Extension, Proximal, Scaffold
 from .gather import RoundRefused, gather
 
 NORMS = "accepted_norms"  # server state: the norms of the last accepted updates (plain floats, checkpointed)
+STEP_NORMS = "accepted_step_norms"  # and their norms per local step (global_model.step_norms)
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,8 @@ class FedAvg(Controller):
     min_clients: int | None = None  # valid results a round needs; None: every sampled client (0 only with sample_rate)
     max_retries: int = 2  # a round short of min_clients is tried again this often before the run stops
     task_timeout: float | None = None  # seconds a client may take; a later answer is dropped as 'late'
-    max_norm_ratio: float | None = 10.0  # reject updates this many times larger than is typical (round's median, recent ones)
+    max_norm_ratio: float | None = 10.0  # reject updates this many times larger than is typical (round's median, recent
+    # ones) both whole and per local step: a client with more data takes more steps (global_model.step_norms)
     aggregate: Rule = weighted_mean
     weigh: Callable[[DXO], float] = by_samples
     extensions: tuple[Extension, ...] = ()  # e.g. Proximal(mu) for FedProx, Scaffold() for SCAFFOLD
@@ -221,8 +223,9 @@ class FedAvg(Controller):
                                                  "fk.Trainer, or run the hooks in your executor (see fedkit.train.Trainer)")
                 del valid[name]
         if self.max_norm_ratio is not None and fl.model.readable:
-            recent = fl.server.state.setdefault(NORMS, [])
-            valid = screen_norms(replies, valid, self.max_norm_ratio, recent, 0.0 if recent else norm(fl.model.weights))
+            recent, per_step = (fl.server.state.setdefault(key, []) for key in (NORMS, STEP_NORMS))
+            valid = screen_norms(replies, valid, self.max_norm_ratio, recent, 0.0 if recent else norm(fl.model.weights),
+                                 per_step)
         return valid
 
     def targets(self, fl: ServerContext, round: int) -> list[str]:
