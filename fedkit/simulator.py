@@ -5,8 +5,8 @@
 >>> sim = fk.Simulator(fk.FedAvg(rounds=2), model=lambda: fk.models.for_data(data),
 ...                    clients=fk.data.iid(data.train, clients=4), test=data.test)
 >>> run = sim.run(progress=False)
->>> run.status, len(run.history)
-('done', 2)
+>>> print(run.status, len(run.history))
+done 2
 
 ``run()`` blocks; ``start()`` runs in a background thread and returns the same `Run` at once,
 with live ``history``, ``status``, ``abort()`` and ``wait()``. Ctrl-C (Kernel > Interrupt) during ``run()``
@@ -42,7 +42,7 @@ from .metrics import ACCURACY, LOSS
 from . import rundir
 from . import weights as W
 from .checkpoint import CheckpointError
-from .client import Client, derive_seed
+from .client import Client
 from .data import ClientData, Dataset, check_dataset, check_seed
 from .engine import Engine, sequential
 from .engine.choose import resolve as resolve_engine
@@ -59,6 +59,9 @@ from .privacy.he_filters import decrypt_global, provision
 from .privacy.he_model import EncryptedModel
 from .server import Channel, Controller, Server, ServerContext
 from .stats import StatsExecutor
+from . import seeds
+from .seeds import derive_seed
+from .status import Event, RunStatus
 from .train import Evaluator, ModelFn, SubmitModel, TrainConfig, Trainer, evaluate, load_weights, resolve_device
 from .workflows import Cyclic, FedAvg, FedStats, FederatedScaling
 
@@ -117,12 +120,12 @@ def torch_threads(n: int):
 class Run:
     """One execution of a workflow: its status, live history and global weights.
 
-    ``status`` is one of ``"pending"``, ``"running"``, ``"done"``, ``"aborted"`` or ``"failed"``.
+    ``status`` is a `RunStatus`: pending, running, done, aborted or failed.
     """
 
     def __init__(self, simulator: "Simulator") -> None:
         self.simulator = simulator
-        self.status = "pending"
+        self.status = RunStatus.PENDING
         self.history = History()
         self._weights: Weights = {}
         self._live: Callable[[], Weights] | None = None  # while running: how to read the current global model
@@ -140,7 +143,7 @@ class Run:
         where = " (on clients)" if s["accuracy_on"].startswith("clients") else ""
         planned = self.rounds_planned
         done = f"{len(self.history)} of {planned} round(s)" if planned else f"{len(self.history)} round(s)"
-        if self.status in ("aborted", "failed"):
+        if self.status in (RunStatus.ABORTED, RunStatus.FAILED):
             done = f"INCOMPLETE, {done}"
         return f"<fedkit Run {self.status}: {done}, accuracy {s['final_accuracy']:.4f}{where}>"
 
@@ -153,7 +156,7 @@ class Run:
     @property
     def complete(self) -> bool:
         """Did the run end on its own (``done``)? An aborted or failed run is a partial result, never a final one."""
-        return self.status == "done"
+        return self.status == RunStatus.DONE
 
     def abort(self, reason: str = "aborted by the user") -> None:
         """Ask the run to stop: training stops at the next batch, and a client blocked inside its executor is
@@ -165,7 +168,7 @@ class Run:
     def wait(self, timeout: float | None = None) -> "Run":
         """Block until the run ends (or ``timeout`` seconds pass); re-raise its error if it failed."""
         self._done.wait(timeout)
-        if self.status == "failed" and self.error is not None:
+        if self.status == RunStatus.FAILED and self.error is not None:
             raise self.error
         return self
 
@@ -228,7 +231,7 @@ class Run:
             "failures_by_kind": dict(Counter(e["what"] for e in failures)),
             "error": f"{type(self.error).__name__}: {self.error}" if self.error else None,
             **_privacy(self.history),
-            "stopped": next((e["reason"] for e in self.history.events if e.get("what") == "stopped"), None),
+            "stopped": next((e["reason"] for e in self.history.events if e.get("what") == Event.STOPPED), None),
         }
 
     def save(self, directory: str | Path | None = None) -> Path:
@@ -394,7 +397,7 @@ def _check_rounds_run(workflow: Controller, history: History) -> None:
     planned, done = getattr(workflow, "rounds", None), len(history)
     if not isinstance(planned, int) or done == planned:
         return
-    if done < planned and any(e.get("what") == "stopped" for e in history.events):
+    if done < planned and any(e.get("what") == Event.STOPPED for e in history.events):
         return
     raise IncompleteRun(f"{type(workflow).__name__} plans {planned} round(s) but its control_flow returned after "
                         f"{done}: the run is not complete. A controller calls fl.end_round once per round, and one "
@@ -445,15 +448,15 @@ def _check_run_dir(path: Path) -> None:
 def _save_failed(run: "Run", error: BaseException) -> None:
     """Saving a run at its end failed: the run fails (with a run's own error kept first), and says so."""
     reason = f"{type(error).__name__}: {error}"
-    run.history.events.append({"round": len(run.history), "what": "save_failed",
+    run.history.events.append({"round": len(run.history), "what": Event.SAVE_FAILED,
                                "reason": f"saving the run into {run.run_dir} failed: {reason}"})
-    if run.status != "failed":
-        ended = "finished its rounds" if run.status == "done" else "was aborted"
+    if run.status != RunStatus.FAILED:
+        ended = "finished its rounds" if run.status == RunStatus.DONE else "was aborted"
         run.error = SaveError(f"the run {ended}, but its results could not be saved into {run.run_dir} ({reason}). "
                               "run.weights and run.history still hold them: run.save(another_directory) writes them "
                               "elsewhere")
         run.error.__cause__ = error
-        run.status = "failed"
+        run.status = RunStatus.FAILED
     with contextlib.suppress(Exception):  # the summary says so, where the disk has room for it
         _write_summary(run, run.run_dir)
 
@@ -689,7 +692,7 @@ class Simulator:
         if split:
             if len(c) == 0:
                 raise ConfigError(f"client {i + 1} has no data")
-            train, val = c.split(self.val_fraction, seed=derive_seed(self.seed, i, 2)) if len(c) > 1 else (c, c.subset([]))
+            train, val = c.split(self.val_fraction, seed=derive_seed(self.seed, i, seeds.VAL_SPLIT)) if len(c) > 1 else (c, c.subset([]))
             c = ClientData(train, val)
         if not isinstance(c, ClientData):
             raise ConfigError(f"clients[{i}] is a {type(c).__name__}; give Datasets (e.g. a fk.data partition), "
@@ -753,7 +756,7 @@ class Simulator:
             if run.run_dir is not None:
                 _check_run_dir(run.run_dir)  # refused here and now, not in the background thread
             run._thread = threading.Thread(target=self._execute, args=(run,), name="fedkit-run", daemon=True)
-            run.status = "running"
+            run.status = RunStatus.RUNNING
             run._thread.start()
         except BaseException:
             if lock is not None:
@@ -788,7 +791,8 @@ class Simulator:
             changed = _engine_change(run_dir / "config.json", self)
             if changed is not None:  # allowed (another machine may lack the engine), but said: here and in the events
                 warnings.warn(changed, UserWarning, stacklevel=2)
-                ckpt.history.events.append({"round": ckpt.round + 1, "what": "engine_changed", "reason": changed})
+                ckpt.history.events.append({"round": ckpt.round + 1, "what": Event.ENGINE_CHANGED,
+                                            "reason": changed})
             run = Run(self)
             run.run_dir = run_dir
             run._rundir_lock = lock
@@ -837,7 +841,7 @@ class Simulator:
         finally:
             if bar:
                 bar.close()
-        if run.status == "failed" and run.error is not None:
+        if run.status == RunStatus.FAILED and run.error is not None:
             raise run.error
         if run._interrupted:  # Ctrl-C: recorded and checkpointed; now the cell (loop, compare) stops too
             raise RunInterrupted(run)
@@ -850,13 +854,14 @@ class Simulator:
 
     def _execute_run(self, run: Run, ckpt: checkpoint.Checkpoint | None, extra_listeners: Sequence[Callable]) -> None:
         t0 = time.perf_counter()
-        run.status = "running"
+        run.status = RunStatus.RUNNING
         log: HistoryLog | None = None
         try:
             if run.run_dir is not None:
                 _check_run_dir(run.run_dir)
             keep = uses_local_models(self.workflow)
-            clients = {c.name: c.fresh(derive_seed(self.seed, i, 1), self.faults, keep) for i, c in enumerate(self.clients)}
+            clients = {c.name: c.fresh(seeds.client_seed(self.seed, i), self.faults, keep)
+                       for i, c in enumerate(self.clients)}
             start_round = 0
             if ckpt is not None:
                 for name, state in ckpt.client_states.items():
@@ -900,17 +905,18 @@ class Simulator:
             run.weights = _plaintext(server.model, owner)
             if run.run_dir is not None and len(run.history) and saved["round"] != run.history.rounds[-1].round:
                 save(run.history.rounds[-1].round)  # a workflow that stopped early (privacy budget) is checkpointed too
-            run.status = "done"
+            run.status = RunStatus.DONE
         except KeyboardInterrupt as e:  # Ctrl-C in this thread (or a listener's): aborted, and said to the caller
-            run.status, run._interrupted = "aborted", True
-            run.history.events.append({"round": len(run.history), "what": "aborted",
+            run.status, run._interrupted = RunStatus.ABORTED, True
+            run.history.events.append({"round": len(run.history), "what": Event.ABORTED,
                                        "reason": f"interrupted (KeyboardInterrupt){': ' + str(e) if str(e) else ''}"})
         except Aborted as e:  # Run.abort() (a Stop button): an aborted run, returned
-            run.status = "aborted"
-            run.history.events.append({"round": len(run.history), "what": "aborted", "reason": str(e) or "interrupted"})
+            run.status = RunStatus.ABORTED
+            run.history.events.append({"round": len(run.history), "what": Event.ABORTED,
+                                       "reason": str(e) or "interrupted"})
         except BaseException as e:  # SystemExit, GeneratorExit... too: every way a run ends has a final status
-            run.status, run.error = "failed", e if isinstance(e, Exception) else RunExited(e)
-            run.history.events.append({"round": len(run.history), "what": "failed",
+            run.status, run.error = RunStatus.FAILED, e if isinstance(e, Exception) else RunExited(e)
+            run.history.events.append({"round": len(run.history), "what": Event.FAILED,
                                        "reason": f"{type(run.error).__name__}: {run.error}",
                                        "detail": traceback.format_exc()})
         finally:

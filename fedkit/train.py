@@ -24,7 +24,7 @@ from torch import nn
 
 from .data import Dataset
 from .errors import ConfigError
-from .exchange import DXO, ClientContext, DataKind, MetaKey, Signal, Task, Weights
+from .exchange import DXO, LOCAL_MODEL, ClientContext, DataKind, MetaKey, Signal, Task, Weights
 from .weights import check_update, subtract
 
 ModelFn = Callable[[], nn.Module]
@@ -151,13 +151,13 @@ def _hooked(model: nn.Module) -> bool:
 MODELS = _Pool()
 
 
-def local_model(ctx: ClientContext, model_fn: ModelFn, key: str = "_model") -> nn.Module:
+def local_model(ctx: ClientContext, model_fn: ModelFn, key: str = LOCAL_MODEL) -> nn.Module:
     """A model instance for this task, under ``key`` in the client's state (a cache key, starting with ``_``).
 
     The instance is borrowed from a pool shared by all clients (one per model builder and device) and is
     only the task's: its weights are whatever the previous borrower left, so load the weights to use first
     (`load_weights` copies every entry of the state dict). Run through `fedkit.client.Client.handle`, the task
-    gives it back when it ends and ``key`` leaves the state; the trained one (``"_model"``) leaves a CPU copy of its
+    gives it back when it ends and ``key`` leaves the state; the trained one (`LOCAL_MODEL`) leaves a CPU copy of its
     weights under `LOCAL_WEIGHTS` when the client keeps its local model (cross-site evaluation, see `SubmitModel`).
     Called outside ``handle`` (an executor run by hand), the instance stays in the state, as a cache.
     """
@@ -469,7 +469,7 @@ class Evaluator:
         self.model_fn = model_fn
 
     def execute(self, task: Task, ctx: ClientContext, abort: Signal) -> DXO:
-        # its own instance: scoring another model must not overwrite the locally trained one ("_model"),
+        # its own instance: scoring another model must not overwrite the locally trained one (LOCAL_MODEL),
         # which `SubmitModel` hands in for cross-site evaluation
         model = local_model(ctx, self.model_fn, key="_eval_model")
         load_weights(model, {k: v.to(ctx.device) for k, v in task.data.data.items()})
@@ -485,13 +485,13 @@ class SubmitModel:
     `fedkit.client.Client.handle` keeps after each training task when the client keeps its local model
     (``Client.keep_local_model``; the simulator sets it only when the workflow will ask for local models, as
     `fedkit.workflows.CrossSiteEval` does, so a plain FedAvg run holds no copy per client). An executor run by hand
-    leaves its instance in ``ctx.state["_model"]``, which is used then. A client that never trained (in this
+    leaves its instance in ``ctx.state[LOCAL_MODEL]``, which is used then. A client that never trained (in this
     process: the copy is a cache, not part of a checkpoint) submits the WEIGHTS it received.
     ``meta["trained"]`` says which of the two it was.
     """
 
     def execute(self, task: Task, ctx: ClientContext, abort: Signal) -> DXO:
-        model = ctx.state.get("_model")
+        model = ctx.state.get(LOCAL_MODEL)
         local = ctx.state.get(LOCAL_WEIGHTS)
         if isinstance(model, nn.Module):
             weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

@@ -31,9 +31,9 @@ import torch
 
 from .. import metrics as M
 from ..aggregate import uniform, weighted_mean
-from ..client import derive_seed
 from ..errors import ConfigError
 from ..exchange import DXO, Weights
+from ..seeds import DP_FEDAVG_COUNT_NOISE, DP_FEDAVG_NOISE, derive_seed
 from ..server import ServerContext
 from ..train import LocalTraining
 from ..weights import norm
@@ -41,8 +41,6 @@ from ..workflows.extensions import Extension
 from ..workflows.scatter_gather import FedAvg
 from .accounting import account, check_delta, check_mechanism, check_number, epsilon, noise_multiplier_for
 from .clipping import CLIP_KEY, CLIPPED_KEY, AdaptiveClip, adapt_clip, clip_update, noisy_mean, split_noise
-
-_NOISE, _COUNT_NOISE = 11, 13  # seed streams of their own (12 is local DP's, in clipping)
 
 
 @dataclass(frozen=True)
@@ -163,7 +161,7 @@ class UserDP(Extension):
         q = self._rate()
         z, clip, expected = self.noise(fl), state["clip"], q * len(fl.client_names)
         draws = sum(int(s) for *_, s in state["history"])  # a fresh noise stream for every accounted step
-        gen = torch.Generator().manual_seed(derive_seed(fl.seed, _NOISE, draws))
+        gen = torch.Generator().manual_seed(derive_seed(fl.seed, DP_FEDAVG_NOISE, draws))
         adaptive = self.adaptive_clip
         count_noise = None if adaptive is None else (adaptive.count_noise or expected / 20)
         z_updates = z if adaptive is None else split_noise(z, count_noise)
@@ -172,7 +170,7 @@ class UserDP(Extension):
             # the bit the client half reports; for a client that did not clip, its update's norm says it
             below = [0.0 if (r.meta[CLIPPED_KEY] if CLIPPED_KEY in r.meta else norm(r.data) > clip) else 1.0
                      for r in results.values()]
-            count_gen = torch.Generator().manual_seed(derive_seed(fl.seed, _COUNT_NOISE, draws))
+            count_gen = torch.Generator().manual_seed(derive_seed(fl.seed, DP_FEDAVG_COUNT_NOISE, draws))
             noisy = sum(b - 0.5 for b in below) + float(torch.normal(0.0, count_noise, (1,), generator=count_gen,
                                                                       dtype=torch.float64))
             state["clip"] = adapt_clip(clip, noisy / expected + 0.5, adaptive.target_quantile, adaptive.lr)

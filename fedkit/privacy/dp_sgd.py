@@ -32,16 +32,15 @@ import torch
 from torch import nn
 
 from .. import metrics as M
-from ..client import Refused, derive_seed
+from ..client import Refused
 from ..errors import ConfigError
 from ..exchange import DXO, MetaKey
+from ..seeds import DP_SGD_NOISE, derive_seed
 from ..server import ServerContext
 from ..train import LocalTraining
 from ..workflows.extensions import Extension
 from ..workflows.scatter_gather import FedAvg
 from .accounting import account, check_delta, check_mechanism, check_number, epsilon, noise_multiplier_for
-
-_NOISE = 11  # a seed stream of its own for the optimizer's noise
 
 
 class BudgetExhausted(Refused, RuntimeError):
@@ -176,7 +175,7 @@ class PrivateSGD:
         from opacus.optimizers import DPOptimizer  # Opacus is optional: imported when DP-SGD runs
 
         device = opt.param_groups[0]["params"][0].device
-        gen = torch.Generator(device=device).manual_seed(derive_seed(seed, _NOISE))
+        gen = torch.Generator(device=device).manual_seed(derive_seed(seed, DP_SGD_NOISE))
         return DPOptimizer(opt, noise_multiplier=self.noise_multiplier, max_grad_norm=self.config.max_grad_norm,
                            expected_batch_size=self.expected_batch_size, loss_reduction="mean", generator=gen)
 
