@@ -269,6 +269,11 @@ class ServerContext:
         draws = self.rng(round, seeds.SAMPLE_POISSON).random(len(self.client_names))
         return [name for name, u in zip(self.client_names, draws) if u < rate]
 
+    def state_of(self, owner: object) -> dict[str, Any]:
+        """``owner``'s own part of the run's server state (an extension's: SCAFFOLD's c, DP-FedAvg's accountant), a
+        dict checkpointed with the run under `state_name`: two extensions of a workflow never share one."""
+        return self.server.state.setdefault(state_name(owner), {})
+
     def event(self, round: int, what: str, **fields: Any) -> None:
         """Record an event of ``round`` (a stop, a warning) in the history."""
         self.history.events.append({"round": round + self.offset, "what": what, **fields})
@@ -381,6 +386,15 @@ class ServerContext:
                               f"({names}); the run stops with {kept} model (and its checkpoint) as the last good one. "
                               "Check the aggregation rule, the server optimizer's settings (a learning rate too large) "
                               "or the controller's own arithmetic")
+
+
+STATE_NAME = "_state_name"  # the attribute a workflow names an extension's state by (workflows.extensions.bind_all)
+
+
+def state_name(owner: object) -> str:
+    """Under which key of ``fl.server.state`` ``owner`` keeps its state (`ServerContext.state_of`): the name its
+    workflow gave it (``Scaffold``; ``Scaffold#2`` for a second of the class), else its class's name."""
+    return getattr(owner, STATE_NAME, None) or type(owner).__name__
 
 
 def _finite(x: Any) -> bool:

@@ -49,7 +49,7 @@ class UserDP(Extension):
 
     Each round the server replaces the rule's aggregate with `noisy_mean` of the clients' updates
     (clipped on the clients, and again here, so an executor of your own cannot break the bound),
-    steps the accountant held in ``fl.server.state["dp_fedavg"]`` (plain data, checkpointed), and
+    steps the accountant held in its server state, ``fl.state_of(self)`` (plain data, checkpointed), and
     records ``epsilon``, ``delta``, ``clip`` and ``noise_multiplier`` in the round's metrics. Before a
     round it stops the run if that round would cross ``target_epsilon``. The sampling rate and the
     planned rounds are the workflow's, taken when the workflow is built (`bind`).
@@ -114,7 +114,10 @@ class UserDP(Extension):
         return bound
 
     def _state(self, fl: ServerContext) -> dict[str, Any]:
-        return fl.server.state.setdefault("dp_fedavg", {"history": [], "clip": float(self.clip)})
+        state = fl.state_of(self)
+        if not state:  # the first round; or a checkpoint of fedkit 0.1, which kept it under "dp_fedavg"
+            state.update(fl.server.state.pop("dp_fedavg", None) or {"history": [], "clip": float(self.clip)})
+        return state
 
     def _rate(self) -> float:
         if self.sampling is None:

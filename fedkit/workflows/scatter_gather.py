@@ -43,7 +43,7 @@ from ..server_opt import SGD, ServerOptimizer
 from ..status import Event, Status
 from ..train import has_client_half, hook_name
 from ..weights import add, check_update, norm
-from .extensions import Extension, Proximal, Scaffold
+from .extensions import Extension, Proximal, Scaffold, bind_all
 from .gather import RoundRefused, gather
 
 NORMS = "accepted_norms"  # server state: the norms of the last accepted updates (plain floats, checkpointed)
@@ -123,7 +123,7 @@ class FedAvg(Controller):
         if not isinstance(self.extensions, tuple) or not all(isinstance(e, Extension) for e in self.extensions):
             raise ConfigError(f"extensions must be a tuple of fedkit.workflows.Extension objects such as "
                               f"(Proximal(0.01),), got {self.extensions!r}")
-        object.__setattr__(self, "extensions", tuple(e.bind(self) for e in self.extensions))
+        object.__setattr__(self, "extensions", bind_all(self.extensions, self))
         if self.he is not None:
             self._check_encryptable()
 
