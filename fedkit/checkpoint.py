@@ -124,7 +124,7 @@ def _tensor_bytes(obj: Any) -> bytes:
 
 def client_files(names: Iterable[str]) -> dict[str, str]:
     """Each client's file in a round's folder, ``clients/<name>.pt``: the name with characters other than letters,
-    digits, ``_``, ``-`` and ``.`` replaced by ``_`` (no leading ``.``, at most 100), numbered if two would collide.
+    digits, ``_``, ``-`` and ``.`` replaced by ``_`` (no leading ``.``, at most 90), numbered if two would collide.
 
     >>> client_files(["site-1", "a/b", "a_b"])
     {'site-1': 'clients/site-1.pt', 'a/b': 'clients/a_b.pt', 'a_b': 'clients/a_b-3.pt'}
@@ -209,16 +209,17 @@ def _manifest_problem(m: Any) -> str | None:
     if not isinstance(m.get("fingerprint"), str):
         return "has no fingerprint (the hash of the run's settings)"
     files = m.get("files")
-    if m["format"] < 3:
-        expected = {OLD_FILES["model"], OLD_FILES["server"], OLD_FILES["clients"]}
+    names = _names(m)
+    if "clients" in names:  # formats 1 and 2: one file for all the clients
+        clients = {names["clients"]}
     else:
         owned = m.get("clients")
         if not (_is_str_dict(owned) and all(isinstance(f, str) and _CLIENT_FILE.fullmatch(f) for f in owned.values())
                 and len(set(owned.values())) == len(owned)):
             return (f"lists the clients' files as {owned!r}; expected a distinct file under {CLIENTS}/ for each client, "
                     "named <client>.pt")
-        expected = {FILES["model"], FILES["server"], *owned.values()}
-    expected |= {_names(m)["history"]} if "history" not in m else set()
+        clients = set(owned.values())
+    expected = {names["model"], names["server"], *clients} | ({names["history"]} if "history" not in m else set())
     if not isinstance(files, dict) or set(files) != expected:
         listed = sorted(files) if isinstance(files, dict) else files
         return f"lists the files {listed!r}; a checkpoint of this format has {sorted(expected)}"
