@@ -31,6 +31,7 @@ from fedkit.global_model import PlainModel
 from fedkit.privacy.he import (CIPHERTEXTS, CKKS, META_KEY, STATE_KEY, ClientKeys, Layout, PublicContext, digest,
                                layout_for, new_keys, pack, to_bytes, unpack)
 from fedkit.privacy.he_filters import DecryptGlobal, EncryptUpdate, client_keys, decrypt_global, provision
+from fedkit.privacy.he_layout import Packing
 from fedkit.privacy.he_model import EncryptedModel
 from fedkit.server import Reply, Server
 from fedkit.simulator import _plaintext
@@ -226,7 +227,7 @@ def test_he_precision_item12_each_layers_error_is_relative_to_its_own_values():
     error = {k: float((got[k] - want[k]).abs().max() / want[k].abs().max()) for k in want}
     assert max(error.values()) < 1e-5, error
     # the same layers packed as older fedkit did, sharing one ciphertext: the small layer is off by far more
-    shared = dataclasses.replace(model.layout, packing="concatenated")
+    shared = dataclasses.replace(model.layout, packing=Packing.CONCATENATED)
     keys = client_keys(clients["c0"].state)
     back = unpack(keys.decrypt(keys.encrypt(pack(weights, shared), shared), shared), shared)
     assert float((back["small"] - weights["small"]).abs().max() / weights["small"].abs().max()) > 1e-4

@@ -14,7 +14,7 @@ its error is relative to its own values: after a round every number of a layer i
 at ``scale_bits=40-k``); an encrypted FedAvg ends about 1e-7 (relative) from the plaintext one. SEAL draws its
 encryption noise from the operating system (TenSEAL cannot seed it), so an HE run repeats to that
 precision, not bit for bit; everything fedkit draws is seeded as usual. Use HE when the server must
-not see any single client's update; it costs time and 15-20x the bytes (see ``benchmarks/he.py``), and
+not see any single client's update; it costs time and 20-30x the bytes (see ``benchmarks/he.py``), and
 it rules out whatever needs plaintext on the server (FedOpt, median, Krum, norm screening of the
 encrypted layers).
 
