@@ -19,7 +19,7 @@ import tenseal as ts
 import torch
 
 import fedkit as fk
-from interrupts import interrupted  # noqa: E402
+from interrupts import interrupted, stop_after  # noqa: E402
 from fedkit import checkpoint
 from fedkit.aggregate import by_samples, uniform, weighted_mean
 from fedkit.cli import add_he_arguments, encryption_from_args, parser, workflow_from_args
@@ -29,7 +29,7 @@ from fedkit.errors import Unreadable
 from fedkit.faults import CORRUPTIONS, corrupt
 from fedkit.global_model import PlainModel
 from fedkit.privacy.he import (CIPHERTEXTS, CKKS, META_KEY, STATE_KEY, ClientKeys, Layout, PublicContext, digest,
-                               layout_for, new_keys, pack, to_bytes, unpack)
+                               layout_for, new_keys, pack, to_bytes, to_tensor, unpack)
 from fedkit.privacy.he_filters import DecryptGlobal, EncryptUpdate, client_keys, decrypt_global, provision
 from fedkit.privacy.he_layout import Packing
 from fedkit.privacy.he_model import EncryptedModel
@@ -879,6 +879,34 @@ def test_he_secrets_item12_no_server_side_file_holds_a_secret_key(digits, small,
     assert {str(p.relative_to(out)): _secret_keys_in(p, secret) for p in shared if _secret_keys_in(p, secret)} == {}
     for p in clients:  # the check finds a secret where there is one
         assert _secret_keys_in(p, secret) == ["the secret context's bytes", "a TenSEAL context with a secret key"], p
+
+
+def test_he_secrets_item12_an_older_checkpoint_with_layers_sharing_ciphertexts_still_resumes(digits, small, tmp_path):
+    """A checkpoint of older fedkit holds the global model packed concatenated (layers sharing ciphertexts, no
+    "packing" in its layout): it resumes, keeps that packing, and ends where an uninterrupted run ends."""
+    def sim(out, on_round=()):
+        return simulate(digits, small, fk.FedAvg(rounds=3, he=CKKS()), out=out, on_round=list(on_round))
+
+    whole = sim(tmp_path / "whole").run(progress=False)
+    interrupted(sim(tmp_path / "cut", [stop_after(0)]))
+    ckpt = checkpoint.load(tmp_path / "cut")
+    held = ckpt.server_state[STATE_KEY]
+    keys = client_keys(dict(ckpt.client_states["site-1"]))
+    layout = Layout.from_meta(held["layout"])
+    older = dataclasses.replace(layout, packing=Packing.CONCATENATED)
+    chunks = keys.encrypt(keys.decrypt([to_bytes(c) for c in held["global"]], layout), older)
+    assert (len(layout.chunk_sizes), len(chunks)) == (4, 2)
+    meta = {k: v for k, v in older.to_meta().items() if k != "packing"}  # as older fedkit wrote it
+    server_state = {**ckpt.server_state, STATE_KEY: {**held, "layout": meta, "global": [to_tensor(c) for c in chunks]}}
+    m = json.loads((tmp_path / "cut" / "checkpoints" / "latest.json").read_text())
+    state = tmp_path / "cut" / "checkpoints" / m["dir"] / "server" / "state.pt"
+    torch.save(server_state, state)
+    m["files"]["server/state.pt"] = hashlib.sha256(state.read_bytes()).hexdigest()
+    (tmp_path / "cut" / "checkpoints" / "latest.json").write_text(json.dumps(m))
+    resumed = sim(tmp_path / "cut").resume(progress=False)
+    assert resumed.status == "done" and len(resumed.history) == 3
+    assert max(relative_errors(resumed.weights, whole.weights).values()) < 1e-6
+    assert len(checkpoint.load(tmp_path / "cut").server_state[STATE_KEY]["global"]) == 2  # it went on as it was packed
 
 
 # ------------------------------------------------------------------------------------ command line
