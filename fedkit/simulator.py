@@ -676,6 +676,7 @@ class Simulator:
         names = [c.name for c in self.clients]
         if len(set(names)) != len(names):
             raise ConfigError(f"client names must be unique, got {names}")
+        workflow.check_population({c.name: len(c.data.train) for c in self.clients})  # e.g. DP's delta < 1/n
         if test is not None:
             check_dataset(test, "the test set")
             _check_fits(probe, test, self.clients)

@@ -92,7 +92,8 @@ def combination_mutation(rng):
         ["--he", "--max-norm-ratio", "off"],
         ["--dp-fedavg", "--min-clients", "1"], ["--dp-fedavg", "--aggregate", "median"],
         ["--dp-fedavg", "--weigh-by", "samples"], ["--dp-fedavg", "--clients-per-round", "2"],
-        ["--dp-sgd", "--dp-fedavg"], ["--noise-multiplier", "1"], ["--target-epsilon", "3"], ["--sample-rate", "0.5"],
+        ["--dp-sgd", "--dp-fedavg"], ["--dp-fedavg", "--delta", rng.choice(["0.34", "0.5", "0.9"])],  # >= 1/3 clients
+        ["--dp-sgd", "--delta", rng.choice(["0.1", "0.5"])], ["--noise-multiplier", "1"],  # >= 1/(a client's examples) ["--target-epsilon", "3"], ["--sample-rate", "0.5"],
         ["--adaptive-clip"], ["--dp-sgd", "--sample-rate", "0.5"], ["--dp-sgd", "--algorithm", "cyclic"],
         ["--he-layers", "fc2.*"], ["--he-scale-bits", "30"], ["--he", "--algorithm", "fedopt"],
         ["--he", "--algorithm", "scaffold"], ["--he", "--aggregate", "median"], ["--he", "--dp-fedavg"],

@@ -69,7 +69,9 @@ def epsilon(history: Sequence[Sequence[float]], delta: float, accountant: str = 
 
     For RDP the per-step RDP curve of each (sample rate, noise) is cached and scaled by the steps,
     the same arithmetic as `RDPAccountant.get_epsilon` (equal to the last bit), but quick enough to
-    report every round. No noise gives ``inf``; an empty history 0.
+    report every round. No noise gives ``inf``; an empty history 0. Never negative: the RDP conversion
+    can fall below 0 for a large delta, and (epsilon, delta)-DP implies (0, delta)-DP for any epsilon <= 0
+    (e^epsilon <= 1), so 0 is the sound answer there.
     """
     check_mechanism(accountant)
     if not history:
@@ -82,10 +84,10 @@ def epsilon(history: Sequence[Sequence[float]], delta: float, accountant: str = 
 
             curve = sum([_rdp_per_step(float(q), float(z)) * int(s) for z, q, s in history])
             eps, _ = rdp.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=curve, delta=delta)
-            return float(eps)
+            return max(0.0, float(eps))
         if any(z == 0 for z, _, _ in history):
             return math.inf
-        return float(opacus_accountant(history, accountant).get_epsilon(delta=delta))
+        return max(0.0, float(opacus_accountant(history, accountant).get_epsilon(delta=delta)))
 
 
 @functools.lru_cache(maxsize=256)
@@ -115,6 +117,21 @@ def check_mechanism(accountant: str) -> None:
 def check_delta(name: str, delta: Any) -> None:
     if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not 0 < delta < 1:
         raise ConfigError(f"{name} must be in (0, 1), and well below 1 / (number of records), got {delta!r}")
+
+
+def check_delta_below(name: str, delta: float, population: int, what: str) -> None:
+    """Refuse a ``delta`` of 1 / ``population`` or more: ``population`` is how many individuals the guarantee
+    hides (clients for user-level DP, a client's examples for example-level DP), ``what`` says which.
+
+    With delta >= 1/n a mechanism that publishes one of the n records in the clear, at random, meets the
+    guarantee: (epsilon, delta) then promises nothing, and the accountant's epsilon means nothing either.
+    """
+    if population < 1 or delta < 1 / population:
+        return
+    advice = min(1e-5, 10.0 ** math.floor(math.log10(0.1 / population)))
+    raise ConfigError(f"{name} is {delta:g}, but it must be below 1 / {what} (1/{population} = {1 / population:.3g}): "
+                      "with a delta that large, publishing one of them in the clear at random would meet the guarantee, "
+                      f"so it would promise nothing. Use a delta well below 1/{population}, e.g. {advice:g}")
 
 
 def check_number(name: str, v: Any, low: float, strict: bool = False, high: float | None = None,

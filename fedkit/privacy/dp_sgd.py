@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -39,7 +39,7 @@ from ..server import ServerContext
 from ..train import LocalTraining
 from ..workflows.extensions import Extension
 from ..workflows.scatter_gather import FedAvg
-from .accounting import account, check_delta, check_mechanism, check_number, epsilon, noise_multiplier_for
+from .accounting import account, check_delta, check_delta_below, check_mechanism, check_number, epsilon, noise_multiplier_for
 
 _NOISE = 11  # a seed stream of its own for the optimizer's noise
 
@@ -89,6 +89,15 @@ class DPSGD(Extension):
         if self.noise_multiplier is None and self.rounds is None:
             return dataclasses.replace(self, rounds=workflow.rounds)  # every client may train every round
         return self
+
+    def check_population(self, examples: Mapping[str, int]) -> None:
+        """Refuse a delta not below 1 / the training examples of the smallest client: the guarantee is each
+        client's, over its own examples, so the client with the fewest bounds delta."""
+        held = {c: n for c, n in examples.items() if n > 0}  # a client with no examples trains nothing, spends nothing
+        if held:
+            smallest = min(held, key=held.get)
+            check_delta_below("DPSGD.delta", self.delta, held[smallest],
+                              f"the training examples of the smallest client ({smallest!r}: {held[smallest]})")
 
     def check_model(self, model: nn.Module) -> None:
         """Raise `ConfigError` saying how to fix ``model`` if Opacus cannot train it privately (e.g. BatchNorm)."""
