@@ -429,6 +429,8 @@ def _hint(prog: str, e: BaseException) -> str:
     if isinstance(e, rundir.RunDirBusy):
         pid = e.holder.get("pid")
         return f"wait for {f'process {pid}' if pid else 'that run'} to end, or choose another --out"
+    if isinstance(e, export.FolderRefused):
+        return "choose another --out: a new or empty folder, or (with --overwrite) one an earlier export wrote"
     if isinstance(e, CheckpointError):
         return f"check the path given to --resume, or start a new run with --out (`{prog} --help`)"
     if "run directory" in str(e):

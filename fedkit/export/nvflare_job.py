@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
 from ..simulator import Run, Simulator
 from .flare_model import SEEDED
+from .job_folder import check_folder, files_in, write_marker
 from .settings import NotExportable, experiment_from, settings_of
 
 SCRIPT = "fedkit_client.py"  # the client script's name in the job
@@ -74,7 +74,7 @@ class FlareJob:
 
     def files(self) -> list[str]:
         """The job folder's files, relative to it."""
-        return sorted(str(p.relative_to(self.path)) for p in self.path.rglob("*") if p.is_file())
+        return files_in(self.path)
 
 
 def nvflare(experiment: Any, out: str | Path, name: str | None = None, overwrite: bool = False) -> FlareJob:
@@ -82,16 +82,16 @@ def nvflare(experiment: Any, out: str | Path, name: str | None = None, overwrite
     FLARE job folder ``out``, built with FLARE's recipes; `NotExportable` names FLARE's counterpart of what
     cannot be exported, `FlareMissing` says how to install nvflare.
 
-    ``name`` is the job's name (default: the folder's name). An existing ``out`` is replaced only with
-    ``overwrite=True``.
+    ``name`` is the job's name (default: the folder's name). ``out`` must be a new or empty folder, or, with
+    ``overwrite=True``, one an earlier export wrote (`fedkit.export.job_folder`: any other folder is refused with
+    `FolderRefused`, and nothing is deleted).
     """
     exp = experiment_from(experiment)
     settings = settings_of(exp)  # refuse before anything is built or written
-    require_nvflare()
     out = Path(out)
-    name = name or out.name
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"{out} exists and is not empty; choose another folder or pass overwrite=True")
+    check_folder(out, overwrite)
+    require_nvflare()
+    name = name or out.resolve().name
     sim = experiment.simulator if isinstance(experiment, Run) else experiment
     sim = sim if isinstance(sim, Simulator) else exp.simulator()
     model = sim.model_fn()
@@ -116,7 +116,8 @@ def nvflare(experiment: Any, out: str | Path, name: str | None = None, overwrite
             # custom/ folder, where they would shadow the installed package
             recipe._job.set_app_packages(["fedkit"])
             recipe.export("exported")  # FLARE writes exported/<name>/; the job is that folder
-        if out.exists():
+        write_marker(staged / "exported" / name, name)
+        if out.exists():  # empty, or an earlier export's (check_folder)
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(staged / "exported" / name), str(out))
