@@ -269,6 +269,8 @@ def _bad_api_calls(rng, digits, out):
                     out=out / "x").run(progress=False),
         lambda: sim(out=out / "a-file").run(progress=False),
         lambda: sim(out=out / "a-file" / "sub").run(progress=False),
+        lambda: fk.export.nvflare(Experiment.preset("smoke"), rng.choice([".", "..", out / "done", out / "a-file"]),
+                                  overwrite=rng.choice([True, False])),  # folders an export must not replace
         lambda: sim(out=out / "done").run(progress=False),
         lambda: sim(out=out / "busy").run(progress=False),
         lambda: sim(out=out / "busy").resume(progress=False),

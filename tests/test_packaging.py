@@ -115,6 +115,31 @@ def test_each_optional_package_is_in_the_extra_its_error_names_and_not_in_the_co
             f"{package} is not in fedkit[{extra}], which its error tells users to install"
 
 
+# ------------------------------------------------------------------------------ make demo, make test
+
+def _make_installs(target: str, tmp: Path) -> tuple[list[str], list[str]]:
+    """What ``make TARGET`` would give pip to install into a fresh .venv, and the stamp files it would touch
+    (``make -n``: nothing is run)."""
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(ROOT / name, tmp / name)
+    p = subprocess.run(["make", "-n", target], cwd=tmp, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    lines = [line for line in p.stdout.splitlines() if not line.startswith("echo")]
+    return ([line.split(" install ", 1)[1] for line in lines if "/pip install" in line],
+            [line.split()[1] for line in lines if line.startswith("touch ")])
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="reads the Makefile with `make -n`: make is not installed")
+def test_make_demo_installs_fedkit_alone_and_make_test_the_dev_extra(tmp_path):
+    (demo, demo_stamps), (test, test_stamps) = _make_installs("demo", tmp_path), _make_installs("test", tmp_path)
+    # torch first where .venv has none (the TORCH line), then fedkit: the demo with no extra, the tests with [dev]
+    assert [d.split()[-1] for d in demo] == ["torch==2.13.0", "."], demo
+    assert [t.split()[-1] for t in test] == ["torch==2.13.0", '".[dev]"'], test
+    # one stamp per install, so that `make test` after `make demo` still installs the dev extra
+    assert demo_stamps == [".venv/.installed-torch", ".venv/.installed-demo"], demo_stamps
+    assert test_stamps == [".venv/.installed-torch", ".venv/.installed-dev"], test_stamps
+
+
 # ------------------------------------------------------------------------------ missing extras, in this process
 
 # each optional package: a command line and an API call that need it (the installed test runs the same ones)

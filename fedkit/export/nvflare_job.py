@@ -109,7 +109,8 @@ def nvflare(experiment: Any, out: str | Path, name: str | None = None, overwrite
             recipe._job.set_app_packages(["fedkit"])
             recipe.export("exported")  # FLARE writes exported/<name>/; the job is that folder
         write_marker(staged / "exported" / name, name)
-        if out.exists():  # empty, or an earlier export's (check_folder)
+        if out.exists():  # empty, or an earlier export's: checked again, as it may have changed while the job was built
+            check_folder(out, overwrite)
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(staged / "exported" / name), str(out))
