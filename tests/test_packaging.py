@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import email
+import functools
 import json
 import os
 import re
@@ -47,6 +48,12 @@ TIMEOUT = 240  # seconds for any one command; the whole installed test takes abo
 
 # ------------------------------------------------------------------------------ the source: every optional import
 
+@functools.cache
+def _providers() -> dict[str, list[str]]:
+    """Top-level module -> the installed distributions that provide it (a scan of every one: once)."""
+    return metadata.packages_distributions()
+
+
 def core_distributions() -> set[str]:
     return {canonicalize_name(Requirement(r).name) for r in PYPROJECT["project"]["dependencies"]}
 
@@ -65,7 +72,7 @@ def bare_optional_imports(source: str, where: str, core: set[str]) -> list[str]:
     that would run: each must go through `fedkit.extras.require` instead, which names the extra."""
     tree = ast.parse(source)
     parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
-    providers = metadata.packages_distributions()
+    providers = _providers()
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
