@@ -13,11 +13,13 @@ import functools
 import math
 import numbers
 import warnings
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from ..errors import ConfigError
+from ..extras import require
 
 if TYPE_CHECKING:
     from opacus.accountants import IAccountant
@@ -45,23 +47,29 @@ def account(history: Sequence[Sequence[float]], noise_multiplier: float, sample_
     return out
 
 
+def opacus(module: str = "opacus") -> ModuleType:
+    """``module`` of Opacus (optional: ``fedkit[privacy]``), imported when DP is used; or `MissingExtra` saying how
+    to install it."""
+    return require(module, "differential privacy (DP-SGD, DP-FedAvg and their accounting)")
+
+
 def opacus_accountant(history: Sequence[Sequence[float]], accountant: str = "rdp") -> "IAccountant":
     """Opacus' own accountant (`RDPAccountant` or `PRVAccountant`) holding ``history``."""
-    from opacus.accountants import create_accountant  # Opacus is optional: imported when accounting is used
-
     check_mechanism(accountant)
-    acc = create_accountant(mechanism=accountant)
+    acc = opacus("opacus.accountants").create_accountant(mechanism=accountant)
     acc.history = [(float(z), float(q), int(s)) for z, q, s in history]
     return acc
 
 
+def _rdp() -> tuple[ModuleType, list[float]]:
+    """Opacus' RDP analysis, and the orders its `RDPAccountant` uses."""
+    return opacus("opacus.accountants.analysis.rdp"), opacus("opacus.accountants").RDPAccountant.DEFAULT_ALPHAS
+
+
 @functools.lru_cache(maxsize=512)
 def _rdp_per_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
-    from opacus.accountants import RDPAccountant
-    from opacus.accountants.analysis import rdp
-
-    return rdp.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
-                           orders=RDPAccountant.DEFAULT_ALPHAS)
+    rdp, orders = _rdp()
+    return rdp.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=orders)
 
 
 def epsilon(history: Sequence[Sequence[float]], delta: float, accountant: str = "rdp") -> float:
@@ -79,11 +87,9 @@ def epsilon(history: Sequence[Sequence[float]], delta: float, accountant: str = 
     with warnings.catch_warnings():  # "optimal order is the largest alpha": expected for large epsilons
         warnings.filterwarnings("ignore", message="Optimal order")
         if accountant == "rdp":
-            from opacus.accountants import RDPAccountant
-            from opacus.accountants.analysis import rdp
-
             curve = sum([_rdp_per_step(float(q), float(z)) * int(s) for z, q, s in history])
-            eps, _ = rdp.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=curve, delta=delta)
+            rdp, orders = _rdp()
+            eps, _ = rdp.get_privacy_spent(orders=orders, rdp=curve, delta=delta)
             return max(0.0, float(eps))
         if any(z == 0 for z, _, _ in history):
             return math.inf
@@ -96,8 +102,7 @@ def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float
     """The smallest noise multiplier (to Opacus' tolerance) that spends at most ``target_epsilon``
     in ``steps`` steps at ``sample_rate``: Opacus' `get_noise_multiplier` (a search of a second or
     so, remembered for the same arguments)."""
-    from opacus.accountants.utils import get_noise_multiplier
-
+    get_noise_multiplier = opacus("opacus.accountants.utils").get_noise_multiplier
     check_mechanism(accountant)
     try:
         with warnings.catch_warnings():
@@ -110,8 +115,11 @@ def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float
 
 
 def check_mechanism(accountant: str) -> None:
+    """Raise `ConfigError` unless ``accountant`` is one of Opacus' and Opacus is installed (`MissingExtra`): what
+    every DP setting checks when it is made, so that DP without Opacus is refused before any round."""
     if accountant not in MECHANISMS:
         raise ConfigError(f"unknown accountant {accountant!r}; use one of: {', '.join(MECHANISMS)}")
+    opacus()
 
 
 def check_delta(name: str, delta: Any) -> None:
