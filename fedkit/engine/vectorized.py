@@ -242,7 +242,7 @@ def vectorized_engine(chunk: int | None = None) -> Vectorized:
 
 class _Instances:
     """One model instance per model builder for a whole group, borrowed once from the trainer's pool
-    (`fedkit.train.MODELS`, see `fedkit.train.local_model`) and given back at the end."""
+    (`fedkit.model_pool.MODELS`, see `fedkit.model_pool.local_model`) and given back at the end."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
