@@ -10,14 +10,14 @@ from typing import Any
 import torch
 
 from .data import ClientData
-from .exchange import (DXO, LOCAL_MODEL, Aborted, ClientContext, DeadlineExceeded, ExecutorLike, Filter, FilterContext,
-                       Signal, Task, Weights, apply_filters, run_executor)
+from .exchange import (DXO, Aborted, ClientContext, DeadlineExceeded, ExecutorLike, Filter, FilterContext, Signal,
+                       Task, Weights, apply_filters, run_executor)
 from .faults import Faults
 from .preprocess import current_data
 from .seeds import derive_seed, task_seed  # noqa: F401 (derive_seed: fedkit.client's since 0.1)
 from .server import Server
 from .status import Status
-from .train import LOCAL_WEIGHTS, MODELS
+from .train import LOCAL_MODEL, LOCAL_WEIGHTS, MODELS
 
 
 class Refused(Exception):

@@ -224,9 +224,6 @@ def apply_filters(filters: list[Filter] | tuple[Filter, ...], dxo: DXO, ctx: Fil
     return dxo
 
 
-LOCAL_MODEL = "_model"  # client state: the model instance a task trains, lent by a pool (`fedkit.train.local_model`)
-
-
 @dataclass
 class ClientContext:
     """What an executor sees of its client: name, data, persistent state, device, seed for this task.

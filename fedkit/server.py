@@ -16,7 +16,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -441,6 +441,11 @@ class Controller(ABC):
         """Refuse, with how to fix it, settings that cannot work with these ``clients`` (their names), such as
         more clients per round than there are. The simulator asks before the first round; the default accepts
         any federation."""
+
+    def check_population(self, examples: Mapping[str, int]) -> None:
+        """Refuse, with how to fix it, settings that these clients' data cannot meet (``examples``: each client's
+        number of training examples), such as a DP delta that is not below 1 / the number of individuals hidden.
+        The simulator asks when it is built; the default accepts any data."""
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse, with how to fix it, a model this workflow cannot train (DP-SGD cannot train BatchNorm)."""

@@ -679,6 +679,7 @@ class Simulator:
         names = [c.name for c in self.clients]
         if len(set(names)) != len(names):
             raise ConfigError(f"client names must be unique, got {names}")
+        workflow.check_population({c.name: len(c.data.train) for c in self.clients})  # e.g. DP's delta < 1/n
         if test is not None:
             check_dataset(test, "the test set")
             _check_fits(probe, test, self.clients)
@@ -692,7 +693,8 @@ class Simulator:
         if split:
             if len(c) == 0:
                 raise ConfigError(f"client {i + 1} has no data")
-            train, val = c.split(self.val_fraction, seed=derive_seed(self.seed, i, seeds.VAL_SPLIT)) if len(c) > 1 else (c, c.subset([]))
+            seed = derive_seed(self.seed, i, seeds.VAL_SPLIT)
+            train, val = c.split(self.val_fraction, seed=seed) if len(c) > 1 else (c, c.subset([]))
             c = ClientData(train, val)
         if not isinstance(c, ClientData):
             raise ConfigError(f"clients[{i}] is a {type(c).__name__}; give Datasets (e.g. a fk.data partition), "

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..extras import require
 from ..global_model import Encryption
 
 STATE_KEY = "he"  # under this key: the server's encrypted global model, and each client's secret context
@@ -28,12 +29,8 @@ MAX_COEFF_BITS = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
 
 
 def tenseal_module():
-    try:
-        import tenseal
-    except ImportError:
-        raise ConfigError("homomorphic encryption needs TenSEAL, which is not installed; "
-                          "pip install 'fedkit[privacy]' (or: pip install tenseal)") from None
-    return tenseal
+    """The tenseal package, or `MissingExtra` naming fedkit's privacy extra."""
+    return require("tenseal", "homomorphic encryption (CKKS)")
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ filter (e.g. DP clipping and noise). The server weighs the ciphertexts itself: a
 (sample counts) are public, the updates are not.
 
 Where the secret lives: each client keeps the federation's secret context in its own state, under
-``state["he"]`` (as bytes, so that it survives a checkpoint in the clients' part, ``clients.pt``; the
-server's files hold the public context only) and, deserialized, under the cache key ``"_he_keys"``.
+``state["he"]`` (as bytes, so that it survives a checkpoint in the client's own file,
+``checkpoints/round-N/clients/<client>.pt``; the server's files, ``checkpoints/round-N/server/``, hold
+the public context only) and, deserialized, under the cache key ``"_he_keys"``.
 TenSEAL cannot derive keys from a seed, so they are created once per run and stored, not re-derived.
 """
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -52,6 +52,10 @@ class Extension(TrainHook):
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse a model the client half cannot train (called once, when the simulator is built)."""
+
+    def check_population(self, examples: Mapping[str, int]) -> None:
+        """Refuse settings the clients' data cannot meet (``examples``: each client's training examples; called
+        once, when the simulator is built), e.g. a DP delta not below 1 / the number of individuals hidden."""
 
     def task_meta(self, fl: ServerContext) -> dict[str, Any]:
         """Entries to add to the meta of every training task (e.g. SCAFFOLD's control variate)."""

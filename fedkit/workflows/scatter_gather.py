@@ -30,7 +30,7 @@ import math
 import time
 from dataclasses import dataclass
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -149,6 +149,10 @@ class FedAvg(Controller):
     def check_model(self, model: torch.nn.Module) -> None:
         for ext in self.extensions:
             ext.check_model(model)
+
+    def check_population(self, examples: Mapping[str, int]) -> None:
+        for ext in self.extensions:
+            ext.check_population(examples)
 
     def check_federation(self, clients: Sequence[str]) -> None:
         """Refuse, before the first round, what these ``clients`` cannot meet: more clients per round, or more
