@@ -332,7 +332,7 @@ def test_a_checkpoint_written_before_state_namespaces_still_resumes(digits, tmp_
     interrupted(sim(tmp_path / "cut", [stop_after(1)]))
     state = dict(checkpoint.load(tmp_path / "cut").server_state)
     state[old_key] = kept(state.pop(space))  # the checkpoint as fedkit 0.1 wrote it
-    _replace_file(tmp_path / "cut", "server.pt", _torch_bytes(state))
+    _replace_file(tmp_path / "cut", checkpoint.FILES["server"], _torch_bytes(state))
     resumed = sim(tmp_path / "cut").resume(progress=False)
     assert resumed.model_sha256 == whole.model_sha256
     now = checkpoint.load(tmp_path / "cut").server_state
