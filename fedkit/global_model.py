@@ -119,10 +119,10 @@ def _keep_typical(replies: dict[str, Reply], valid: dict[str, DXO], sizes: dict[
     for name, (size, steps) in sizes.items():
         if t_whole > 0 and size > max_norm_ratio * t_whole and t_step > 0 and size / steps > max_norm_ratio * t_step:
             replies[name].reject(Status.REJECTED, f"client {name!r} sent an update of norm {size:.3g}, "
-                                                  f"{size / t_whole:.3g}x {what_whole}, and over {steps} local step(s) "
-                                                  f"{size / steps:.3g} per step, {size / steps / t_step:.3g}x {what_step} "
-                                                  f"(the limit is max_norm_ratio={max_norm_ratio:g}, whole or per step; "
-                                                  f"if this client is honest, {NORM_REMEDY})")
+                                                  f"{size / t_whole:.3g}x {what_whole}, and over {steps} local "
+                                                  f"step(s) {size / steps:.3g} per step, {size / steps / t_step:.3g}x "
+                                                  f"{what_step} (the limit is max_norm_ratio={max_norm_ratio:g}, whole "
+                                                  f"or per step; if this client is honest, {NORM_REMEDY})")
         else:
             kept[name] = valid[name]
     return kept

@@ -104,7 +104,8 @@ class Server:
         reply.seconds += delay
         reply.bytes_up = result.nbytes
         if task.deadline is not None and reply.seconds > task.deadline:
-            reply.reject(Status.LATE, f"late: answered after {reply.seconds:.3g} s, the deadline is {task.deadline:g} s")
+            reply.reject(Status.LATE, f"late: answered after {reply.seconds:.3g} s, the deadline is "
+                                      f"{task.deadline:g} s")
             return
         reply.result = apply_filters(self.result_filters, result, FilterContext("server", "result", client, task))
         reply.status = Status.OK
@@ -313,8 +314,9 @@ class ServerContext:
                 if n == 0:
                     continue  # an empty validation split scores nothing
                 if not (_finite(acc) and 0 <= acc <= 1 and _finite(lo) and lo >= 0 and _finite(n) and n > 0):
-                    r.reject(Status.REJECTED, f"client {name!r} answered the validation with accuracy {acc!r}, loss {lo!r} "
-                                         f"on {n!r} samples; expected an accuracy in [0, 1], a loss >= 0 and a sample count")
+                    r.reject(Status.REJECTED, f"client {name!r} answered the validation with accuracy {acc!r}, "
+                                              f"loss {lo!r} on {n!r} samples; expected an accuracy in [0, 1], a loss "
+                                              ">= 0 and a sample count")
                 else:
                     samples, loss, correct, scored = samples + n, loss + lo * n, correct + acc * n, scored + 1
         self.record_failures(replies)

@@ -293,7 +293,8 @@ class RayEngine:
                     try:
                         answer, state = ray_package.get(ref)
                     except Exception as e:  # a worker that died, a cancelled task, a result that did not unpickle
-                        answer = Answer(Status.FAILED, error=f"ray: {type(e).__name__}: {_first_line(e)}", detail=str(e))
+                        answer = Answer(Status.FAILED, error=f"ray: {type(e).__name__}: {_first_line(e)}",
+                                        detail=str(e))
                     else:
                         self._take_state(job.client, state)
                     job.client.deliver(server, job.task, answer)

@@ -16,7 +16,7 @@ be told another; `DPFedAvg` builds the whole workflow. The clipping and noise ma
 `fedkit.privacy.clipping`.
 
 >>> wf = DPFedAvg(rounds=5, clip=0.5, noise_multiplier=1.0, sample_rate=0.2)
->>> wf.sample_rate, wf.extensions[0].clip, wf.extensions[0].sample_rate
+>>> wf.sample_rate, wf.extensions[0].clip, wf.extensions[0].sampling
 (0.2, 0.5, 0.2)
 """
 
