@@ -5,8 +5,8 @@
 >>> parts = fk.data.iid(data.train, clients=4, seed=0)
 >>> run = fk.Simulator(fk.FedAvg(rounds=1), model=lambda: fk.models.for_data(data),
 ...                    clients=parts, test=data.test).run(progress=False)
->>> print(run.status)
-done
+>>> run.status
+'done'
 """
 
 from . import aggregate, data, metrics, models, plots, server_opt, weights

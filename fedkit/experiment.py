@@ -12,8 +12,8 @@ the panel maps its controls (`fedkit.widgets.experiment_from_controls`), and a n
 DataSpec(dataset='digits', data_root='data', download=False, clients=3, partition='iid', alpha=0.5, shards_per_client=2, min_size=None)
 >>> exp.workflow.rounds, exp.workflow.extensions
 (3, (Proximal(mu=0.1),))
->>> print(exp.simulator().run(progress=False).status)
-done
+>>> exp.simulator().run(progress=False).status
+'done'
 """
 
 from __future__ import annotations

@@ -179,7 +179,7 @@ def screen_norms(replies: dict[str, Reply], valid: dict[str, DXO], max_norm_rati
     ...       for n, v in (("a", 0.1), ("b", 1e4))}
     >>> recent = [0.2, 0.1]
     >>> sorted(screen_norms(rs, {n: r.result for n, r in rs.items()}, 10.0, recent, 1.0)), rs["b"].status
-    (['a'], <Status.REJECTED: 'rejected'>)
+    (['a'], 'rejected')
     """
     per_step = [] if recent_per_step is None else recent_per_step
     sizes = step_norms(valid)

@@ -5,8 +5,8 @@
 >>> sim = fk.Simulator(fk.FedAvg(rounds=2), model=lambda: fk.models.for_data(data),
 ...                    clients=fk.data.iid(data.train, clients=4), test=data.test)
 >>> run = sim.run(progress=False)
->>> print(run.status, len(run.history))
-done 2
+>>> run.status, len(run.history)
+('done', 2)
 
 ``run()`` blocks; ``start()`` runs in a background thread and returns the same `Run` at once,
 with live ``history``, ``status``, ``abort()`` and ``wait()``. Ctrl-C (Kernel > Interrupt) during ``run()``

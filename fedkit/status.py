@@ -2,11 +2,11 @@
 history's events (`Event`).
 
 Each is a `str` enum whose values are the words history.json, summary.json and the CSVs have always held, so a
-member is written, formatted and compared as that word (``Status.OK == "ok"``, ``f"{Status.OK}"`` is ``ok``) and
-files read back as plain strings compare equal to the members.
+member is written, printed and compared as that word (``Status.OK == "ok"``, ``f"{Status.OK}"`` is ``ok``), and a
+history read back from its files (plain strings) equals and prints as the live one.
 
->>> Status.LATE == "late", f"{RunStatus.DONE}", Event(Status.REFUSED)
-(True, 'done', <Event.REFUSED: 'refused'>)
+>>> Status.LATE == "late", f"{RunStatus.DONE}", RunStatus.DONE, Event(Status.REFUSED) is Event.REFUSED
+(True, 'done', 'done', True)
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ from enum import Enum
 
 
 class Word(str, Enum):
-    """A `str` enum that reads as its value wherever text is made (``str``, f-strings, ``format``), as
-    Python 3.11's ``StrEnum`` does; fedkit supports 3.10, which lacks it."""
+    """A `str` enum that reads as its value wherever text is made: ``str``, f-strings and ``format``, as Python
+    3.11's ``StrEnum`` does (fedkit supports 3.10, which lacks it), and ``repr`` too, so that a run's events and
+    summary print in a notebook as they always have (``{'what': 'stopped', ...}``). ``type(x)`` tells the enum."""
 
     __str__ = str.__str__
     __format__ = str.__format__
+    __repr__ = str.__repr__
 
 
 class Status(Word):

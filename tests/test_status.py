@@ -23,7 +23,7 @@ WORDS = {m.value for e in ENUMS for m in e}
 def test_a_status_is_written_as_its_word(member):
     word = member.value
     assert member == word and hash(member) == hash(word) and {word: 1}[member] == 1  # plain strings read back match
-    assert str(member) == f"{member}" == f"{member:>0}" == "%s" % member == word
+    assert str(member) == f"{member}" == f"{member:>0}" == "%s" % member == word and repr(member) == repr(word)
     assert json.dumps({member: member}) == json.dumps({word: word}) and dumps({"s": member}) == dumps({"s": word})
     out = io.StringIO()
     csv.writer(out).writerow([member])
