@@ -249,6 +249,10 @@ class GlobalModel(ABC):
         """What a checkpoint keeps: the tensors for ``model.pt`` (with HE: the plaintext layers) and entries
         for the server state (with HE: the ciphertexts and the public context, under ``"he"``)."""
 
+    def describe(self) -> dict[str, Any]:
+        """What a run's history records about the model's encryption (``history.results["he"]``); plaintext: nothing."""
+        return {}
+
     def observe(self, replies: dict[str, Reply]) -> None:
         """Take note of what replies that are not screened cost (the encrypted model counts ciphertext bytes)."""
 
