@@ -43,7 +43,7 @@ def provision(ckks: CKKSParams, clients: Mapping[str, Client]) -> tuple[bytes, s
     """Give every client the federation's secret context and the HE filters; return what the server gets:
     the public context bytes and the key id.
 
-    This is FLARE's provisioning step (in a deployment, run offline by the project admin); the simulator
+    This is FLARE's provisioning step (in a deployment, run offline by the project admin); `CKKS.provision`
     runs it before a run whose workflow asks for HE, and hands the server the public part only. The secret context goes into the clients' state only. A
     resumed run finds the keys in the clients' restored state and keeps them, so that they still
     decrypt the global model the checkpoint holds encrypted.
