@@ -46,12 +46,15 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 
+from .client import Client
 from .exchange import Weights
-from .history import LOG, History, HistoryLog, LogState, dumps as history_dumps, loads as history_loads, read_log, write_atomic
+from .history import (LOG, History, HistoryLog, LogState, RoundRecord, dumps as history_dumps, loads as history_loads,
+                      read_log, write_atomic)
+from .server import Server
 
 FORMAT = 3
 READS = (1, 2, 3)
@@ -184,6 +187,37 @@ def save(run_dir: str | Path, round: int, weights: Weights, server_state: dict[s
         if old.is_dir() and old.name != name:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+class Checkpointer:
+    """A round listener that checkpoints a run into ``run_dir``: after every ``every`` rounds and after the last of
+    the ``rounds`` planned; `finish`, once the run has ended, the last round of a run that stopped early on purpose.
+
+    It reads the run as a round ends: the ``server``'s model and state, the ``clients``' states, the ``history``
+    (appended to ``log``, the run directory's `HistoryLog`). ``saved``: the round already checkpointed (a resume's).
+    """
+
+    def __init__(self, run_dir: Path, server: Server, clients: Mapping[str, Client], history: History,
+                 fingerprint: str, log: HistoryLog | None, every: int, rounds: int, saved: int = -1) -> None:
+        self.run_dir, self.server, self.clients, self.history = run_dir, server, clients, history
+        self.fingerprint, self.log, self.every, self.rounds, self.saved = fingerprint, log, every, rounds, saved
+
+    def __call__(self, record: RoundRecord) -> None:
+        last = record.round + 1 >= self.rounds
+        if (record.round + 1) % self.every == 0 or last:
+            self.save(record.round)
+
+    def save(self, round: int) -> None:
+        """Checkpoint the run as it is after ``round``."""
+        weights, extra = self.server.model.checkpoint()
+        save(self.run_dir, round, weights, {**self.server.state, **extra},
+             {n: c.state for n, c in self.clients.items()}, self.history, self.fingerprint, log=self.log)
+        self.saved = round
+
+    def finish(self) -> None:
+        """Checkpoint the last round unless it is: a workflow that stopped early (privacy budget) is checkpointed too."""
+        if len(self.history) and self.saved != self.history.rounds[-1].round:
+            self.save(self.history.rounds[-1].round)
 
 
 def exists(run_dir: str | Path) -> bool:

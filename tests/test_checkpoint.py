@@ -608,3 +608,25 @@ def test_a_refused_pickle_never_suggests_loading_it_anyway(finished, payload):
     assert "could not be read safely" in message and "loading it could run code" in message
     for advice in ("weights_only", "add_safe_globals", "safe_globals", "trusted source", "can still be loaded"):
         assert advice not in message, message
+
+
+def test_checkpointing_is_a_round_listener(tmp_path):
+    """Issue 20 item 3: `checkpoint.Checkpointer` is subscribed to round ends like any on_round listener; it saves every
+    ``every`` rounds and the last planned one, and `finish` the last round of a run that stopped early."""
+    server, history = fk.Server({"w": torch.zeros(2)}), fk.History()
+    client = fk.Client("site-1", ClientData(fk.Dataset(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long), 2),
+                                            fk.Dataset(torch.zeros(0, 1), torch.zeros(0, dtype=torch.long), 2)), {})
+    saver = checkpoint.Checkpointer(tmp_path, server, {"site-1": client}, history, "fp", None, every=2, rounds=6)
+    saved = []
+    for r in range(3):  # rounds 0, 1, 2 of 6: only round 1 is due
+        server.model = fk.PlainModel({"w": torch.full((2,), float(r))})
+        client.state["seen"] = r
+        record = fk.RoundRecord(r, 0.1, {})
+        history.append(record)
+        saver(record)
+        saved.append(checkpoint.load(tmp_path).round if checkpoint.exists(tmp_path) else None)
+    assert saved == [None, 1, 1]
+    saver.finish()  # the workflow stopped after round 2 (on purpose): that round is kept too
+    ckpt = checkpoint.load(tmp_path)
+    assert ckpt.round == 2 and ckpt.weights["w"].tolist() == [2.0, 2.0] and ckpt.client_states["site-1"]["seen"] == 2
+    assert ckpt.fingerprint == "fp" and len(ckpt.history) == 3

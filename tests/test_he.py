@@ -402,6 +402,26 @@ def test_provisioning_keeps_restored_keys_and_refuses_mixed_ones():
         provision(CKKS(), clients)
 
 
+def test_ckks_provisions_through_its_encryption_hook():
+    """Issue 20 item 3: the simulator provisions through ``workflow.he.provision`` (no privacy import of its own)."""
+    ckks = CKKS()
+    clients, _, model = federation(WEIGHTS, DIFFS, ckks)
+    fresh = {n: fk.Client(n, c.data, dict(c.executors)) for n, c in clients.items()}
+    started = ckks.provision(fresh, WEIGHTS)  # new keys for the clients, an encrypted model for the server
+    assert isinstance(started, EncryptedModel) and started.encryption is ckks and not started.readable
+    assert all(isinstance(c.task_data_filters[0], DecryptGlobal) for c in fresh.values())
+    assert started.key_id != model.key_id  # a new federation, new keys
+    read = ckks.decrypt(started, fresh["c0"].state)  # how a run's owner reads it: through a client
+    assert all(torch.allclose(read[k], WEIGHTS[k], atol=1e-5) for k in WEIGHTS)
+    weights, extra = model.checkpoint()
+    ckks.check_saved(extra)
+    resumed = ckks.provision(clients, WEIGHTS, (weights, extra))  # a resume: the clients' keys and the saved model
+    assert resumed.key_id == model.key_id and resumed.digest == model.digest
+    with pytest.raises(ValueError, match="no encrypted model under 'he'"):
+        ckks.check_saved({})
+    with pytest.raises(fk.ConfigError, match="encrypted under key .* but the clients hold key"):
+        ckks.provision(fresh, WEIGHTS, (weights, extra))  # the saved model is not under these clients' keys
+
 def reachable(*roots):
     """Every object reachable from ``roots`` by `gc.get_referents`, as {id: (object, id of parent, how)}.
 

@@ -2,7 +2,7 @@
 
 >>> import torch
 >>> w = {"a": torch.ones(2, 3), "b": torch.zeros(4)}
->>> layout = layout_for(w, CKKS())
+>>> layout = layout_for(w, CKKSParams())
 >>> layout.size, layout.chunk_sizes
 (10, [6, 4])
 >>> unpack(pack(w, layout), layout)["a"].shape
@@ -22,7 +22,7 @@ import torch
 
 from ..errors import ConfigError, UpdateError
 from ..exchange import Weights
-from .ckks import CIPHERTEXTS, CKKS
+from .he_params import CIPHERTEXTS, CKKSParams
 
 class Packing(str, Enum):
     """How layers are cut into ciphertexts."""
@@ -111,7 +111,7 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def layout_for(weights: Weights, ckks: CKKS) -> Layout:
+def layout_for(weights: Weights, ckks: CKKSParams) -> Layout:
     """The layout of the layers of ``weights`` that ``ckks.layers`` selects (floating-point ones only:
     integer buffers such as BatchNorm's counters stay plaintext)."""
     if CIPHERTEXTS in weights:
