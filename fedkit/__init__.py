@@ -22,6 +22,7 @@ from .exchange import DXO, Aborted, ClientContext, DataKind, Executor, FilterCon
 from .history import History, RoundRecord
 from .server import Controller, Reply, Server, ServerContext
 from .simulator import Run, RunInterrupted, Simulator
+from .status import Event, RunStatus, Status
 from .train import Evaluator, TrainConfig, TrainHook, Trainer, evaluate
 from .global_model import GlobalModel, PlainModel, screen
 from .privacy.dp import DPSGD, DPFedAvg, UserDP
@@ -46,4 +47,5 @@ __all__ = [
     "History", "RoundRecord", "Controller", "Reply", "Server", "ServerContext", "Run", "RunInterrupted", "Simulator",
     "Evaluator", "TrainConfig", "Trainer", "evaluate", "FedAvg", "FedOpt", "FedProx", "SCAFFOLD", "DPSGD", "DPFedAvg",
     "UserDP", "GlobalModel", "PlainModel", "screen", "Chain", "Cyclic", "Extension", "gather", "TrainHook",
+    "Status", "RunStatus", "Event",
 ]

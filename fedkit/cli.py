@@ -47,6 +47,7 @@ from .global_model import NORM_REMEDY
 from .privacy.accounting import MECHANISMS
 from .privacy.ckks import MAX_COEFF_BITS, CKKS
 from .simulator import RunInterrupted, write_html
+from .status import RunStatus
 from .train import TrainConfig
 from .workflows import FedAvg
 
@@ -479,7 +480,7 @@ def _hint(prog: str, e: BaseException) -> str:
 
 
 def _say(prog: str, e: BaseException | str, run_dir: str | None = None, as_json: bool = False,
-         status: str = "refused", hint: str | None = None) -> None:
+         status: RunStatus = RunStatus.REFUSED, hint: str | None = None) -> None:
     """Print a refusal or a failure in fedkit's one format (and, with --json, as the JSON summary's last line)."""
     if hint is None:
         hint = _hint(prog, e) if isinstance(e, BaseException) else HELP_HINT.format(prog=prog)
@@ -489,7 +490,7 @@ def _say(prog: str, e: BaseException | str, run_dir: str | None = None, as_json:
     print(f"{prog}: error: {message}", file=sys.stderr)
     print(f"hint: {hint}", file=sys.stderr)
     if as_json:
-        summary = _saved_summary(run_dir) if status == "failed" else {}
+        summary = _saved_summary(run_dir) if status == RunStatus.FAILED else {}
         print(_json({**summary, "status": status, "error": message, "run_dir": run_dir}))
 
 
@@ -628,7 +629,7 @@ def export_main(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     except export.NotExportable as e:  # in the flags' words already; FLARE's names must stay as FLARE spells them
         print(f"{prog}: error: {e.cli}\nhint: {HELP_HINT.format(prog=prog)}", file=sys.stderr)
         if args.json:
-            print(_json({"status": "refused", "error": e.cli}))
+            print(_json({"status": RunStatus.REFUSED, "error": e.cli}))
         raise SystemExit(2)
     except (ConfigError, OSError) as e:
         _refuse(prog, e, None, args.json)
@@ -682,7 +683,7 @@ def run_main(p: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequenc
         _say(prog, e, args.out, as_json)
         return 2
     except Exception as e:
-        _say(prog, f"the run failed: {type(e).__name__}: {e}", args.out, as_json, status="failed",
+        _say(prog, f"the run failed: {type(e).__name__}: {e}", args.out, as_json, status=RunStatus.FAILED,
              hint=_failure_hint(e, f"the run directory {args.out}"))
         return 1
     finally:
@@ -697,7 +698,7 @@ def run_main(p: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequenc
               f"accuracy {summary['final_accuracy']:.4f}, loss {summary['final_loss']:.4f}, "
               f"{summary['failures']} client failure(s)")
         print(f"run directory: {summary['run_dir']} ({', '.join(_written(summary['run_dir']))})")
-    if run.status == "aborted":
+    if run.status == RunStatus.ABORTED:
         print(f"{prog}: interrupted after {summary['rounds']} round(s); continue with: {_resume_command(args.out)}",
               file=sys.stderr)
         return 130
@@ -767,7 +768,7 @@ def compare_main(p: argparse.ArgumentParser, args: argparse.Namespace, argv: Seq
                 _say(prog, f"{name}: {e}", str(out), args.json)
                 return 2
             except Exception as e:
-                _say(prog, f"{name} failed: {type(e).__name__}: {e}", str(out), args.json, status="failed",
+                _say(prog, f"{name} failed: {type(e).__name__}: {e}", str(out), args.json, status=RunStatus.FAILED,
                      hint=_failure_hint(e, out / name))
                 return 1
         figure = plots.curves(runs, title=f"global model accuracy per round: {_context(args)}")

@@ -7,7 +7,6 @@ import traceback
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
 import torch
 
 from .data import ClientData
@@ -15,13 +14,10 @@ from .exchange import (DXO, Aborted, ClientContext, DeadlineExceeded, ExecutorLi
                        Task, Weights, apply_filters, run_executor)
 from .faults import Faults
 from .preprocess import current_data
+from .seeds import derive_seed, task_seed  # noqa: F401 (derive_seed: fedkit.client's since 0.1)
 from .server import Server
-from .train import LOCAL_WEIGHTS, MODELS
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed that depends on every part (run seed, round, client index, ...) and nothing else."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+from .status import Status
+from .train import LOCAL_MODEL, LOCAL_WEIGHTS, MODELS
 
 
 class Refused(Exception):
@@ -38,7 +34,7 @@ class Answer:
     injected straggler's simulated lateness.
     """
 
-    status: str = "ok"
+    status: Status = Status.OK
     result: DXO | None = None
     error: str = ""
     detail: str = ""
@@ -49,10 +45,10 @@ def failed(error: Exception) -> Answer:
     """What a client answers when its task raised ``error`` (anything but `Aborted`, which ends the run): ``late`` past
     its deadline, ``refused`` when it declined, else ``failed`` with the traceback (so call it in the ``except``)."""
     if isinstance(error, DeadlineExceeded):
-        return Answer("late", error=f"late: {error}")
+        return Answer(Status.LATE, error=f"late: {error}")
     if isinstance(error, Refused):  # declined, not broken: e.g. a spent privacy budget
-        return Answer("refused", error=str(error))
-    return Answer("failed", error=f"{type(error).__name__}: {error}", detail=traceback.format_exc())
+        return Answer(Status.REFUSED, error=str(error))
+    return Answer(Status.FAILED, error=f"{type(error).__name__}: {error}", detail=traceback.format_exc())
 
 
 @dataclass(eq=False)
@@ -117,7 +113,7 @@ class Client:
     def context(self, task: Task, device: torch.device) -> tuple[Task, ClientContext]:
         """``task`` after this client's task-data filters, and the context its executor runs in: the seed derived
         from (run seed, round), the data after any preprocessing task (e.g. Standardize), the state."""
-        seed = derive_seed(self.seed, task.round)
+        seed = task_seed(self.seed, task.round)
         if self.task_data_filters:
             task = replace(task, data=apply_filters(self.task_data_filters, task.data,
                                                     FilterContext("client", "task", self.name, task, seed)))
@@ -136,7 +132,7 @@ class Client:
         for key, model_fn, model in ctx.leases:
             if self.state.get(key) is model:
                 del self.state[key]
-                if key == "_model":
+                if key == LOCAL_MODEL:
                     self.keep_local(model.state_dict())
             for k, v in list(self.state.items()):
                 if k.startswith("_") and isinstance(v, tuple) and any(x is model for x in v):
@@ -167,7 +163,7 @@ class Client:
         """
         kind = fault["fault"] if fault else None
         if kind == "dropout":
-            return Answer("dropped")  # took the task and vanished: the server hears nothing
+            return Answer(Status.DROPPED)  # took the task and vanished: the server hears nothing
         try:
             if kind == "crash":
                 raise RuntimeError("injected crash (fault injection)")
@@ -184,7 +180,7 @@ class Client:
         kind = fault["fault"] if fault else None
         if kind == "corrupt":
             result = self.faults.damage(result, task.round, self.name, task.attempt)
-        return Answer("ok", result, delay=fault["delay"] if kind == "straggle" else 0.0)
+        return Answer(Status.OK, result, delay=fault["delay"] if kind == "straggle" else 0.0)
 
     def keep_local(self, weights: Weights) -> None:
         """Keep a CPU copy of locally trained ``weights`` in the state (`LOCAL_WEIGHTS`), for cross-site evaluation's
@@ -194,7 +190,7 @@ class Client:
 
     def deliver(self, server: Server, task: Task, answer: Answer) -> None:
         """Hand ``answer`` to the server (nothing for a dropout)."""
-        if answer.status == "dropped":
+        if answer.status == Status.DROPPED:
             return
         if answer.result is not None:
             server.submit(self.name, task, answer.result, delay=answer.delay)

@@ -17,6 +17,8 @@ from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from .status import Status
+
 Weights = dict[str, torch.Tensor]
 """A model's parameters by name, as in ``model.state_dict()``."""
 
@@ -119,9 +121,7 @@ class Reply:
     seconds: float = 0.0
     bytes_down: int = 0  # task data as sent, after the server's task-data filters
     bytes_up: int = 0  # result as sent, after the client's result filters
-    # ok, failed (raised), refused (declined, e.g. a spent privacy budget), dropped (no answer), late (past the
-    # deadline), rejected (screened out)
-    status: str = "pending"
+    status: Status = Status.PENDING  # ok, or why not (see `Status`)
     # fault injection's ground truth (e.g. {"fault": "corrupt", "corruption": "scale"}), for the history only: no
     # screen reads it, so what the server catches it catches as it would a real fault
     injected: dict[str, Any] | None = None
@@ -130,7 +130,7 @@ class Reply:
     def ok(self) -> bool:
         return self.result is not None
 
-    def reject(self, status: str, reason: str) -> None:
+    def reject(self, status: Status, reason: str) -> None:
         """Discard this reply's result, recording why."""
         self.result, self.status, self.error = None, status, reason
 

@@ -23,6 +23,7 @@ from typing import Any, Callable, ClassVar, Mapping
 
 from .errors import UpdateError
 from .exchange import DXO, DataKind, MetaKey, Reply, Weights
+from .status import Status
 from .weights import check_update, norm
 
 Step = Callable[[Weights, dict[str, DXO]], Weights]
@@ -137,11 +138,11 @@ def _keep_typical(replies: dict[str, Reply], valid: dict[str, DXO], sizes: dict[
     kept = {}
     for name, (size, steps) in sizes.items():
         if t_whole > 0 and size > max_norm_ratio * t_whole and t_step > 0 and size / steps > max_norm_ratio * t_step:
-            replies[name].reject("rejected", f"client {name!r} sent an update of norm {size:.3g}, {size / t_whole:.3g}x "
-                                             f"{what_whole}, and over {steps} local step(s) {size / steps:.3g} per step, "
-                                             f"{size / steps / t_step:.3g}x {what_step} (the limit is max_norm_ratio="
-                                             f"{max_norm_ratio:g}, whole or per step; if this client is honest, "
-                                             f"{NORM_REMEDY})")
+            replies[name].reject(Status.REJECTED, f"client {name!r} sent an update of norm {size:.3g}, "
+                                                  f"{size / t_whole:.3g}x {what_whole}, and over {steps} local "
+                                                  f"step(s) {size / steps:.3g} per step, {size / steps / t_step:.3g}x "
+                                                  f"{what_step} (the limit is max_norm_ratio={max_norm_ratio:g}, whole "
+                                                  f"or per step; if this client is honest, {NORM_REMEDY})")
         else:
             kept[name] = valid[name]
     return kept
@@ -166,7 +167,7 @@ def screen(replies: dict[str, Reply], reference: Weights, max_norm_ratio: float 
                                   "(local weights minus the global weights it received)")
             check_update(result.data, reference, f"client {name!r}")
         except UpdateError as e:
-            reply.reject("rejected", str(e))
+            reply.reject(Status.REJECTED, str(e))
             continue
         valid[name] = result
     if max_norm_ratio is not None and len(valid) >= 3:
@@ -194,7 +195,7 @@ def screen_norms(replies: dict[str, Reply], valid: dict[str, DXO], max_norm_rati
     >>> from fedkit.exchange import Task
     >>> from fedkit.server import Reply
     >>> task = Task("train", DXO(DataKind.WEIGHTS, {"w": torch.zeros(2)}))
-    >>> rs = {n: Reply(n, task, DXO(DataKind.WEIGHT_DIFF, {"w": torch.full((2,), v)}), status="ok")
+    >>> rs = {n: Reply(n, task, DXO(DataKind.WEIGHT_DIFF, {"w": torch.full((2,), v)}), status=Status.OK)
     ...       for n, v in (("a", 0.1), ("b", 1e4))}
     >>> recent = [0.2, 0.1]
     >>> sorted(screen_norms(rs, {n: r.result for n, r in rs.items()}, 10.0, recent, 1.0)), rs["b"].status

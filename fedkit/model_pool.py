@@ -21,6 +21,7 @@ from .weights import check_update
 ModelFn = Callable[[], nn.Module]
 
 
+LOCAL_MODEL = "_model"  # client state: the model instance a task trains, lent by the pool (`local_model`)
 LOCAL_WEIGHTS = "_local_weights"  # client state: a CPU copy of its last locally trained weights (cross-site evaluation)
 POOL_IDLE = 4  # idle model instances kept per (builder, device); more are left to the garbage collector
 
@@ -70,13 +71,13 @@ def _hooked(model: nn.Module) -> bool:
 MODELS = _Pool()
 
 
-def local_model(ctx: ClientContext, model_fn: ModelFn, key: str = "_model") -> nn.Module:
+def local_model(ctx: ClientContext, model_fn: ModelFn, key: str = LOCAL_MODEL) -> nn.Module:
     """A model instance for this task, under ``key`` in the client's state (a cache key, starting with ``_``).
 
     The instance is borrowed from a pool shared by all clients (one per model builder and device) and is
     only the task's: its weights are whatever the previous borrower left, so load the weights to use first
     (`load_weights` copies every entry of the state dict). Run through `fedkit.client.Client.handle`, the task
-    gives it back when it ends and ``key`` leaves the state; the trained one (``"_model"``) leaves a CPU copy of its
+    gives it back when it ends and ``key`` leaves the state; the trained one (`LOCAL_MODEL`) leaves a CPU copy of its
     weights under `LOCAL_WEIGHTS` when the client keeps its local model (cross-site evaluation, see `SubmitModel`).
     Called outside ``handle`` (an executor run by hand), the instance stays in the state, as a cache.
     """

@@ -27,13 +27,14 @@ from .history import LOG, History, HistoryLog, LogState
 from .metrics import ACCURACY, LOSS
 from .rundir import RunDirLock
 from .server import Controller
+from .status import Event, RunStatus
 from .train import load_weights
 
 
 class Run:
     """One execution of a workflow: its status, live history and global weights.
 
-    ``status`` is one of ``"pending"``, ``"running"``, ``"done"``, ``"aborted"`` or ``"failed"``.
+    ``status`` is a `RunStatus`: pending, running, done, aborted or failed.
     A `fedkit.simulator.Simulator` makes it (``run()``, ``start()``, ``resume()``) and drives it through the methods
     at the end of this class, the only ones that change its state.
     """
@@ -42,7 +43,7 @@ class Run:
         """``simulator``: the `fedkit.simulator.Simulator` that runs it; ``run_dir``: where it writes (default: the
         simulator's ``out``); ``lock``: that directory's lock (`fedkit.rundir`), given back once when the run ends."""
         self.simulator = simulator
-        self.status = "pending"
+        self.status = RunStatus.PENDING
         self.history = History()
         self._weights: Weights = {}
         self._live: Callable[[], Weights] | None = None  # while running: how to read the current global model
@@ -63,7 +64,7 @@ class Run:
         where = " (on clients)" if s["accuracy_on"].startswith("clients") else ""
         planned = self.rounds_planned
         done = f"{len(self.history)} of {planned} round(s)" if planned else f"{len(self.history)} round(s)"
-        if self.status in ("aborted", "failed"):
+        if self.status in (RunStatus.ABORTED, RunStatus.FAILED):
             done = f"INCOMPLETE, {done}"
         return f"<fedkit Run {self.status}: {done}, accuracy {s['final_accuracy']:.4f}{where}>"
 
@@ -76,7 +77,7 @@ class Run:
     @property
     def complete(self) -> bool:
         """Did the run end on its own (``done``)? An aborted or failed run is a partial result, never a final one."""
-        return self.status == "done"
+        return self.status == RunStatus.DONE
 
     def abort(self, reason: str = "aborted by the user") -> None:
         """Ask the run to stop: training stops at the next batch, and a client blocked inside its executor is
@@ -88,7 +89,7 @@ class Run:
     def wait(self, timeout: float | None = None) -> "Run":
         """Block until the run ends (or ``timeout`` seconds pass); re-raise its error if it failed."""
         self._done.wait(timeout)
-        if self.status == "failed" and self.error is not None:
+        if self.status == RunStatus.FAILED and self.error is not None:
             raise self.error
         return self
 
@@ -151,7 +152,7 @@ class Run:
             "failures_by_kind": dict(Counter(e["what"] for e in failures)),
             "error": f"{type(self.error).__name__}: {self.error}" if self.error else None,
             **_privacy(self.history),
-            "stopped": next((e["reason"] for e in self.history.events if e.get("what") == "stopped"), None),
+            "stopped": next((e["reason"] for e in self.history.events if e.get("what") == Event.STOPPED), None),
         }
 
     def save(self, directory: str | Path | None = None) -> Path:
@@ -193,7 +194,7 @@ class Run:
     def _launch(self, target: Callable[["Run"], None]) -> None:
         """Run ``target(self)`` (the simulator's execution) in a background thread, ``running`` from now."""
         self._thread = threading.Thread(target=target, args=(self,), name="fedkit-run", daemon=True)
-        self.status = "running"
+        self.status = RunStatus.RUNNING
         self._thread.start()
 
     def _follow(self, read: Callable[[], Weights]) -> None:
@@ -213,7 +214,7 @@ class Run:
         """Run ``rounds`` (the run's rounds, to the end) and record how the run ended, whatever ended it: its final
         status (`_end`), then its results written (`_wrap_up`), its directory given back and its waiters woken."""
         self._started = time.perf_counter()
-        self.status = "running"
+        self.status = RunStatus.RUNNING
         try:
             rounds()
         except BaseException as e:  # SystemExit, GeneratorExit... too: every way a run ends has a final status
@@ -228,17 +229,18 @@ class Run:
         or a listener's: `_outcome` raises it to the caller) or by `abort` (`Aborted`); else ``failed`` with
         ``error`` (a BaseException that is no Exception, such as SystemExit, as `RunExited`)."""
         if error is None:
-            self.status = "done"
+            self.status = RunStatus.DONE
         elif isinstance(error, KeyboardInterrupt):
-            self.status, self._interrupted = "aborted", True
-            self.history.events.append({"round": len(self.history), "what": "aborted",
+            self.status, self._interrupted = RunStatus.ABORTED, True
+            self.history.events.append({"round": len(self.history), "what": Event.ABORTED,
                                         "reason": f"interrupted (KeyboardInterrupt){': ' + str(error) if str(error) else ''}"})
         elif isinstance(error, Aborted):  # Run.abort() (a Stop button): an aborted run, returned
-            self.status = "aborted"
-            self.history.events.append({"round": len(self.history), "what": "aborted", "reason": str(error) or "interrupted"})
+            self.status = RunStatus.ABORTED
+            self.history.events.append({"round": len(self.history), "what": Event.ABORTED,
+                                        "reason": str(error) or "interrupted"})
         else:
-            self.status, self.error = "failed", error if isinstance(error, Exception) else RunExited(error)
-            self.history.events.append({"round": len(self.history), "what": "failed",
+            self.status, self.error = RunStatus.FAILED, error if isinstance(error, Exception) else RunExited(error)
+            self.history.events.append({"round": len(self.history), "what": Event.FAILED,
                                         "reason": f"{type(self.error).__name__}: {self.error}",
                                         "detail": "".join(traceback.format_exception(error))})
 
@@ -281,15 +283,15 @@ class Run:
     def _save_failed(self, error: BaseException) -> None:
         """Saving the run at its end failed: the run fails (with its own error kept first), and says so."""
         reason = f"{type(error).__name__}: {error}"
-        self.history.events.append({"round": len(self.history), "what": "save_failed",
+        self.history.events.append({"round": len(self.history), "what": Event.SAVE_FAILED,
                                     "reason": f"saving the run into {self.run_dir} failed: {reason}"})
-        if self.status != "failed":
-            ended = "finished its rounds" if self.status == "done" else "was aborted"
+        if self.status != RunStatus.FAILED:
+            ended = "finished its rounds" if self.status == RunStatus.DONE else "was aborted"
             self.error = SaveError(f"the run {ended}, but its results could not be saved into {self.run_dir} ({reason}). "
                                    "run.weights and run.history still hold them: run.save(another_directory) writes them "
                                    "elsewhere")
             self.error.__cause__ = error
-            self.status = "failed"
+            self.status = RunStatus.FAILED
         with contextlib.suppress(Exception):  # the summary says so, where the disk has room for it
             write_summary(self.run_dir, self.summary())
 
@@ -302,7 +304,7 @@ class Run:
     def _outcome(self) -> "Run":
         """This run, ended, for a blocking ``run()`` / ``resume()``: its error raised if it failed, and
         `RunInterrupted` if Ctrl-C ended it (recorded and checkpointed; now the cell, loop or compare stops too)."""
-        if self.status == "failed" and self.error is not None:
+        if self.status == RunStatus.FAILED and self.error is not None:
             raise self.error
         if self._interrupted:
             raise RunInterrupted(self)
@@ -344,7 +346,7 @@ def check_rounds_run(workflow: Controller, history: History) -> None:
     planned, done = getattr(workflow, "rounds", None), len(history)
     if not isinstance(planned, int) or done == planned:
         return
-    if done < planned and any(e.get("what") == "stopped" for e in history.events):
+    if done < planned and any(e.get("what") == Event.STOPPED for e in history.events):
         return
     raise IncompleteRun(f"{type(workflow).__name__} plans {planned} round(s) but its control_flow returned after "
                         f"{done}: the run is not complete. A controller calls fl.end_round once per round, and one "

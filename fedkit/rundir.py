@@ -35,6 +35,7 @@ from typing import Any
 
 from . import checkpoint
 from .errors import ConfigError
+from .status import RunStatus
 
 try:  # POSIX
     import fcntl
@@ -193,9 +194,9 @@ def existing_run(directory: str | os.PathLike) -> str | None:
         if rounds == 0 and not checkpoint.exists(path):
             return None  # a run that ended before its first round: nothing there to lose
         status = summary.get("status")
-        if status == "done":
+        if status == RunStatus.DONE:
             return f"a finished run of {rounds} round(s)"
-        kind = {"aborted": "an interrupted", "failed": "a failed"}.get(status, f"a {status}")
+        kind = {RunStatus.ABORTED: "an interrupted", RunStatus.FAILED: "a failed"}.get(status, f"a {status}")
         return f"{kind} run ({rounds} round(s) done)"
     except (OSError, ValueError, TypeError, KeyError):
         pass

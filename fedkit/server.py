@@ -28,6 +28,8 @@ from .exchange import DXO, Filter, FilterContext, MetaKey, Reply, Signal, Task, 
 from .global_model import Encryption, GlobalModel, PlainModel
 
 from .history import History, RoundRecord
+from . import seeds
+from .status import Event, Status
 
 
 class Server:
@@ -102,12 +104,13 @@ class Server:
         reply.seconds += delay
         reply.bytes_up = result.nbytes
         if task.deadline is not None and reply.seconds > task.deadline:
-            reply.reject("late", f"late: answered after {reply.seconds:.3g} s, the deadline is {task.deadline:g} s")
+            reply.reject(Status.LATE, f"late: answered after {reply.seconds:.3g} s, the deadline is "
+                                      f"{task.deadline:g} s")
             return
         reply.result = apply_filters(self.result_filters, result, FilterContext("server", "result", client, task))
-        reply.status = "ok"
+        reply.status = Status.OK
 
-    def fail(self, client: str, task: Task, error: str, detail: str = "", status: str = "failed") -> None:
+    def fail(self, client: str, task: Task, error: str, detail: str = "", status: Status = Status.FAILED) -> None:
         """Record that ``client`` could not complete ``task`` (ignored once the reply is settled or collected)."""
         reply = self._reply(client, task)
         if reply is not None:
@@ -149,8 +152,8 @@ class Server:
             replies = self._replies.pop(task.id, {})
             self._closed.add(task.id)
             for reply in replies.values():
-                if reply.status == "pending":
-                    reply.status, reply.error = "dropped", "no answer: the client dropped out"
+                if reply.status == Status.PENDING:
+                    reply.status, reply.error = Status.DROPPED, "no answer: the client dropped out"
                     self._started.pop((task.id, reply.client), None)
         return replies
 
@@ -258,14 +261,19 @@ class ServerContext:
             return names
         if k < 1:
             raise ConfigError(f"clients_per_round must be >= 1 (or None for all), got {k}")
-        rng = self.rng(round, 1)
+        rng = self.rng(round, seeds.SAMPLE_CLIENTS)
         return [names[i] for i in sorted(rng.choice(len(names), size=k, replace=False))]
 
     def sample_poisson(self, rate: float, round: int) -> list[str]:
         """Each client independently with probability ``rate`` (Poisson sampling, which DP accountants
         assume); possibly none. The same clients for the same seed and round."""
-        draws = self.rng(round, 4).random(len(self.client_names))  # 4: a stream apart from sample_clients and Cyclic
+        draws = self.rng(round, seeds.SAMPLE_POISSON).random(len(self.client_names))
         return [name for name, u in zip(self.client_names, draws) if u < rate]
+
+    def state_of(self, owner: object) -> dict[str, Any]:
+        """``owner``'s own part of the run's server state (an extension's: SCAFFOLD's c, DP-FedAvg's accountant), a
+        dict checkpointed with the run under `state_name`: two extensions of a workflow never share one."""
+        return self.server.state.setdefault(state_name(owner), {})
 
     def event(self, round: int, what: str, **fields: Any) -> None:
         """Record an event of ``round`` (a stop, a warning) in the history."""
@@ -282,7 +290,7 @@ class ServerContext:
             if r.ok and not r.injected:
                 continue
             entry = {"round": r.task.round, "attempt": r.task.attempt, "client": name,
-                     "what": r.status if not r.ok else "injected", "reason": r.error if not r.ok else _unnoticed(r)}
+                     "what": r.status if not r.ok else Event.INJECTED, "reason": r.error if not r.ok else _unnoticed(r)}
             if r.task.name == self.validate_task:
                 entry.update(task=r.task.name, reason=f"{r.task.name} task: {entry['reason']}")
             if r.injected:
@@ -306,8 +314,9 @@ class ServerContext:
                 if n == 0:
                     continue  # an empty validation split scores nothing
                 if not (_finite(acc) and 0 <= acc <= 1 and _finite(lo) and lo >= 0 and _finite(n) and n > 0):
-                    r.reject("rejected", f"client {name!r} answered the validation with accuracy {acc!r}, loss {lo!r} "
-                                         f"on {n!r} samples; expected an accuracy in [0, 1], a loss >= 0 and a sample count")
+                    r.reject(Status.REJECTED, f"client {name!r} answered the validation with accuracy {acc!r}, "
+                                              f"loss {lo!r} on {n!r} samples; expected an accuracy in [0, 1], a loss "
+                                              ">= 0 and a sample count")
                 else:
                     samples, loss, correct, scored = samples + n, loss + lo * n, correct + acc * n, scored + 1
         self.record_failures(replies)
@@ -379,6 +388,15 @@ class ServerContext:
                               f"({names}); the run stops with {kept} model (and its checkpoint) as the last good one. "
                               "Check the aggregation rule, the server optimizer's settings (a learning rate too large) "
                               "or the controller's own arithmetic")
+
+
+STATE_NAME = "_state_name"  # the attribute a workflow names an extension's state by (workflows.extensions.bind_all)
+
+
+def state_name(owner: object) -> str:
+    """Under which key of ``fl.server.state`` ``owner`` keeps its state (`ServerContext.state_of`): the name its
+    workflow gave it (``Scaffold``; ``Scaffold#2`` for a second of the class), else its class's name."""
+    return getattr(owner, STATE_NAME, None) or type(owner).__name__
 
 
 def _finite(x: Any) -> bool:

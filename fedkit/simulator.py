@@ -28,11 +28,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import checkpoint, rundir
+from . import checkpoint, rundir, seeds
 from . import weights as W
 from .artifacts import SaveError, check_run_dir, shared_plotlyjs, write_config, write_html
 from .checkpoint import CheckpointError
-from .client import Client, derive_seed
+from .client import Client
 from .data import ClientData, Dataset, check_dataset, check_seed
 from .engine import Engine
 from .engine.choose import resolve as resolve_engine
@@ -50,6 +50,7 @@ from .server import Channel, Controller, Server, ServerContext
 from .sim_checks import (RESUMABLE, as_model_fn, build_model, check_client_data, check_fits, check_new_each_call,
                          check_rounds, differing, engine_change)
 from .stats import StatsExecutor
+from .status import Event
 from .threads import AUTO_ONE_THREAD_BELOW, check_threads, resolve_threads, torch_threads
 from .train import Evaluator, ModelFn, SubmitModel, TrainConfig, Trainer, evaluate, load_weights, resolve_device
 from .workflows import Cyclic, FedAvg, FedStats, FederatedScaling
@@ -183,7 +184,8 @@ class Simulator:
         if split:
             if len(c) == 0:
                 raise ConfigError(f"client {i + 1} has no data")
-            train, val = c.split(self.val_fraction, seed=derive_seed(self.seed, i, 2)) if len(c) > 1 else (c, c.subset([]))
+            seed = seeds.derive_seed(self.seed, i, seeds.VAL_SPLIT)
+            train, val = c.split(self.val_fraction, seed=seed) if len(c) > 1 else (c, c.subset([]))
             c = ClientData(train, val)
         if not isinstance(c, ClientData):
             raise ConfigError(f"clients[{i}] is a {type(c).__name__}; give Datasets (e.g. a fk.data partition), "
@@ -278,7 +280,8 @@ class Simulator:
             changed = engine_change(run_dir / "config.json", self)
             if changed is not None:  # allowed (another machine may lack the engine), but said: here and in the events
                 warnings.warn(changed, UserWarning, stacklevel=2)
-                ckpt.history.events.append({"round": ckpt.round + 1, "what": "engine_changed", "reason": changed})
+                ckpt.history.events.append({"round": ckpt.round + 1, "what": Event.ENGINE_CHANGED,
+                                            "reason": changed})
             return self._blocking(Run(self, run_dir=run_dir, lock=lock), ckpt, progress)
         finally:
             if lock is not None:
@@ -331,7 +334,8 @@ class Simulator:
         if run.run_dir is not None:
             check_run_dir(run.run_dir)
         keep = uses_local_models(self.workflow)
-        clients = {c.name: c.fresh(derive_seed(self.seed, i, 1), self.faults, keep) for i, c in enumerate(self.clients)}
+        clients = {c.name: c.fresh(seeds.client_seed(self.seed, i), self.faults, keep)
+                   for i, c in enumerate(self.clients)}
         start_round = 0
         if ckpt is not None:
             for name, state in ckpt.client_states.items():

@@ -23,15 +23,15 @@ from .exchange import DXO, ClientContext, DataKind, MetaKey, Signal, Task, Weigh
 from .grad_terms import (CorrectionTerm, GradTerm, ProximalTerm, TermHook, correction_hook, grad_term_hook,
                          proximal_hook)
 from .local_sgd import GradHook, PrivateSteps, TrainConfig, evaluate, resolve_device, sgd_epochs, shuffled_batches
-from .model_pool import LOCAL_WEIGHTS, MODELS, POOL_IDLE, ModelFn, load_weights, local_model, on_device
+from .model_pool import LOCAL_MODEL, LOCAL_WEIGHTS, MODELS, POOL_IDLE, ModelFn, load_weights, local_model, on_device
 from .weights import subtract
 
 # the executors' own names, and (re-exported: notebooks, tests and modules import them from here) their parts'
 __all__ = ["LocalTraining", "TrainHook", "has_client_half", "hook_name", "Trainer", "Evaluator", "SubmitModel",
            "TrainConfig", "resolve_device", "evaluate", "GradHook", "PrivateSteps", "shuffled_batches", "sgd_epochs",
            "GradTerm", "ProximalTerm", "CorrectionTerm", "TermHook", "grad_term_hook", "proximal_hook",
-           "correction_hook", "ModelFn", "LOCAL_WEIGHTS", "POOL_IDLE", "MODELS", "local_model", "load_weights",
-           "on_device"]
+           "correction_hook", "ModelFn", "LOCAL_MODEL", "LOCAL_WEIGHTS", "POOL_IDLE", "MODELS", "local_model",
+           "load_weights", "on_device"]
 
 
 @dataclass
@@ -153,7 +153,7 @@ class Evaluator:
         self.model_fn = model_fn
 
     def execute(self, task: Task, ctx: ClientContext, abort: Signal) -> DXO:
-        # its own instance: scoring another model must not overwrite the locally trained one ("_model"),
+        # its own instance: scoring another model must not overwrite the locally trained one (LOCAL_MODEL),
         # which `SubmitModel` hands in for cross-site evaluation
         model = local_model(ctx, self.model_fn, key="_eval_model")
         load_weights(model, {k: v.to(ctx.device) for k, v in task.data.data.items()})
@@ -169,13 +169,13 @@ class SubmitModel:
     `fedkit.client.Client.handle` keeps after each training task when the client keeps its local model
     (``Client.keep_local_model``; the simulator sets it only when the workflow will ask for local models, as
     `fedkit.workflows.CrossSiteEval` does, so a plain FedAvg run holds no copy per client). An executor run by hand
-    leaves its instance in ``ctx.state["_model"]``, which is used then. A client that never trained (in this
+    leaves its instance in ``ctx.state[LOCAL_MODEL]``, which is used then. A client that never trained (in this
     process: the copy is a cache, not part of a checkpoint) submits the WEIGHTS it received.
     ``meta["trained"]`` says which of the two it was.
     """
 
     def execute(self, task: Task, ctx: ClientContext, abort: Signal) -> DXO:
-        model = ctx.state.get("_model")
+        model = ctx.state.get(LOCAL_MODEL)
         local = ctx.state.get(LOCAL_WEIGHTS)
         if isinstance(model, nn.Module):
             weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

@@ -30,6 +30,7 @@ from .metrics import ACCURACY, BYTES_DOWN, BYTES_UP, CLIENTS, TRAIN_LOSS, epsilo
 from .plots import round_axis
 from .server import Controller
 from .simulator import Run
+from .status import RunStatus
 from .workflows import SCAFFOLD, Cyclic, FedAvg, FedOpt, FedProx
 
 
@@ -129,7 +130,7 @@ class ComparisonView:
         h = run.history
         key = resolve(self.metric, reported(r.metrics for r in h))  # an HE run: its clients' scores
         name = label if key == self.metric else f"{label} (on clients)"
-        aborted = getattr(run, "status", "done") == "aborted"
+        aborted = getattr(run, "status", RunStatus.DONE) == RunStatus.ABORTED
         if aborted:
             name += f" (aborted after round {len(h)})"
         self.figure.add_scatter(x=[r.number for r in h], y=h.series(key), mode="lines+markers", name=name,
@@ -314,7 +315,7 @@ class ExperimentPanel:
         self.dashboard.update(run.history)
         key, _, where = scored(run.history.rounds[-1].metrics if len(run.history) else {})
         acc = f"accuracy {run.history.last(key):.4f}" + (" (on clients)" if where == CLIENTS else "")
-        if run.status == "failed":
+        if run.status == RunStatus.FAILED:
             self.status.value = f"<b>failed</b>: {type(run.error).__name__}: {run.error}"
         else:
             self.status.value = f"{run.status}: {label}, {len(run.history)} rounds, {acc}"

@@ -91,7 +91,7 @@ def test_scaffold_server_moves_c_by_the_sampled_share(tiny_model):
         def after_aggregate(self, fl, results):
             super().after_aggregate(fl, results)
             captured["picked"] = sorted(results)
-            captured["c"] = fl.server.state["scaffold_c"]["weight"].item()
+            captured["c"] = fl.state_of(self)["c"]["weight"].item()
 
     d = fk.Dataset(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long), 2)
     clients = [fk.Client(n, ClientData(d, d), {"train": reporting(v)}) for n, v in values.items()]

@@ -303,11 +303,40 @@ def test_stateful_workflows_resume_exactly(digits, tmp_path, name):
     if name == "fedopt-adam":
         assert any(k.startswith("m/") for k in ckpt.server_state["server_opt"])
     if name == "scaffold":
-        assert "scaffold_c" in ckpt.server_state and all("scaffold_ci" in s for s in ckpt.client_states.values())
+        assert "c" in ckpt.server_state["Scaffold"] and all("scaffold_ci" in s for s in ckpt.client_states.values())
     if name == "scaling-then-fedavg":
         assert all("standardize" in s for s in ckpt.client_states.values())
     resumed = sim(tmp_path / "cut").resume(progress=False)
     assert resumed.model_sha256 == whole.model_sha256
+
+
+# fedkit 0.1 kept an extension's server state under a key of the run's shared state: (its namespace now, the key then,
+# what was kept there)
+BEFORE_NAMESPACES = {
+    "scaffold": (lambda: fk.SCAFFOLD(rounds=3), "Scaffold", "scaffold_c", lambda state: state["c"]),
+    "dp-fedavg": (lambda: fk.DPFedAvg(rounds=3, clip=1.0, noise_multiplier=1.0, sample_rate=0.8, delta=0.01),
+                  "UserDP", "dp_fedavg", lambda state: state),
+}
+
+
+@pytest.mark.parametrize("name", list(BEFORE_NAMESPACES))
+def test_a_checkpoint_written_before_state_namespaces_still_resumes(digits, tmp_path, name):
+    make, space, old_key, kept = BEFORE_NAMESPACES[name]
+    parts = fk.data.dirichlet(digits.train, clients=4, alpha=0.3, seed=0)
+
+    def sim(out, on_round=()):
+        return fk.Simulator(make(), model=lambda: fk.models.for_data(digits), clients=parts, seed=0, out=out,
+                            on_round=list(on_round))
+
+    whole = sim(tmp_path / "whole").run(progress=False)
+    interrupted(sim(tmp_path / "cut", [stop_after(1)]))
+    state = dict(checkpoint.load(tmp_path / "cut").server_state)
+    state[old_key] = kept(state.pop(space))  # the checkpoint as fedkit 0.1 wrote it
+    _replace_file(tmp_path / "cut", checkpoint.FILES["server"], _torch_bytes(state))
+    resumed = sim(tmp_path / "cut").resume(progress=False)
+    assert resumed.model_sha256 == whole.model_sha256
+    now = checkpoint.load(tmp_path / "cut").server_state
+    assert space in now and old_key not in now  # written again in the new layout
 
 
 # ---- checkpoints trusted no further than they are checked

@@ -369,7 +369,7 @@ def test_budget_stops_before_the_round_that_would_cross_it_and_checkpoints(tiny_
     assert "round 5 would spend epsilon" in run.summary()["stopped"]
     assert run.summary()["epsilon"] <= target < epsilon([[1.0, 0.5, 6]], 1e-5)
     ckpt = checkpoint.load(tmp_path)
-    assert ckpt.round == 4 and ckpt.server_state["dp_fedavg"]["history"] == [[1.0, 0.5, 5]]
+    assert ckpt.round == 4 and ckpt.server_state["UserDP"]["history"] == [[1.0, 0.5, 5]]
     again = sim().resume(progress=False)  # nothing left to spend: it stops again at once
     assert again.status == "done" and len(again.history) == 5 and again.model_sha256 == run.model_sha256
 

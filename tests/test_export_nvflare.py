@@ -18,6 +18,9 @@ pytest.importorskip("nvflare")
 import fedkit as fk  # noqa: E402
 from fedkit import export  # noqa: E402
 from fedkit.cli import main  # noqa: E402
+from fedkit.aggregate import apply_rule, weighted_mean  # noqa: E402
+from fedkit.export.flare_site import FedkitSite  # noqa: E402
+from fedkit.export.settings import settings_of  # noqa: E402
 from fedkit.workflows import Chain, CrossSiteEval, cross_site_dataframe  # noqa: E402
 
 FLARE_TIMEOUT = 300  # seconds; a hung FLARE fails the test instead of hanging CI
@@ -85,6 +88,18 @@ def test_fedopt_exports_as_flares_fedopt_recipe_starting_from_fedkits_model(tmp_
     # FedOpt's server model is built from the class path (it never reads the initial checkpoint): fedkit's seeded one
     assert "fedkit.export.flare_model.SeededMLP" in server and '"seed": 3' in server
     assert not any(f.startswith("app/custom/fedkit/") for f in job.files())  # the installed fedkit, not a copy
+
+
+def test_each_flare_site_trains_as_fedkits_client_of_its_index():
+    """site-k is seeded as the simulator seeds its k-th client (`fedkit.seeds.client_seed`): the sites' first round,
+    averaged as FedAvg does, is fedkit's first round bit for bit. Another seed would train other batches."""
+    exp = experiment(fk.FedAvg(rounds=1))
+    ours = exp.simulator().run(progress=False)
+    settings = settings_of(exp)
+    initial = exp.simulator().initial_weights()
+    trained = [FedkitSite(settings, f"site-{k}").train(dict(initial), round=0) for k in (1, 2)]
+    mean = apply_rule(weighted_mean, [(t["diff"], t["samples"]) for t in trained])
+    assert fk.weights.sha256(fk.weights.add(initial, mean)) == ours.model_sha256
 
 
 def test_a_rule_written_in_a_cell_is_refused_with_flares_counterpart(tmp_path):

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import fedkit as fk
+from fedkit import checkpoint
+from fedkit.server import state_name
 from fedkit.train import has_client_half
 
 
@@ -78,3 +80,36 @@ def test_an_executor_that_ignores_fedprox_is_rejected_not_silently_plain(tiny_mo
                        executors={"train": own})
     with pytest.raises(fk.RoundFailed, match="did not run the client half of Proximal"):
         sim.run(progress=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tally(fk.Extension):
+    """Server state written in a cell: count the rounds this extension has seen, and what it added up."""
+
+    step: int = 1
+
+    def after_aggregate(self, fl, results):
+        state = fl.state_of(self)
+        state["rounds"] = state.get("rounds", 0) + 1
+        state["total"] = state.get("total", 0) + self.step
+
+
+def test_two_instances_of_one_extension_keep_separate_state(tmp_path, tiny_model):
+    d = fk.Dataset(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long), 2)
+    workflow = fk.FedAvg(rounds=3, extensions=(Tally(), Tally(), Tally(step=10)))
+    fk.Simulator(workflow, model=tiny_model, clients=[d, d], out=tmp_path).run(progress=False)
+    state = checkpoint.load(tmp_path).server_state  # each namespace is checkpointed on its own
+    assert {k: v for k, v in state.items() if k.startswith("Tally")} == {
+        "Tally": {"rounds": 3, "total": 3}, "Tally#2": {"rounds": 3, "total": 3}, "Tally#3": {"rounds": 3, "total": 30}}
+
+
+def test_an_extension_is_named_by_its_workflow_alone():
+    t = Tally()
+    first, second = fk.FedAvg(extensions=(t,)), fk.FedAvg(extensions=(Tally(step=2), t))
+    assert [state_name(e) for e in first.extensions] == ["Tally"]  # the same object, in another workflow's place
+    assert [state_name(e) for e in second.extensions] == ["Tally", "Tally#2"]
+    assert first.extensions == (t,) and second.extensions[1] == t  # copies: the settings, not the object
+    again = dataclasses.replace(second, rounds=4)  # bound once more: the same names, so a resume finds its state
+    assert [state_name(e) for e in again.extensions] == ["Tally", "Tally#2"]
+    dp = fk.DPFedAvg(rounds=2, extensions=(fk.UserDP(clip=2.0),))
+    assert [state_name(e) for e in dp.extensions] == ["UserDP", "UserDP#2"]

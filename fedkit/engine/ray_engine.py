@@ -54,6 +54,7 @@ from ..errors import ConfigError
 from ..exchange import DXO, Signal, Task
 from ..extras import require
 from ..server import Server
+from ..status import Status
 from ..train import LOCAL_WEIGHTS
 
 POLL = 0.05  # seconds between checks of the abort signal and deadlines while tasks run
@@ -274,8 +275,8 @@ class RayEngine:
                                                   self.keep)
                     except Exception as e:
                         client.deliver(server, task, Answer(
-                            "failed", error=f"ray: could not send the task to a worker: {type(e).__name__}: "
-                                            f"{_first_line(e)} (executors, filters, data and state must pickle)",
+                            Status.FAILED, error=f"ray: could not send the task to a worker: {type(e).__name__}: "
+                                                   f"{_first_line(e)} (executors, filters, data and state must pickle)",
                             detail=traceback.format_exc()))
                         waiting.appendleft(client)
                         continue
@@ -292,7 +293,8 @@ class RayEngine:
                     try:
                         answer, state = ray_package.get(ref)
                     except Exception as e:  # a worker that died, a cancelled task, a result that did not unpickle
-                        answer = Answer("failed", error=f"ray: {type(e).__name__}: {_first_line(e)}", detail=str(e))
+                        answer = Answer(Status.FAILED, error=f"ray: {type(e).__name__}: {_first_line(e)}",
+                                        detail=str(e))
                     else:
                         self._take_state(job.client, state)
                     job.client.deliver(server, job.task, answer)
@@ -303,8 +305,8 @@ class RayEngine:
                         del running[ref]
                         _cancel(ray_package, ref, force=True)  # stuck: free its CPU; whatever it did is dropped
                         job.client.deliver(server, job.task, Answer(
-                            "late", error=f"late: no answer within the task's {job.task.deadline:g} s deadline; "
-                                          "its Ray task was cancelled"))
+                            Status.LATE, error=f"late: no answer within the task's {job.task.deadline:g} s deadline; "
+                                               "its Ray task was cancelled"))
                         waiting.appendleft(job.client)
             abort.check()
         except BaseException:

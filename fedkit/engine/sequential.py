@@ -28,6 +28,7 @@ import torch
 from ..client import Answer, Client
 from ..exchange import Aborted, Signal, Task
 from ..server import Server
+from ..status import Status
 
 POLL = 0.05  # seconds between checks of the abort signal while a task runs
 GRACE = 0.1  # seconds past the deadline to let a task that checks its deadline report it itself
@@ -50,8 +51,8 @@ def still_busy(client: Client) -> Answer | None:
     """A ``late`` answer if ``client`` is still running an earlier task (one that ran past its deadline), else None."""
     busy = client.worker
     if busy is not None and busy.is_alive():
-        return Answer("late", error=f"late: still busy with an earlier task that ran past its deadline ({busy.name}); "
-                                    "this one was not started")
+        return Answer(Status.LATE, error=f"late: still busy with an earlier task that ran past its deadline "
+                                           f"({busy.name}); this one was not started")
     return None
 
 
@@ -134,8 +135,8 @@ def supervise(client: Client, task: Task, device: torch.device, abort: Signal, f
         if abort.triggered:
             raise Aborted(abort.reason or "aborted")
         if limit is not None and time.perf_counter() >= limit:
-            return Answer("late", error=f"late: no answer within the task's {task.deadline:g} s deadline; the client "
-                                        "is still busy, and whatever it answers later is ignored")
+            return Answer(Status.LATE, error=f"late: no answer within the task's {task.deadline:g} s deadline; the "
+                                               "client is still busy, and whatever it answers later is ignored")
     if job.error is not None:
         raise job.error
     return job.answer

@@ -57,7 +57,7 @@ from ..errors import ConfigError
 from ..exchange import Aborted, DeadlineExceeded, Signal
 from ..grad_terms import GradTerm, TermHook, grad_term_hook
 from ..local_sgd import evaluate, sgd_epochs
-from ..model_pool import MODELS, load_weights, local_model, on_device
+from ..model_pool import LOCAL_MODEL, MODELS, load_weights, local_model, on_device
 from ..server import Server
 from .fallback import Probes
 from .sequential import still_busy, supervise
@@ -188,7 +188,7 @@ class Vectorized:
             e.seed = ctx.seed
             e.signal = abort if task.deadline is None else abort.child(task.deadline)  # a child costs an Event
             _seed(ctx.seed, device)  # the caller forked torch's generators (once for the group: a fork costs)
-            model = ctx.state["_model"] = shared.get(e.executor.model_fn)  # what local_model hands the trainer
+            model = ctx.state[LOCAL_MODEL] = shared.get(e.executor.model_fn)  # what local_model hands the trainer
             try:
                 e.t, e.hooks = e.executor.begin(e.filtered, ctx, validate=False)  # validated together: _validate
                 if e.t.private is None and all(isinstance(h, TermHook) and type(h.term).stack is not GradTerm.stack
@@ -203,8 +203,8 @@ class Vectorized:
                 t.stats = sgd_epochs(t.model, t.data, t.config, t.ctx.seed, e.signal, t.grad_hooks, t.private)
                 e.trained = {k: v.detach().clone() for k, v in t.model.state_dict().items()}
             finally:
-                if ctx.state.get("_model") is model:
-                    del ctx.state["_model"]
+                if ctx.state.get(LOCAL_MODEL) is model:
+                    del ctx.state[LOCAL_MODEL]
                 if ctx.leases:  # anything else the client half borrowed
                     client.release(ctx)
 

@@ -27,6 +27,7 @@ import torch
 
 from ..history import History, RoundRecord
 from ..metrics import ACCURACY, CLIENTS_OK, LOSS, SAMPLES, STEPS, TRAIN_ACCURACY, TRAIN_LOSS, VAL_ACCURACY, VAL_LOSS
+from ..status import RunStatus
 from ..train import evaluate, load_weights
 from .flare_site import ROUNDS_LOG
 from .nvflare_job import SETTINGS, FlareJob, nvflare_module
@@ -50,7 +51,7 @@ class FlareRun:
     history: History
     seconds: float
     weights: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
-    status: str = "done"
+    status: RunStatus = RunStatus.DONE
 
     def summary(self) -> dict[str, Any]:
         return {"status": self.status, "rounds": len(self.history), "accuracy": self.history.last(ACCURACY),

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..client import derive_seed
 from ..exchange import DXO, DataKind, MetaKey, Signal, Task
+from ..seeds import client_seed
 from ..simulator import torch_threads
 from ..train import evaluate, load_weights
 from ..workflows.extensions import Proximal
@@ -48,7 +48,7 @@ class FedkitSite:
                              f"{len(self.sim.clients)}, or those names in project.yml)")
         self.name = site
         # as fedkit's simulator does for a run: the client with empty state, seeded by (run seed, client index)
-        self.client = self.sim.clients[index].fresh(derive_seed(self.sim.seed, index, 1))
+        self.client = self.sim.clients[index].fresh(client_seed(self.sim.seed, index))
         self.model = self.sim.model_fn().to(self.sim.device)
         self.test = data.test
 

@@ -17,15 +17,14 @@ from typing import Sequence
 
 import torch
 
-from ..client import derive_seed
 from ..errors import ConfigError
 from ..exchange import DXO, DataKind, FilterContext, Weights
+from ..seeds import LOCAL_DP_NOISE, derive_seed
 from ..weights import norm
 from .accounting import check_number
 
 CLIP_KEY = "dp_clip"  # task meta: the clip norm the server asks for this round (UserDP)
 CLIPPED_KEY = "dp_clipped"  # result meta: True when the client had to scale its update down
-_LOCAL_NOISE = 12  # a seed stream of its own for local DP noise
 
 
 def clip_update(update: Weights, max_norm: float) -> Weights:
@@ -116,7 +115,7 @@ class ClipUpdate:
         size = norm(dxo.data)
         clipped = clip_update(dxo.data, clip)
         if self.noise_multiplier > 0:
-            gen = torch.Generator().manual_seed(derive_seed(ctx.seed, ctx.task.attempt, _LOCAL_NOISE))
+            gen = torch.Generator().manual_seed(derive_seed(ctx.seed, ctx.task.attempt, LOCAL_DP_NOISE))
             clipped = add_noise(clipped, self.noise_multiplier * clip, gen)
         return dxo.with_data(clipped, **{CLIPPED_KEY: bool(size > clip)})
 

@@ -16,7 +16,7 @@ be told another; `DPFedAvg` builds the whole workflow. The clipping and noise ma
 `fedkit.privacy.clipping`.
 
 >>> wf = DPFedAvg(rounds=5, clip=0.5, noise_multiplier=1.0, sample_rate=0.2)
->>> wf.sample_rate, wf.extensions[0].clip, wf.extensions[0].sample_rate
+>>> wf.sample_rate, wf.extensions[0].clip, wf.extensions[0].sampling
 (0.2, 0.5, 0.2)
 """
 
@@ -31,9 +31,9 @@ import torch
 
 from .. import metrics as M
 from ..aggregate import uniform, weighted_mean
-from ..client import derive_seed
 from ..errors import ConfigError
 from ..exchange import DXO, Weights
+from ..seeds import DP_FEDAVG_COUNT_NOISE, DP_FEDAVG_NOISE, derive_seed
 from ..server import ServerContext
 from ..train import LocalTraining
 from ..weights import norm
@@ -42,8 +42,6 @@ from ..workflows.scatter_gather import FedAvg
 from .accounting import account, check_delta, check_delta_below, check_mechanism, check_number, epsilon, noise_multiplier_for
 from .clipping import CLIP_KEY, CLIPPED_KEY, AdaptiveClip, adapt_clip, clip_update, noisy_mean, split_noise
 
-_NOISE, _COUNT_NOISE = 11, 13  # seed streams of their own (12 is local DP's, in clipping)
-
 
 @dataclass(frozen=True)
 class UserDP(Extension):
@@ -51,7 +49,7 @@ class UserDP(Extension):
 
     Each round the server replaces the rule's aggregate with `noisy_mean` of the clients' updates
     (clipped on the clients, and again here, so an executor of your own cannot break the bound),
-    steps the accountant held in ``fl.server.state["dp_fedavg"]`` (plain data, checkpointed), and
+    steps the accountant held in its server state, ``fl.state_of(self)`` (plain data, checkpointed), and
     records ``epsilon``, ``delta``, ``clip`` and ``noise_multiplier`` in the round's metrics. Before a
     round it stops the run if that round would cross ``target_epsilon``. The sampling rate and the
     planned rounds are the workflow's, taken when the workflow is built (`bind`).
@@ -120,7 +118,10 @@ class UserDP(Extension):
         check_delta_below("UserDP.delta", self.delta, len(examples), f"the number of clients ({len(examples)})")
 
     def _state(self, fl: ServerContext) -> dict[str, Any]:
-        return fl.server.state.setdefault("dp_fedavg", {"history": [], "clip": float(self.clip)})
+        state = fl.state_of(self)
+        if not state:  # the first round; or a checkpoint of fedkit 0.1, which kept it under "dp_fedavg"
+            state.update(fl.server.state.pop("dp_fedavg", None) or {"history": [], "clip": float(self.clip)})
+        return state
 
     def _rate(self) -> float:
         if self.sampling is None:
@@ -167,7 +168,7 @@ class UserDP(Extension):
         q = self._rate()
         z, clip, expected = self.noise(fl), state["clip"], q * len(fl.client_names)
         draws = sum(int(s) for *_, s in state["history"])  # a fresh noise stream for every accounted step
-        gen = torch.Generator().manual_seed(derive_seed(fl.seed, _NOISE, draws))
+        gen = torch.Generator().manual_seed(derive_seed(fl.seed, DP_FEDAVG_NOISE, draws))
         adaptive = self.adaptive_clip
         count_noise = None if adaptive is None else (adaptive.count_noise or expected / 20)
         z_updates = z if adaptive is None else split_noise(z, count_noise)
@@ -176,7 +177,7 @@ class UserDP(Extension):
             # the bit the client half reports; for a client that did not clip, its update's norm says it
             below = [0.0 if (r.meta[CLIPPED_KEY] if CLIPPED_KEY in r.meta else norm(r.data) > clip) else 1.0
                      for r in results.values()]
-            count_gen = torch.Generator().manual_seed(derive_seed(fl.seed, _COUNT_NOISE, draws))
+            count_gen = torch.Generator().manual_seed(derive_seed(fl.seed, DP_FEDAVG_COUNT_NOISE, draws))
             noisy = sum(b - 0.5 for b in below) + float(torch.normal(0.0, count_noise, (1,), generator=count_gen,
                                                                       dtype=torch.float64))
             state["clip"] = adapt_clip(clip, noisy / expected + 0.5, adaptive.target_quantile, adaptive.lr)

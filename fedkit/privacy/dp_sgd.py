@@ -32,17 +32,16 @@ import torch
 from torch import nn
 
 from .. import metrics as M
-from ..client import Refused, derive_seed
+from ..client import Refused
 from ..errors import ConfigError
 from ..exchange import DXO, MetaKey
+from ..seeds import DP_SGD_NOISE, derive_seed
 from ..server import ServerContext
 from ..train import LocalTraining
 from ..workflows.extensions import Extension
 from ..workflows.scatter_gather import FedAvg
 from .accounting import (account, check_delta, check_delta_below, check_mechanism, check_number, epsilon,
                          noise_multiplier_for, opacus)
-
-_NOISE = 11  # a seed stream of its own for the optimizer's noise
 
 
 class BudgetExhausted(Refused, RuntimeError):
@@ -183,7 +182,7 @@ class PrivateSGD:
         """``opt`` inside Opacus' DPOptimizer, its noise drawn from a generator seeded by the task's seed."""
         DPOptimizer = opacus("opacus.optimizers").DPOptimizer
         device = opt.param_groups[0]["params"][0].device
-        gen = torch.Generator(device=device).manual_seed(derive_seed(seed, _NOISE))
+        gen = torch.Generator(device=device).manual_seed(derive_seed(seed, DP_SGD_NOISE))
         return DPOptimizer(opt, noise_multiplier=self.noise_multiplier, max_grad_norm=self.config.max_grad_norm,
                            expected_batch_size=self.expected_batch_size, loss_reduction="mean", generator=gen)
 

@@ -32,6 +32,7 @@ from ..errors import UpdateError, Unreadable
 from ..exchange import DXO, DataKind, MetaKey, Weights
 from ..global_model import GlobalModel, Step, screen
 from ..server import Reply
+from ..status import Status
 from .he_params import CIPHERTEXTS, META_KEY, STATE_KEY, CKKSParams
 from .he_filters import DECRYPT_S, ENCRYPT_S
 from .he_keys import PublicContext, digest, to_bytes, to_tensor
@@ -160,7 +161,7 @@ class EncryptedModel(GlobalModel):
             try:
                 loaded[name] = self.check(result, f"client {name!r}")
             except UpdateError as e:
-                reply.reject("rejected", str(e))
+                reply.reject(Status.REJECTED, str(e))
                 continue
             reply.result = result.with_data({k: v for k, v in result.data.items() if k != CIPHERTEXTS})
         floating = any(v.is_floating_point() for v in self.plain.values())

@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import ConfigError, UpdateError
 from ..exchange import DXO, Task, Weights
 from ..global_model import Encryption
+from ..seeds import CYCLIC_ORDER
 from ..server import Controller, ServerContext
 from ..weights import add
 
@@ -66,8 +67,8 @@ class Cyclic(Controller):
             started = time.perf_counter()
             travelling = fl.model.copy()  # the global model changes only once the cycle is complete
             replies = {}
-            # stream 3: apart from client sampling; the same order for the same seed and round
-            for name in self.visit_order(list(fl.client_names), fl.rng(rnd, 3)):
+            # a stream apart from client sampling: the same order for the same seed and round
+            for name in self.visit_order(list(fl.client_names), fl.rng(rnd, CYCLIC_ORDER)):
                 reply = fl.send_and_wait(Task(self.task_name, travelling.task_data({}), round=rnd), name)
                 replies[name] = reply
                 valid = travelling.screen({name: reply}, max_norm_ratio=None)

@@ -10,20 +10,23 @@ unless overridden, so an extension written in a cell overrides only what it chan
 ...     def round_metrics(self, fl, results):
 ...         return {"clients_heard": len(results)}
 
-``FedAvg(extensions=(Proximal(0.01), Scaffold()))`` composes them, in order.
+``FedAvg(extensions=(Proximal(0.01), Scaffold()))`` composes them, in order. An extension keeps its server state
+in ``fl.state_of(self)``, a namespace of its own (checkpointed), so two of one class do not share it.
 """
 
 from __future__ import annotations
 
+import copy
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError, UpdateError
 from ..exchange import DXO, Weights
-from ..server import Controller, ServerContext
+from ..server import STATE_NAME, Controller, ServerContext
 from ..train import LocalTraining, TrainHook, correction_hook, proximal_hook
 from ..weights import check_update
 
@@ -74,6 +77,23 @@ class Extension(TrainHook):
         return {}
 
 
+def bind_all(extensions: Sequence[Extension], workflow: Controller) -> tuple[Extension, ...]:
+    """``extensions`` as ``workflow`` runs them: each bound (`Extension.bind`) and named for its server state
+    (`ServerContext.state_of`) by its class and rank in the workflow: ``Scaffold``, then ``Scaffold#2``.
+
+    The names depend on the workflow alone, so a resumed run finds each state where it left it, and a `Chain` of
+    two such workflows runs as one. Each is a copy: one extension object may sit in several workflows.
+    """
+    bound, seen = [], Counter()
+    for ext in extensions:
+        ext = copy.copy(ext.bind(workflow))
+        kind = type(ext).__name__
+        seen[kind] += 1
+        object.__setattr__(ext, STATE_NAME, kind if seen[kind] == 1 else f"{kind}#{seen[kind]}")
+        bound.append(ext)
+    return tuple(bound)
+
+
 @dataclass(frozen=True)
 class Proximal(Extension):
     """FedProx's client-side proximal term mu/2 * ||w - w_global||^2 (Li et al. 2020, "Federated
@@ -98,8 +118,8 @@ class Scaffold(Extension):
     Learning"). The server keeps the global control variate c, sends it with the model, and moves it
     by |S|/N times the mean of the clients' control-variate changes; each client corrects its
     gradients by c - c_i, which cancels client drift on non-IID data, and returns the change of its
-    own c_i (option II: c_i+ = c_i - c + (x - y) / (K lr)). c lives in the server state and each c_i in
-    its client's state (both checkpointed)."""
+    own c_i (option II: c_i+ = c_i - c + (x - y) / (K lr)). c lives in its server state (``fl.state_of(self)``)
+    and each c_i in its client's state (both checkpointed)."""
 
     needs_plaintext: ClassVar[str | None] = (
         "its control variates (scaffold_c, scaffold_dc) travel and are aggregated in plaintext, which would "
@@ -107,11 +127,12 @@ class Scaffold(Extension):
     vectorized: ClassVar[bool | str] = True  # its correction is a GradTerm (fedkit.engine.vectorized stacks it)
 
     def task_meta(self, fl: ServerContext) -> dict[str, Any]:
-        c = fl.server.state.get("scaffold_c")
-        if c is None:
-            c = {k: torch.zeros_like(v) for k, v in fl.model.weights.items() if v.is_floating_point()}
-            fl.server.state["scaffold_c"] = c
-        return {"scaffold_c": c}
+        state = fl.state_of(self)
+        if "c" not in state:  # the first round; or a checkpoint of fedkit 0.1, which kept c under "scaffold_c"
+            c = fl.server.state.pop("scaffold_c", None)
+            state["c"] = c if c is not None else {k: torch.zeros_like(v) for k, v in fl.model.weights.items()
+                                                  if v.is_floating_point()}
+        return {"scaffold_c": state["c"]}
 
     def client_begin(self, t: LocalTraining) -> None:
         c = t.task.data.meta.get("scaffold_c")
@@ -137,7 +158,8 @@ class Scaffold(Extension):
     def after_aggregate(self, fl: ServerContext, results: dict[str, DXO]) -> None:
         if not results:  # a round that sampled nobody (Poisson sampling) leaves c as it is
             return
-        c = fl.server.state["scaffold_c"]
+        state = fl.state_of(self)
+        c = state["c"]
         changes = []
         for name, r in results.items():
             dc = r.meta.get("scaffold_dc")
@@ -147,7 +169,7 @@ class Scaffold(Extension):
             check_update(dc, {k: c[k] for k in dc}, f"client {name!r} (SCAFFOLD control variate)")
             changes.append(dc)
         scale = len(changes) / len(fl.client_names)
-        fl.server.state["scaffold_c"] = {
+        state["c"] = {
             k: v + scale * torch.stack([dc[k] for dc in changes]).mean(0) if k in changes[0] else v
             for k, v in c.items()
         }

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 from ..errors import RoundFailed
 from ..exchange import DXO, Task
 from ..server import Reply, ServerContext
+from ..status import Status
 
 
 def needed(min_clients: int | None, targets: int) -> int:
@@ -65,7 +66,7 @@ def gather(fl: ServerContext, targets: Sequence[str], task: Callable[[int], Task
         replies.update(new)
         if len(results) >= need:
             return {n: replies[n] for n in targets if n in replies}, results, attempt + 1
-        refused = {n: r for n, r in replies.items() if r.status == "refused"}
+        refused = {n: r for n, r in replies.items() if r.status == Status.REFUSED}
         if refused and len(targets) - len(refused) < need:
             first = next(iter(refused.values())).error  # each refusal is in the events, with its client's reason
             raise RoundRefused(f"{first} (round {sent.round + fl.offset}: {len(refused)} of {len(targets)} client(s) "

@@ -40,9 +40,10 @@ from ..exchange import DXO, MetaKey, Task, Weights
 from ..global_model import Encryption, screen_norms
 from ..server import Controller, Reply, ServerContext
 from ..server_opt import SGD, ServerOptimizer
+from ..status import Event, Status
 from ..train import has_client_half, hook_name
 from ..weights import add, check_update, norm
-from .extensions import Extension, Proximal, Scaffold
+from .extensions import Extension, Proximal, Scaffold, bind_all
 from .gather import RoundRefused, gather
 
 NORMS = "accepted_norms"  # server state: the norms of the last accepted updates (plain floats, checkpointed)
@@ -122,7 +123,7 @@ class FedAvg(Controller):
         if not isinstance(self.extensions, tuple) or not all(isinstance(e, Extension) for e in self.extensions):
             raise ConfigError(f"extensions must be a tuple of fedkit.workflows.Extension objects such as "
                               f"(Proximal(0.01),), got {self.extensions!r}")
-        object.__setattr__(self, "extensions", tuple(e.bind(self) for e in self.extensions))
+        object.__setattr__(self, "extensions", bind_all(self.extensions, self))
         if self.he is not None:
             self._check_encryptable()
 
@@ -186,7 +187,7 @@ class FedAvg(Controller):
         for rnd in range(fl.start_round, self.rounds):
             reason = self.stop_reason(fl, rnd)
             if reason is not None:  # e.g. the privacy budget: the last completed round stays the result
-                fl.event(rnd, "stopped", reason=reason)
+                fl.event(rnd, Event.STOPPED, reason=reason)
                 return
             started = time.perf_counter()
             try:
@@ -194,7 +195,7 @@ class FedAvg(Controller):
                                                     lambda replies: self.screen(fl, replies), self.min_clients,
                                                     self.max_retries)
             except RoundRefused as e:  # e.g. every client's privacy budget is spent: the last completed round stays
-                fl.event(rnd, "stopped", reason=e.reason)
+                fl.event(rnd, Event.STOPPED, reason=e.reason)
                 return
             fl.model.update(results, {n: weigh_result(self.weigh, r, n) for n, r in results.items()},
                             lambda weights, valid: self.step(weights, valid, fl.server.state, rnd, fl))
@@ -222,9 +223,10 @@ class FedAvg(Controller):
             ran = valid[name].meta.get(MetaKey.HOOKS_RAN, ())
             missing = [w for w in wanted if w not in ran]
             if missing:
-                replies[name].reject("rejected", f"client {name!r} did not run the client half of {', '.join(missing)}: "
-                                                 "its train executor ignores the task's client_hooks. Use the standard "
-                                                 "fk.Trainer, or run the hooks in your executor (see fedkit.train.Trainer)")
+                replies[name].reject(Status.REJECTED, f"client {name!r} did not run the client half of "
+                                                      f"{', '.join(missing)}: its train executor ignores the task's "
+                                                      "client_hooks. Use the standard fk.Trainer, or run the hooks in "
+                                                      "your executor (see fedkit.train.Trainer)")
                 del valid[name]
         if self.max_norm_ratio is not None and fl.model.readable:
             recent, per_step = (fl.server.state.setdefault(key, []) for key in (NORMS, STEP_NORMS))
