@@ -57,10 +57,9 @@ from .progress import bar as progress_bar
 from .privacy.ckks import STATE_KEY
 from .privacy.he_filters import decrypt_global, provision
 from .privacy.he_model import EncryptedModel
-from .server import Channel, Controller, Server, ServerContext
+from .server import Channel, Controller, RunStopped, Server, ServerContext
 from .stats import StatsExecutor
 from .train import Evaluator, ModelFn, SubmitModel, TrainConfig, Trainer, evaluate, load_weights, resolve_device
-from .workflows import Cyclic, FedAvg, FedStats, FederatedScaling
 
 ClientsLike = Sequence[Dataset] | Sequence[ClientData] | Sequence[Client]
 
@@ -985,18 +984,9 @@ class Simulator:
 
 def uses_local_models(workflow: Controller) -> bool:
     """Whether ``workflow`` may ask clients for their locally trained models (``submit_model``), so that each client
-    keeps a CPU copy of its last local weights across rounds (`Client.keep_local_model`). A `CrossSiteEval` (also
-    in a `Chain`) does; the standard workflows that never ask say so with ``uses_local_models = False``; any other
-    controller might, so its clients keep them (``uses_local_models`` on a controller overrides)."""
-    declared = getattr(workflow, "uses_local_models", None)
-    if isinstance(declared, bool):
-        return declared
-    parts = getattr(workflow, "parts", None)
-    if isinstance(parts, tuple) and parts:
-        return any(uses_local_models(p) for p in parts)
-    if getattr(workflow, "submit_task", None):
-        return True
-    return not isinstance(workflow, (FedAvg, Cyclic, FedStats, FederatedScaling))
+    keeps a CPU copy of its last local weights across rounds (`Client.keep_local_model`): the controller says so
+    (`Controller.uses_local_models`: False by default, True for `CrossSiteEval`, any part's for a `Chain`)."""
+    return workflow.uses_local_models
 
 
 # After abort() (or Ctrl-C), how long (seconds) a workflow's control_flow that sends no task (and so never meets
@@ -1024,6 +1014,8 @@ def serve(control: Callable[[ServerContext], None], fl: ServerContext, clients: 
     def run_controller() -> None:
         try:
             control(fl)
+        except RunStopped:  # fl.stop(reason): the controller ended the run on purpose, its event recorded
+            pass
         except BaseException as e:  # handed to the calling thread, which raises it
             outcome["error"] = e
         finally:

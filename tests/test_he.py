@@ -105,14 +105,9 @@ def replies_for(clients, model, damage=None):
     return out
 
 
-def step(weights, results):
-    """FedAvg's step for the plaintext layers."""
-    return fk.FedAvg(rounds=1).step(weights, results)
-
-
 def aggregate(model, replies, max_norm_ratio=10.0, weigh=by_samples):
     results = model.screen(replies, max_norm_ratio)
-    model.update(results, {n: weigh(r) for n, r in results.items()}, step)
+    model.update(results, weigh=weigh)
     return results
 
 
@@ -230,8 +225,8 @@ def test_an_update_that_fails_leaves_the_model_unchanged():
     before = (model.digest, list(model.chunks))
     results = model.screen(replies_for(clients, model), None)
     with pytest.raises(fk.UpdateError, match="weights must sum to a finite positive number, got 0.0"):
-        model.update(results, dict.fromkeys(results, 0.0), step)
-    model.update({}, {}, step)  # a round without results (Poisson sampling drew nobody)
+        model.update(results, weigh=lambda result: 0.0)
+    model.update({})  # a round without results (Poisson sampling drew nobody)
     assert (model.digest, model.chunks) == before
 
 
@@ -730,10 +725,16 @@ class Largest(fk.FedAvg):
             return list(fl.client_names)
         return sorted(sorted(sizes, key=lambda n: (-sizes[n], n))[: self.k])
 
-    def screen(self, fl, replies):
-        valid = super().screen(fl, replies)
-        fl.server.state.setdefault("samples", {}).update({n: int(r.meta[fk.MetaKey.NUM_SAMPLES]) for n, r in valid.items()})
-        return valid
+    def __post_init__(self):
+        object.__setattr__(self, "extensions", (*self.extensions, Samples()))
+        super().__post_init__()
+
+
+class Samples(fk.Extension):
+    """Keeps the sample count each valid result reports (public numbers), for `Largest` to choose from."""
+
+    def after_aggregate(self, fl, results):
+        fl.server.state.setdefault("samples", {}).update({n: int(r.meta[fk.MetaKey.NUM_SAMPLES]) for n, r in results.items()})
 
 
 def test_a_fedavg_subclass_choosing_its_clients_runs_under_he(digits):

@@ -41,6 +41,7 @@ class CrossSiteEval(Controller):
     """
 
     rounds: ClassVar[int] = 0
+    uses_local_models: ClassVar[bool] = True  # its clients keep their last local model for submit_model
     submit_task: str = "submit_model"
     validate_task: str = "validate"
 
