@@ -47,11 +47,13 @@ def federated(parts, test, args, he: CKKS | None):
     return run.history.to_dataframe()
 
 
-def tenseal_alone(ckks: CKKS, flat: np.ndarray, clients: int) -> dict[str, float]:
-    """Seconds bare TenSEAL needs for one round's HE work on ``flat`` (the packed model)."""
+def tenseal_alone(ckks: CKKS, flat: np.ndarray, sizes: list[int], clients: int) -> dict[str, float]:
+    """Seconds bare TenSEAL needs for one round's HE work on ``flat`` (the packed model) in ciphertexts of ``sizes``
+    numbers (the layout's: each layer in ciphertexts of its own)."""
     ctx = ts.context(ts.SCHEME_TYPE.CKKS, ckks.poly_modulus_degree, coeff_mod_bit_sizes=list(ckks.coeff_mod_bit_sizes))
     ctx.global_scale = 2.0 ** ckks.scale_bits
-    chunks = [flat[i:i + ckks.slots] for i in range(0, len(flat), ckks.slots)]
+    edges = np.cumsum([0, *sizes])
+    chunks = [flat[a:b] for a, b in zip(edges[:-1], edges[1:])]
     t = time.perf_counter()
     encrypted = [[ts.ckks_vector(ctx, c) for c in chunks] for _ in range(clients)]
     encrypt = time.perf_counter() - t
@@ -83,7 +85,8 @@ def main() -> None:
     test = random_cifar(round(0.1 * args.samples) * args.clients, seed=1)
     ckks = CKKS()
     model = fk.models.SimpleNetwork()
-    flat = pack(model.state_dict(), layout_for(model.state_dict(), ckks))
+    layout = layout_for(model.state_dict(), ckks)
+    flat = pack(model.state_dict(), layout)
     print(f"SimpleNetwork ({len(flat)} parameters), {args.clients} clients x {args.samples} samples, {args.rounds} "
           f"rounds, CKKS N={ckks.poly_modulus_degree} {list(ckks.coeff_mod_bit_sizes)} 2^{ckks.scale_bits}, "
           f"torch threads {torch.get_num_threads()}, median of {args.repeat}")
@@ -97,7 +100,7 @@ def main() -> None:
         he_s.append(he["seconds"].median())
         fedkit_he.append(he[list(HE_COLUMNS)].sum(axis=1).median())
         rows.append(he[list(HE_COLUMNS)].median())
-        bare.append(tenseal_alone(ckks, flat, args.clients))
+        bare.append(tenseal_alone(ckks, flat, layout.chunk_sizes, args.clients))
     plain_round, he_round, fk_he = statistics.median(plain_s), statistics.median(he_s), statistics.median(fedkit_he)
     enc, dec, agg = (statistics.median(b[k] for b in bare) for k in ("encrypt", "decrypt", "aggregate"))
     col = {c: statistics.median(r[c] for r in rows) for c in HE_COLUMNS}

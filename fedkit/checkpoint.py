@@ -1,13 +1,20 @@
 """Checkpoints: everything a run needs to continue after round k, written so that a crash cannot tear it.
 
-Layout inside a run directory::
+Layout inside a run directory, by party: the server's files apart from each client's::
 
-    history.jsonl                         the run's history, a line per round and event (appended, never rewritten)
-    checkpoints/round-00007/model.pt      global weights
-                           server.pt      server state (e.g. server-optimizer moments)
-                           clients.pt     each client's state, less its caches (keys starting with "_")
-    checkpoints/latest.json               {"round": 7, "dir": "round-00007", "files": {name: sha256},
-                                           "history": {"bytes": ..., "sha256": ..., "rounds": 8, "events": ...}, ...}
+    history.jsonl                                the run's history, a line per round and event (appended, never rewritten)
+    checkpoints/round-00007/server/model.pt      global weights (with HE: the plaintext layers only)
+                                  /state.pt      server state (server-optimizer moments; with HE the encrypted model
+                                                 and the public context)
+                           /clients/site-1.pt    one client's state, less its caches (keys starting with "_"); with
+                                   /site-2.pt    HE it holds the federation's SECRET key: never share this folder
+    checkpoints/latest.json                      {"round": 7, "dir": "round-00007", "files": {path: sha256},
+                                                  "clients": {name: path}, "history": {"bytes": ..., "sha256": ...,
+                                                  "rounds": 8, "events": ...}, ...}
+
+Everything outside ``clients/`` is what the server holds, and holds no secret key: a run directory less
+``checkpoints/round-*/clients/`` is safe to share. A client's file is named after it (characters other
+than letters, digits, ``_``, ``-`` and ``.`` become ``_``); ``latest.json`` says which file is whose.
 
 A round's folder is written under a temporary name and renamed when complete; ``latest.json`` is
 then replaced atomically (write, then rename), and only after that are older folders removed. A kill
@@ -22,7 +29,9 @@ round ``latest.json`` names to be the history's last.
 fedkit draws every random number from generators seeded by (seed, round, client, attempt), so the
 random state of a run is fully described by its seed and the round it reached.
 
-Format 1 (older fedkit) kept the whole history in ``round-NNNNN/history.json``; it is still read.
+Formats 1 and 2 (older fedkit) kept every party's state in one folder (``model.pt``, ``server.pt`` and
+``clients.pt``, which holds every client's state, HE secret key included); they are still read, and the
+next checkpoint is written by party. Format 1 also kept the whole history in ``round-NNNNN/history.json``.
 """
 
 from __future__ import annotations
@@ -37,18 +46,24 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 
+from .client import Client
 from .exchange import Weights
-from .history import LOG, History, HistoryLog, LogState, dumps as history_dumps, loads as history_loads, read_log, write_atomic
+from .history import (LOG, History, HistoryLog, LogState, RoundRecord, dumps as history_dumps, loads as history_loads,
+                      read_log, write_atomic)
+from .server import Server
 
-FORMAT = 2
-READS = (1, 2)
+FORMAT = 3
+READS = (1, 2, 3)
 LATEST = "latest.json"
-TENSOR_FILES = ("model.pt", "server.pt", "clients.pt")
+SERVER, CLIENTS = "server", "clients"  # a round's folder holds one per party: the server's, and the clients' (secret)
+FILES = {"model": f"{SERVER}/model.pt", "server": f"{SERVER}/state.pt", "history": f"{SERVER}/history.json"}
+OLD_FILES = {"model": "model.pt", "server": "server.pt", "clients": "clients.pt", "history": "history.json"}  # 1, 2
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_CLIENT_FILE = re.compile(CLIENTS + r"/[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}\.pt")  # no "..", no "/": stays in its folder
 
 
 class CheckpointError(RuntimeError):
@@ -110,6 +125,24 @@ def _tensor_bytes(obj: Any) -> bytes:
     return buf.getvalue()
 
 
+def client_files(names: Iterable[str]) -> dict[str, str]:
+    """Each client's file in a round's folder, ``clients/<name>.pt``: the name with characters other than letters,
+    digits, ``_``, ``-`` and ``.`` replaced by ``_`` (no leading ``.``, at most 90), numbered if two would collide.
+
+    >>> client_files(["site-1", "a/b", "a_b"])
+    {'site-1': 'clients/site-1.pt', 'a/b': 'clients/a_b.pt', 'a_b': 'clients/a_b-3.pt'}
+    """
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    for i, name in enumerate(names):
+        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".")[:90] or "client"
+        while stem.lower() in used:  # lower: two names that differ in case only collide on some file systems
+            stem = f"{stem}-{i + 1}"
+        used.add(stem.lower())
+        out[name] = f"{CLIENTS}/{stem}.pt"
+    return out
+
+
 def save(run_dir: str | Path, round: int, weights: Weights, server_state: dict[str, Any],
          client_states: dict[str, dict[str, Any]], history: History, fingerprint: str,
          log: HistoryLog | None = None) -> Path:
@@ -117,24 +150,29 @@ def save(run_dir: str | Path, round: int, weights: Weights, server_state: dict[s
 
     With ``log`` (the run directory's `HistoryLog` of ``history``) the history is appended there and the
     checkpoint records how much of it is its own; without, the whole history goes into the folder.
+    The server's files go into the folder's ``server/``, each client's state into ``clients/`` (`client_files`).
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    owned = client_files(client_states)
     files = {
-        "model.pt": _tensor_bytes({k: v.detach().cpu() for k, v in weights.items()}),
-        "server.pt": _tensor_bytes(persistent(server_state, "the server")),
-        "clients.pt": _tensor_bytes({c: persistent(s, f"client {c!r}") for c, s in client_states.items()}),
+        FILES["model"]: _tensor_bytes({k: v.detach().cpu() for k, v in weights.items()}),
+        FILES["server"]: _tensor_bytes(persistent(server_state, "the server")),
+        **{owned[c]: _tensor_bytes(persistent(s, f"client {c!r}")) for c, s in client_states.items()},
     }
-    manifest: dict[str, Any] = {"format": FORMAT, "round": round, "dir": f"round-{round:05d}", "fingerprint": fingerprint}
+    manifest: dict[str, Any] = {"format": FORMAT, "round": round, "dir": f"round-{round:05d}", "fingerprint": fingerprint,
+                                "clients": owned}
     if log is not None:
         manifest["history"] = log.sync().to_dict()  # appended before the checkpoint that refers to it
     else:
-        files["history.json"] = history_dumps(history.to_dict()).encode()
+        files[FILES["history"]] = history_dumps(history.to_dict()).encode()
     name = manifest["dir"]
     tmp = root / (name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
+        (tmp / SERVER).mkdir()
+        (tmp / CLIENTS).mkdir(mode=0o700)  # the clients' secrets (HE keys): not even readable by other users
         for fname, data in files.items():
             (tmp / fname).write_bytes(data)
     except BaseException:
@@ -149,6 +187,37 @@ def save(run_dir: str | Path, round: int, weights: Weights, server_state: dict[s
         if old.is_dir() and old.name != name:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+class Checkpointer:
+    """A round listener that checkpoints a run into ``run_dir``: after every ``every`` rounds and after the last of
+    the ``rounds`` planned; `finish`, once the run has ended, the last round of a run that stopped early on purpose.
+
+    It reads the run as a round ends: the ``server``'s model and state, the ``clients``' states, the ``history``
+    (appended to ``log``, the run directory's `HistoryLog`). ``saved``: the round already checkpointed (a resume's).
+    """
+
+    def __init__(self, run_dir: Path, server: Server, clients: Mapping[str, Client], history: History,
+                 fingerprint: str, log: HistoryLog | None, every: int, rounds: int, saved: int = -1) -> None:
+        self.run_dir, self.server, self.clients, self.history = run_dir, server, clients, history
+        self.fingerprint, self.log, self.every, self.rounds, self.saved = fingerprint, log, every, rounds, saved
+
+    def __call__(self, record: RoundRecord) -> None:
+        last = record.round + 1 >= self.rounds
+        if (record.round + 1) % self.every == 0 or last:
+            self.save(record.round)
+
+    def save(self, round: int) -> None:
+        """Checkpoint the run as it is after ``round``."""
+        weights, extra = self.server.model.checkpoint()
+        save(self.run_dir, round, weights, {**self.server.state, **extra},
+             {n: c.state for n, c in self.clients.items()}, self.history, self.fingerprint, log=self.log)
+        self.saved = round
+
+    def finish(self) -> None:
+        """Checkpoint the last round unless it is: a workflow that stopped early (privacy budget) is checkpointed too."""
+        if len(self.history) and self.saved != self.history.rounds[-1].round:
+            self.save(self.history.rounds[-1].round)
 
 
 def exists(run_dir: str | Path) -> bool:
@@ -178,7 +247,17 @@ def _manifest_problem(m: Any) -> str | None:
     if not isinstance(m.get("fingerprint"), str):
         return "has no fingerprint (the hash of the run's settings)"
     files = m.get("files")
-    expected = set(TENSOR_FILES) | ({"history.json"} if "history" not in m else set())
+    names = _names(m)
+    if "clients" in names:  # formats 1 and 2: one file for all the clients
+        clients = {names["clients"]}
+    else:
+        owned = m.get("clients")
+        if not (_is_str_dict(owned) and all(isinstance(f, str) and _CLIENT_FILE.fullmatch(f) for f in owned.values())
+                and len(set(owned.values())) == len(owned)):
+            return (f"lists the clients' files as {owned!r}; expected a distinct file under {CLIENTS}/ for each client, "
+                    "named <client>.pt")
+        clients = set(owned.values())
+    expected = {names["model"], names["server"], *clients} | ({names["history"]} if "history" not in m else set())
     if not isinstance(files, dict) or set(files) != expected:
         listed = sorted(files) if isinstance(files, dict) else files
         return f"lists the files {listed!r}; a checkpoint of this format has {sorted(expected)}"
@@ -192,6 +271,11 @@ def _manifest_problem(m: Any) -> str | None:
         if not ok or not (isinstance(h["sha256"], str) and _HEX64.fullmatch(h["sha256"])):
             return f"describes the history as {h!r}; expected bytes, sha256, rounds and events of {LOG}"
     return None
+
+
+def _names(manifest: dict) -> dict[str, str]:
+    """Where the files of a checkpoint of ``manifest``'s format are in its round's folder."""
+    return FILES if manifest["format"] >= 3 else OLD_FILES
 
 
 def _unpickling_message(path: Path, e: Exception) -> str:
@@ -275,18 +359,26 @@ def load(run_dir: str | Path, clients: Iterable[str] | None = None) -> Checkpoin
             "from a backup or start a new run."
         )
 
-    weights = tensors("model.pt")
+    names = _names(manifest)
+    weights = tensors(names["model"])
     if not _is_str_dict(weights) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise CheckpointError(f"checkpoint file {folder / 'model.pt'} does not hold a model's weights (a dict of "
+        raise CheckpointError(f"checkpoint file {folder / names['model']} does not hold a model's weights (a dict of "
                               f"names to tensors) but {_kind(weights)}; it will not be resumed")
-    server_state = tensors("server.pt")
+    server_state = tensors(names["server"])
     if not _is_str_dict(server_state):
-        raise CheckpointError(f"checkpoint file {folder / 'server.pt'} does not hold the server's state (a dict with "
-                              f"string keys) but {_kind(server_state)}; it will not be resumed")
-    client_states = tensors("clients.pt")
-    if not _is_str_dict(client_states) or not all(_is_str_dict(s) for s in client_states.values()):
-        raise CheckpointError(f"checkpoint file {folder / 'clients.pt'} does not hold the clients' states (a dict of "
-                              f"client names to dicts) but {_kind(client_states)}; it will not be resumed")
+        raise CheckpointError(f"checkpoint file {folder / names['server']} does not hold the server's state (a dict "
+                              f"with string keys) but {_kind(server_state)}; it will not be resumed")
+    if "clients" not in names:  # by party: a file per client
+        client_states = {c: tensors(f) for c, f in manifest["clients"].items()}
+        for c, state in client_states.items():
+            if not _is_str_dict(state):
+                raise CheckpointError(f"checkpoint file {folder / manifest['clients'][c]} does not hold client {c!r}'s "
+                                      f"state (a dict with string keys) but {_kind(state)}; it will not be resumed")
+    else:
+        client_states = tensors(names["clients"])
+        if not _is_str_dict(client_states) or not all(_is_str_dict(s) for s in client_states.values()):
+            raise CheckpointError(f"checkpoint file {folder / names['clients']} does not hold the clients' states (a "
+                                  f"dict of client names to dicts) but {_kind(client_states)}; it will not be resumed")
     ckpt = Checkpoint(rnd, weights, server_state, client_states, history, fingerprint, log)
     if clients is not None:
         ckpt.check_clients(clients, run_dir)
@@ -303,10 +395,11 @@ def _kind(obj: Any) -> str:
 def _history(run_dir: Path, manifest: dict, blobs: dict[str, bytes], folder: Path) -> tuple[History, LogState | None]:
     """The checkpoint's history: the first bytes of the run's history.jsonl it recorded (format 1: history.json)."""
     if "history" not in manifest:
+        fname = _names(manifest)["history"]
         try:
-            return History.from_dict(history_loads(blobs["history.json"])), None
+            return History.from_dict(history_loads(blobs[fname])), None
         except (ValueError, TypeError) as e:
-            raise CheckpointError(f"checkpoint file {folder / 'history.json'} is not a valid history ({e})") from None
+            raise CheckpointError(f"checkpoint file {folder / fname} is not a valid history ({e})") from None
     state = LogState(**manifest["history"])
     path = run_dir / LOG
     if not path.is_file():

@@ -41,7 +41,7 @@ from . import checkpoint, data as fkdata, export, plots, rundir
 from .checkpoint import CheckpointError
 from .cli_flags import (ALGORITHMS, RULES, SERVER_OPTS, WEIGHINGS, check_sizes, data_from_args, encryption_from_args,
                         experiment_from_args, privacy_from_args, refuse_unused, workflow_from_args)
-from .errors import ConfigError
+from .errors import ConfigError, MissingExtra
 from .experiment import ENGINES, MODELS, PARTITIONS
 from .global_model import NORM_REMEDY
 from .privacy.accounting import MECHANISMS
@@ -467,6 +467,10 @@ def _hint(prog: str, e: BaseException) -> str:
     if isinstance(e, rundir.RunDirBusy):
         pid = e.holder.get("pid")
         return f"wait for {f'process {pid}' if pid else 'that run'} to end, or choose another --out"
+    if isinstance(e, MissingExtra):
+        return f"install it into the Python that runs fedkit: {sys.executable} -m pip install 'fedkit[{e.extra}]'"
+    if isinstance(e, export.FolderRefused):
+        return "choose another --out: a new or empty folder, or (with --overwrite) one an earlier export wrote"
     if isinstance(e, CheckpointError):
         return f"check the path given to --resume, or start a new run with --out (`{prog} --help`)"
     if "run directory" in str(e):
@@ -626,7 +630,7 @@ def export_main(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         if args.json:
             print(_json({"status": "refused", "error": e.cli}))
         raise SystemExit(2)
-    except (ConfigError, OSError, export.FlareMissing) as e:
+    except (ConfigError, OSError) as e:
         _refuse(prog, e, None, args.json)
     if args.json:
         print(_json({"status": "exported", "job": str(job.path), "files": job.files(), "run": job.simulator_command()}))

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
+from .extras import require
 
 
 @dataclass(frozen=True, eq=False)
@@ -199,14 +200,9 @@ _TORCHVISION = {
 
 
 def _torchvision(name: str, root: Path, download: bool) -> Data:
-    try:
-        import torchvision
-    except Exception as e:  # ImportError, or a torchvision built for another torch
-        raise ConfigError(
-            f"dataset {name!r} needs torchvision, which could not be imported ({e}). Install a torchvision "
-            "that matches your torch (pip install 'fedkit[vision]', or the pair PyTorch's install selector "
-            "gives), or use the offline dataset 'digits'."
-        ) from None
+    torchvision = require("torchvision", f"dataset {name!r}",
+                          " (it must match your torch: else the pair that PyTorch's install selector gives), "
+                          "or use the offline dataset 'digits'")
     cls_name, mean, std = _TORCHVISION[name]
     cls = getattr(torchvision.datasets, cls_name)
     try:

@@ -15,3 +15,12 @@ class RoundFailed(RuntimeError):
 
 class Unreadable(RuntimeError):
     """The server was asked for a global model it holds only encrypted: only the clients can read it."""
+
+
+class MissingExtra(ConfigError):
+    """A feature needs an optional package that is not installed; the message names the extra that holds it
+    (``pip install 'fedkit[privacy]'``). ``extra`` and ``package`` say which."""
+
+    def __init__(self, message: str, extra: str, package: str) -> None:
+        super().__init__(message)
+        self.extra, self.package = extra, package

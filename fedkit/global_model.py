@@ -19,7 +19,7 @@ import math
 import numbers
 import statistics
 from abc import ABC, abstractmethod
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, Mapping
 
 from .aggregate import Rule, apply_rule, by_samples, rule_name, weigh_result, weighted_mean
 from .errors import UpdateError
@@ -45,12 +45,32 @@ def aggregate(results: dict[str, DXO], rule: Rule, weigh: Weigh, reference: Weig
     return diff
 
 
-class Encryption:
-    """Base of the settings of an encryption scheme for the global model (`fedkit.privacy.he.CKKS`).
+class Encryption(ABC):
+    """Base of an encryption scheme for the global model (`fedkit.privacy.he.CKKS`).
 
-    A workflow that holds one in its ``he`` field asks the simulator to provision keys and to give
-    the server an encrypted model; the workflow itself stays the same.
+    A workflow that holds one in its ``he`` field runs on an encrypted model; the workflow itself stays
+    the same. The simulator calls the scheme's hooks: `provision` before a run (FLARE's provisioning),
+    `check_saved` before a resume, `decrypt` when the run's owner reads the model. So privacy plugs in
+    from above, through the object the workflow holds: no module below it imports the scheme.
     """
+
+    state_key: ClassVar[str] = "he"  # the server-state entry that holds its model in a checkpoint (`GlobalModel.checkpoint`)
+
+    @abstractmethod
+    def provision(self, clients: Mapping[str, Any], initial: Weights,
+                  saved: tuple[Weights, dict[str, Any]] | None = None) -> GlobalModel:
+        """Make the federation's keys (or keep those the restored state of ``clients``, `fedkit.client.Client`s,
+        holds), give every client its secret part and filters, and return the server's encrypted model, built
+        from the public part only: ``initial`` encrypted, or the model that ``saved`` (a checkpoint's weights and
+        server state) holds. `fedkit.errors.ConfigError` if the clients' keys do not fit it."""
+
+    @abstractmethod
+    def check_saved(self, server_state: dict[str, Any]) -> None:
+        """Refuse (`ValueError`, saying what is missing) a checkpoint's server state without a model of this scheme."""
+
+    @abstractmethod
+    def decrypt(self, model: GlobalModel, client_state: dict[str, Any]) -> Weights:
+        """The global ``model`` in plaintext, as the client whose state is ``client_state`` decrypts it."""
 
 
 def credited_steps(result: DXO) -> int:
@@ -249,6 +269,10 @@ class GlobalModel(ABC):
     def checkpoint(self) -> tuple[Weights, dict[str, Any]]:
         """What a checkpoint keeps: the tensors for ``model.pt`` (with HE: the plaintext layers) and entries
         for the server state (with HE: the ciphertexts and the public context, under ``"he"``)."""
+
+    def describe(self) -> dict[str, Any]:
+        """What a run's history records about the model's encryption (``history.results["he"]``); plaintext: nothing."""
+        return {}
 
     def observe(self, replies: dict[str, Reply]) -> None:
         """Take note of what replies that are not screened cost (the encrypted model counts ciphertext bytes)."""

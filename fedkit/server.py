@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, ClassVar, Iterator, NoReturn, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Mapping, NoReturn, Sequence
 
 import numpy as np
 import torch
@@ -205,10 +205,6 @@ class RunStopped(Exception):
     """``fl.stop(reason)`` ended the run on purpose (a spent privacy budget, a plateau): a clean end, not a failure.
     Raised through the controller, whatever runs it (a `Chain` stops too); the simulator ends the run as done."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
 
 @dataclass
 class ServerContext:
@@ -242,8 +238,7 @@ class ServerContext:
 
     @property
     def workflow(self) -> Controller | None:
-        """The controller whose ``control_flow`` runs now (the innermost, for one that runs another): `Round`
-        takes its settings (``min_clients``, ``max_retries``, ...) as defaults."""
+        """The controller whose ``control_flow`` runs now (the innermost): `Round` takes its settings as defaults."""
         return self.__dict__.get("_workflow")
 
     @contextmanager
@@ -490,6 +485,11 @@ class Controller(ABC):
         """Refuse, with how to fix it, settings that cannot work with these ``clients`` (their names), such as
         more clients per round than there are. The simulator asks before the first round; the default accepts
         any federation."""
+
+    def check_population(self, examples: Mapping[str, int]) -> None:
+        """Refuse, with how to fix it, settings that these clients' data cannot meet (``examples``: each client's
+        number of training examples), such as a DP delta that is not below 1 / the number of individuals hidden.
+        The simulator asks when it is built; the default accepts any data."""
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse, with how to fix it, a model this workflow cannot train (DP-SGD cannot train BatchNorm)."""

@@ -169,6 +169,11 @@ def cases(digits, small) -> list[tuple[str, str, list[Any], Callable[[Any], Any]
     add("DPSGD", "target_epsilon", _reals(0.0, inf_ok=True, none_ok=True), lambda v: dp(target_epsilon=v))
     add("DPSGD", "delta", _reals(0.0, 1.0, high_ok=False), lambda v: dp(delta=v))
     add("DPSGD", "rounds", _ints(1, none_ok=True), lambda v: dp(rounds=v))
+    # a delta in (0, 1) yet not below 1 / the population the guarantee hides: refused when the simulator is built
+    add("Simulator", "DPSGD delta >= 1 / the smallest client's examples (90)", [0.02, 0.5, 0.9],
+        lambda v: sim(workflow=fk.FedAvg(rounds=1, extensions=(dp(delta=v),))), "junk")
+    add("Simulator", "DPFedAvg delta >= 1 / the clients (2)", [0.5, 0.7, 0.99],
+        lambda v: sim(workflow=fk.DPFedAvg(rounds=1, noise_multiplier=1.0, delta=v)), "junk")
     add("DPSGD", "accountant", ["gdp?", None, 3, ""], lambda v: dp(accountant=v), "junk")
 
     add("he.CKKS", "poly_modulus_degree", _ints(1) + [4097, 8192.0, 2**70], lambda v: fk.he.CKKS(poly_modulus_degree=v))

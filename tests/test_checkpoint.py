@@ -184,17 +184,17 @@ def finished(digits, tmp_path):
 
 def test_flipped_bytes_are_detected(finished):
     run_dir, folder = finished
-    data = bytearray((folder / "model.pt").read_bytes())
+    data = bytearray((folder / "server" / "model.pt").read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (folder / "model.pt").write_bytes(bytes(data))
+    (folder / "server" / "model.pt").write_bytes(bytes(data))
     with pytest.raises(fk.CheckpointError, match="model.pt is corrupted or truncated"):
         checkpoint.load(run_dir)
 
 
 def test_truncated_files_are_detected(finished):
     run_dir, folder = finished
-    (folder / "clients.pt").write_bytes((folder / "clients.pt").read_bytes()[:10])
-    with pytest.raises(fk.CheckpointError, match="clients.pt is corrupted or truncated"):
+    (folder / "clients" / "site-1.pt").write_bytes((folder / "clients" / "site-1.pt").read_bytes()[:10])
+    with pytest.raises(fk.CheckpointError, match="site-1.pt is corrupted or truncated"):
         checkpoint.load(run_dir)
     latest = run_dir / "checkpoints" / "latest.json"
     latest.write_text(latest.read_text()[:25])
@@ -212,10 +212,10 @@ def test_a_checkpoint_cannot_run_code(finished, monkeypatch):
     run_dir, folder = finished
     monkeypatch.chdir(run_dir)
     evil = pickle.dumps(_Exploit())
-    (folder / "model.pt").write_bytes(evil)
+    (folder / "server" / "model.pt").write_bytes(evil)
     latest = run_dir / "checkpoints" / "latest.json"
     manifest = json.loads(latest.read_text())
-    manifest["files"]["model.pt"] = hashlib.sha256(evil).hexdigest()  # even with a matching hash
+    manifest["files"]["server/model.pt"] = hashlib.sha256(evil).hexdigest()  # even with a matching hash
     latest.write_text(json.dumps(manifest))
     with pytest.raises(fk.CheckpointError, match="could not be read safely"):
         checkpoint.load(run_dir)
@@ -273,7 +273,7 @@ def test_cli_fault_and_resume_errors(args, message, capsys):
 def test_cli_resume_of_a_corrupted_run_exits_2(tmp_path, capsys):
     from fedkit.cli import main
     assert main(["run", "--rounds", "2", "--clients", "2", "--no-progress", "--out", str(tmp_path)]) == 0
-    (tmp_path / "checkpoints" / "round-00001" / "model.pt").write_bytes(b"junk")
+    (tmp_path / "checkpoints" / "round-00001" / "server" / "model.pt").write_bytes(b"junk")
     assert main(["run", "--resume", str(tmp_path), "--no-progress"]) == 2
     assert "corrupted or truncated" in capsys.readouterr().err
 
@@ -381,7 +381,10 @@ def test_a_round_the_history_does_not_end_with_is_refused(tiny_run, rnd):
     (dict(files=[]), "lists the files"),
     (dict(fingerprint=None), "has no fingerprint"),
     (dict(history={"bytes": "x"}), "describes the history"),
-    (dict(format=99), "has format 99; this fedkit reads formats 1, 2"),
+    (dict(format=99), "has format 99; this fedkit reads formats 1, 2, 3"),
+    (dict(clients={"a": "clients/../../x.pt", "b": "clients/b.pt"}), "lists the clients' files as"),
+    (dict(clients={"a": "clients/a.pt", "b": "clients/a.pt"}), "a distinct file under clients/ for each client"),
+    (dict(clients=None), "lists the clients' files as None"),
 ])
 def test_a_malformed_latest_json_is_refused(tiny_run, change, message):
     run_dir, _ = tiny_run
@@ -391,12 +394,13 @@ def test_a_malformed_latest_json_is_refused(tiny_run, change, message):
 
 
 @pytest.mark.parametrize("fname, obj, message", [
-    ("model.pt", [1.0, 2.0], "model.pt does not hold a model's weights (a dict of names to tensors) but a list"),
-    ("model.pt", {"weight": 3}, "model.pt does not hold a model's weights (a dict of names to tensors) but a dict of str -> int"),
-    ("model.pt", {1: torch.ones(1, 1)}, "model.pt does not hold a model's weights"),
-    ("server.pt", [torch.ones(1)], "server.pt does not hold the server's state (a dict with string keys) but a list"),
-    ("clients.pt", {"a": 5, "b": {}}, "clients.pt does not hold the clients' states (a dict of client names to dicts)"),
-    ("clients.pt", torch.ones(2), "clients.pt does not hold the clients' states"),
+    ("server/model.pt", [1.0, 2.0], "model.pt does not hold a model's weights (a dict of names to tensors) but a list"),
+    ("server/model.pt", {"weight": 3}, "model.pt does not hold a model's weights (a dict of names to tensors) but a dict of "
+                                       "str -> int"),
+    ("server/model.pt", {1: torch.ones(1, 1)}, "model.pt does not hold a model's weights"),
+    ("server/state.pt", [torch.ones(1)], "state.pt does not hold the server's state (a dict with string keys) but a list"),
+    ("clients/a.pt", 5, "clients/a.pt does not hold client 'a''s state (a dict with string keys) but a int"),
+    ("clients/b.pt", torch.ones(2), "clients/b.pt does not hold client 'b''s state"),
 ])
 def test_correctly_hashed_but_malformed_tensors_are_refused(tiny_run, fname, obj, message):
     run_dir, sim = tiny_run
@@ -409,7 +413,9 @@ def test_correctly_hashed_but_malformed_tensors_are_refused(tiny_run, fname, obj
 
 def test_client_states_must_be_the_federations_clients(tiny_run):
     run_dir, sim = tiny_run
-    _replace_file(run_dir, "clients.pt", _torch_bytes({"a": {}, "mallory": {}}))
+    m = _manifest(run_dir)
+    m["clients"] = {"a": "clients/a.pt", "mallory": "clients/b.pt"}
+    _write_manifest(run_dir, m)
     with pytest.raises(fk.CheckpointError, match=r"holds the states of clients \['a', 'mallory'\], but this "
                                                  r"federation's clients are \['a', 'b'\]"):
         sim().resume(progress=False)
@@ -419,7 +425,7 @@ def test_client_states_must_be_the_federations_clients(tiny_run):
 
 def test_a_model_of_other_shapes_is_refused(tiny_run):
     run_dir, sim = tiny_run
-    _replace_file(run_dir, "model.pt", _torch_bytes({"weight": torch.ones(3, 3)}))
+    _replace_file(run_dir, "server/model.pt", _torch_bytes({"weight": torch.ones(3, 3)}))
     assert checkpoint.load(run_dir).weights["weight"].shape == (3, 3)  # well-formed on its own...
     with pytest.raises(fk.CheckpointError, match="does not fit this simulator's model.*shape"):
         sim().resume(progress=False)  # ...but not this model's
@@ -487,20 +493,69 @@ def test_a_kill_mid_append_does_not_corrupt_a_resume(digits, tmp_path):
     assert read_log(log).history.to_dict() == resumed.history.to_dict()
 
 
-def test_a_format_1_checkpoint_still_resumes(tiny_run, tiny_model, tmp_path):
-    """Older fedkit kept the whole history in the round's folder (history.json); such a checkpoint still resumes."""
+def _as_old_format(run_dir, fmt):
+    """Rewrite the checkpoint in ``run_dir`` as fedkit wrote it before format 3: every party's state in one folder
+    (model.pt, server.pt, clients.pt), and with format 1 the whole history in it (history.json), no history.jsonl."""
+    ckpt = checkpoint.load(run_dir)
+    m = _manifest(run_dir)
+    folder = run_dir / "checkpoints" / m["dir"]
+    for sub in ("server", "clients"):
+        for f in (folder / sub).iterdir():
+            f.unlink()
+        (folder / sub).rmdir()
+    files = {"model.pt": _torch_bytes(ckpt.weights), "server.pt": _torch_bytes(ckpt.server_state),
+             "clients.pt": _torch_bytes(ckpt.client_states)}
+    if fmt == 1:
+        files["history.json"] = json.dumps(ckpt.history.to_dict()).encode()
+        del m["history"]
+        (run_dir / "history.jsonl").unlink()
+    for fname, data in files.items():
+        (folder / fname).write_bytes(data)
+    del m["clients"]
+    m.update(format=fmt, files={f: hashlib.sha256(d).hexdigest() for f, d in files.items()})
+    _write_manifest(run_dir, m)
+
+
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_a_format_1_or_2_checkpoint_still_resumes(tiny_run, tiny_model, tmp_path, fmt):
+    """Older fedkit kept every party's state in one folder (format 2), and the whole history there too (format 1,
+    history.json); such a checkpoint still resumes, and the next one is written by party."""
     run_dir, sim = tiny_run
     whole = tiny_sim(tmp_path / "whole", tiny_model).run(progress=False)
-    ckpt = checkpoint.load(run_dir)
-    checkpoint.save(run_dir, ckpt.round, ckpt.weights, ckpt.server_state, ckpt.client_states, ckpt.history, ckpt.fingerprint)
-    m = _manifest(run_dir)
-    m["format"] = 1
-    _write_manifest(run_dir, m)
-    (run_dir / "history.jsonl").unlink()
-    assert "history.json" in m["files"] and checkpoint.load(run_dir).log is None
+    _as_old_format(run_dir, fmt)
+    old = checkpoint.load(run_dir, clients=["a", "b"])
+    assert old.round == 1 and (old.log is None) == (fmt == 1) and old.client_states["a"]["calls"] == 2
     resumed = sim().resume(progress=False)
     assert resumed.model_sha256 == whole.model_sha256 and len(resumed.history) == 3
-    assert checkpoint.load(run_dir).log is not None  # it goes on in the new format
+    assert checkpoint.load(run_dir).log is not None  # it goes on in the new format, by party
+    folder = run_dir / "checkpoints" / "round-00002"
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*.pt")) == [
+        "clients/a.pt", "clients/b.pt", "server/model.pt", "server/state.pt"]
+
+
+def test_he_secrets_item12_a_checkpoint_is_laid_out_by_party(tmp_path, tiny_model):
+    """The server's files in server/, each client's state in clients/<name>.pt (named safely, whatever the name),
+    and latest.json saying which file is whose; a resume reads each client's state back from its own file."""
+    d = fk.Dataset(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long), 2)
+    names = ["site-1", "../up", "a/b", "a_b", ".hidden", "A_B"]
+
+    def sim(on_round=()):
+        clients = [fk.Client(n, ClientData(d, d), {"train": _ones}) for n in names]
+        return fk.Simulator(fk.FedAvg(rounds=3), model=tiny_model, clients=clients, out=tmp_path / "r",
+                            on_round=list(on_round))
+
+    interrupted(sim([stop_after(1)]))
+    folder = tmp_path / "r" / "checkpoints" / "round-00001"
+    m = _manifest(tmp_path / "r")
+    assert m["format"] == 3 and m["clients"] == {
+        "site-1": "clients/site-1.pt", "../up": "clients/_up.pt", "a/b": "clients/a_b.pt", "a_b": "clients/a_b-4.pt",
+        ".hidden": "clients/hidden.pt", "A_B": "clients/A_B-6.pt"}
+    on_disk = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert on_disk == sorted(["server/model.pt", "server/state.pt", *m["clients"].values()]) == sorted(m["files"])
+    assert (folder / "clients").stat().st_mode & 0o077 == 0  # the clients' folder: its owner's only
+    assert {n: s["calls"] for n, s in checkpoint.load(tmp_path / "r").client_states.items()} == dict.fromkeys(names, 2)
+    assert sim().resume(progress=False).status == "done"
+    assert {n: s["calls"] for n, s in checkpoint.load(tmp_path / "r").client_states.items()} == dict.fromkeys(names, 3)
 
 
 def test_a_new_run_in_a_directory_voids_its_old_checkpoint(tiny_run, tiny_model):
@@ -517,10 +572,32 @@ def test_a_new_run_in_a_directory_voids_its_old_checkpoint(tiny_run, tiny_model)
                          ids=["os.system", "module"])
 def test_a_refused_pickle_never_suggests_loading_it_anyway(finished, payload):
     run_dir, _ = finished
-    _replace_file(run_dir, "model.pt", payload)
+    _replace_file(run_dir, "server/model.pt", payload)
     with pytest.raises(fk.CheckpointError) as e:
         checkpoint.load(run_dir)
     message = str(e.value)
     assert "could not be read safely" in message and "loading it could run code" in message
     for advice in ("weights_only", "add_safe_globals", "safe_globals", "trusted source", "can still be loaded"):
         assert advice not in message, message
+
+
+def test_checkpointing_is_a_round_listener(tmp_path):
+    """Issue 20 item 3: `checkpoint.Checkpointer` is subscribed to round ends like any on_round listener; it saves every
+    ``every`` rounds and the last planned one, and `finish` the last round of a run that stopped early."""
+    server, history = fk.Server({"w": torch.zeros(2)}), fk.History()
+    client = fk.Client("site-1", ClientData(fk.Dataset(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long), 2),
+                                            fk.Dataset(torch.zeros(0, 1), torch.zeros(0, dtype=torch.long), 2)), {})
+    saver = checkpoint.Checkpointer(tmp_path, server, {"site-1": client}, history, "fp", None, every=2, rounds=6)
+    saved = []
+    for r in range(3):  # rounds 0, 1, 2 of 6: only round 1 is due
+        server.model = fk.PlainModel({"w": torch.full((2,), float(r))})
+        client.state["seen"] = r
+        record = fk.RoundRecord(r, 0.1, {})
+        history.append(record)
+        saver(record)
+        saved.append(checkpoint.load(tmp_path).round if checkpoint.exists(tmp_path) else None)
+    assert saved == [None, 1, 1]
+    saver.finish()  # the workflow stopped after round 2 (on purpose): that round is kept too
+    ckpt = checkpoint.load(tmp_path)
+    assert ckpt.round == 2 and ckpt.weights["w"].tolist() == [2.0, 2.0] and ckpt.client_states["site-1"]["seen"] == 2
+    assert ckpt.fingerprint == "fp" and len(ckpt.history) == 3

@@ -92,7 +92,8 @@ def combination_mutation(rng):
         ["--he", "--max-norm-ratio", "off"],
         ["--dp-fedavg", "--min-clients", "1"], ["--dp-fedavg", "--aggregate", "median"],
         ["--dp-fedavg", "--weigh-by", "samples"], ["--dp-fedavg", "--clients-per-round", "2"],
-        ["--dp-sgd", "--dp-fedavg"], ["--noise-multiplier", "1"], ["--target-epsilon", "3"], ["--sample-rate", "0.5"],
+        ["--dp-sgd", "--dp-fedavg"], ["--dp-fedavg", "--delta", rng.choice(["0.34", "0.5", "0.9"])],  # >= 1/3 clients
+        ["--dp-sgd", "--delta", rng.choice(["0.1", "0.5"])], ["--noise-multiplier", "1"],  # >= 1/(a client's examples) ["--target-epsilon", "3"], ["--sample-rate", "0.5"],
         ["--adaptive-clip"], ["--dp-sgd", "--sample-rate", "0.5"], ["--dp-sgd", "--algorithm", "cyclic"],
         ["--he-layers", "fc2.*"], ["--he-scale-bits", "30"], ["--he", "--algorithm", "fedopt"],
         ["--he", "--algorithm", "scaffold"], ["--he", "--aggregate", "median"], ["--he", "--dp-fedavg"],
@@ -273,6 +274,8 @@ def _bad_api_calls(rng, digits, out):
                     out=out / "x").run(progress=False),
         lambda: sim(out=out / "a-file").run(progress=False),
         lambda: sim(out=out / "a-file" / "sub").run(progress=False),
+        lambda: fk.export.nvflare(Experiment.preset("smoke"), rng.choice([".", "..", out / "done", out / "a-file"]),
+                                  overwrite=rng.choice([True, False])),  # folders an export must not replace
         lambda: sim(out=out / "done").run(progress=False),
         lambda: sim(out=out / "busy").run(progress=False),
         lambda: sim(out=out / "busy").resume(progress=False),
@@ -313,3 +316,33 @@ def test_bad_api_calls_raise_config_errors_and_write_nothing(sandbox, digits):
             call()
         assert str(e.value).strip(), f"call {i}: an error without a message"
         assert tree.snapshot() == before, f"call {i} ({e.value}) wrote {set(tree.snapshot()) - set(before)}"
+
+
+def export_folder_cases(root):
+    """`fedkit export nvflare` pointed at folders it must neither write nor delete, from ``root/cwd``."""
+    mine = root / "mine"  # a user's work: a notebook and its data
+    mine.mkdir()
+    (mine / "notebook.ipynb").write_text("{}")
+    (mine / "data.csv").write_text("x\n1\n")
+    flags = ["--clients", "2", "--rounds", "1"]
+    return [["--out", "."], ["--out", ".", "--overwrite"], ["--out", ".."], ["--out", "..", "--overwrite"],
+            ["--out", "../mine", "--overwrite"], ["--out", str(mine), "--overwrite", "--json"],
+            ["--out", "../a-file", "--overwrite"], ["--out", "../done", "--overwrite"], ["--out", "", "--overwrite"]], flags
+
+
+def test_export_into_a_folder_it_did_not_write_exits_2_and_deletes_nothing(sandbox, monkeypatch):
+    monkeypatch.setattr("fedkit.export.nvflare_job.shutil.rmtree", lambda *a, **k: pytest.fail(f"rmtree{a}"))
+    tree = Tree(sandbox)
+    cases, flags = export_folder_cases(sandbox)
+    for out in cases:
+        argv = ["export", "nvflare", *out, *flags]
+        before = tree.snapshot()
+        code, stdout, err = run_cli(argv)
+        where = f"fedkit {' '.join(argv)}\n{err}"
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 2 and lines[0].startswith("fedkit export nvflare: error: "), where
+        assert lines[1].startswith("hint: choose another --out") and "Traceback" not in err, where
+        assert "nothing was" in lines[0] and not API_WORDS.search(lines[0]), where
+        if "--json" in argv:
+            assert json.loads(stdout.strip().splitlines()[-1])["status"] == "refused", where
+        assert tree.snapshot() == before, where

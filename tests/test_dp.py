@@ -74,6 +74,42 @@ def test_epsilon_edges_and_unknown_accountant():
         epsilon([[1.0, 0.1, 1]], 1e-5, "gdp")
 
 
+def test_negative_epsilon_item4_an_epsilon_is_never_negative():
+    # the RDP conversion falls below 0 for a large delta (it gave -1.75 here); (eps, delta)-DP with eps < 0 is (0, delta)-DP
+    assert epsilon([[1.0, 1.0, 1]], 0.9) == 0.0
+    assert epsilon([[1.0, 0.05, 100]], 0.4) == 0.0  # below 1/2: a delta two clients allow, still 0, not -0.3
+    for mechanism in ("rdp", "prv"):
+        for delta in (1e-9, 1e-5, 0.01, 0.3, 0.9):
+            for z, q, steps in ((0.5, 0.01, 1), (1.0, 0.05, 100), (5.0, 0.9, 3), (20.0, 0.5, 1)):
+                assert epsilon([[z, q, steps]], delta, mechanism) >= 0.0, (mechanism, delta, z, q, steps)
+
+
+def _dp_sim(tiny_model, workflow, sizes):
+    data = [fk.Dataset(torch.zeros(n, 1), torch.zeros(n, dtype=torch.long), 2) for n in sizes]
+    return fk.Simulator(workflow, model=tiny_model, clients=[ClientData(d, d) for d in data],
+                        train=fk.TrainConfig(batch_size=2, validate=False))
+
+
+@pytest.mark.parametrize("workflow, sizes, match", [
+    (lambda d: DPFedAvg(rounds=2, noise_multiplier=1.0, sample_rate=0.5, delta=d), [4] * 4,
+     r"UserDP.delta is 0.9, but it must be below 1 / the number of clients \(4\) \(1/4 = 0.25\).*promise nothing.*e.g. 1e-05"),
+    (lambda d: fk.FedAvg(rounds=2, extensions=(DPSGD(noise_multiplier=1.0, delta=d),)), [40, 2, 40],
+     r"DPSGD.delta is 0.9, but it must be below 1 / the training examples of the smallest client \('site-2': 2\)"),
+    (lambda d: fk.workflows.Chain(fk.FedAvg(rounds=1), DPFedAvg(rounds=1, noise_multiplier=1.0, delta=d)), [4] * 3,
+     r"UserDP.delta is 0.9.*1 / the number of clients \(3\)"),
+], ids=["dp-fedavg", "dp-sgd", "in-a-chain"])
+def test_negative_epsilon_item4_a_delta_not_below_one_over_the_population_is_refused(tiny_model, workflow, sizes, match):
+    with pytest.raises(fk.ConfigError, match=match):  # when the simulator is built: nothing has run
+        _dp_sim(tiny_model, workflow(0.9), sizes)
+    n = len(sizes) if "DPSGD" not in match else min(sizes)
+    with pytest.raises(fk.ConfigError, match="must be below 1 /"):
+        _dp_sim(tiny_model, workflow(1 / n), sizes)  # 1/n itself is refused too
+    run = _dp_sim(tiny_model, workflow(0.99 / n), sizes).run(progress=False)  # just below: runs
+    assert run.status == "done"
+    spent = [e for e in [*run.history.series("epsilon"), *run.history.series("client_epsilon")] if not math.isnan(e)]
+    assert spent and min(spent) >= 0.0
+
+
 def test_noise_for_a_target_is_opacus_and_reaches_it():
     z = noise_multiplier_for(3.0, 1e-5, 0.1, 200)
     assert z == get_noise_multiplier(target_epsilon=3.0, target_delta=1e-5, sample_rate=0.1, steps=200)

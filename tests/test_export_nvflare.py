@@ -178,3 +178,76 @@ def test_a_written_folder_a_foreign_folder_and_old_settings_are_refused_saying_w
         export.read_flare_history(tmp_path / "ws", tmp_path / "job")
     with pytest.raises(fk.ConfigError, match="export the job again"):
         export.experiment_of({**export.settings_of(exp), "format": 0})
+
+
+def user_folder(path):
+    """A folder of a user's own work, which no export may delete."""
+    path.mkdir(parents=True)
+    (path / "notebook.ipynb").write_text('{"cells": []}')
+    (path / "data.csv").write_text("x,y\n1,2\n")
+    return path
+
+
+def holds_the_users_files(path):
+    return sorted(f.name for f in path.iterdir()) == ["data.csv", "notebook.ipynb"] and \
+        (path / "data.csv").read_text() == "x,y\n1,2\n"
+
+
+@pytest.fixture
+def nothing_deleted(monkeypatch):
+    """A refusal must come before any deletion: a call of shutil.rmtree fails the test instead of deleting."""
+    monkeypatch.setattr(export.nvflare_job.shutil, "rmtree", lambda *a, **k: pytest.fail(f"rmtree{a} was called"))
+
+
+def test_export_refuses_a_folder_it_did_not_write(tmp_path, capsys, monkeypatch, nothing_deleted):
+    mine = user_folder(tmp_path / "work" / "inner")
+    with pytest.raises(export.FolderRefused, match=r"notebook\.ipynb.*even with overwrite=True; nothing was deleted"):
+        export.nvflare(experiment(fk.FedAvg(rounds=1)), mine, overwrite=True)
+    assert holds_the_users_files(mine)
+    monkeypatch.chdir(tmp_path / "work")
+    with pytest.raises(SystemExit) as e:  # the command line of the report: a sibling folder, with --overwrite
+        main(["export", "nvflare", "--out", "../work/inner", "--overwrite", "--clients", "2", "--rounds", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and holds_the_users_files(mine)
+    assert err.startswith("fedkit export nvflare: error: ../work/inner holds what an export did not write") and \
+        "even with --overwrite" in err and len(err.strip().splitlines()) == 2
+
+
+@pytest.mark.parametrize("out, words", [(".", "is the working directory"), ("..", "a folder above the working"),
+                                        ("", "is the working directory"), ("~", "your home folder"),
+                                        ("/", "a folder above the working")], ids=["dot", "dotdot", "empty", "home", "root"])
+def test_export_refuses_the_working_directory_its_parents_home_and_root(tmp_path, capsys, monkeypatch, nothing_deleted,
+                                                                        out, words):
+    home = user_folder(tmp_path / "home")
+    monkeypatch.setenv("HOME", str(home))  # Path.home(): a stand-in that holds a user's files too
+    cwd = user_folder(tmp_path / "work" / "project")
+    monkeypatch.chdir(cwd)
+    path = str(home) if out == "~" else out
+    with pytest.raises(export.FolderRefused, match=words + r".*nothing was written.*out='jobs/"):
+        export.nvflare(experiment(fk.FedAvg(rounds=1)), path, overwrite=True)
+    with pytest.raises(SystemExit) as e:  # `--out .` was a raw ValueError traceback from FLARE
+        main(["export", "nvflare", "--out", path, "--overwrite", "--clients", "2", "--rounds", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and words in err and "e.g. --out 'jobs/" in err
+    assert holds_the_users_files(cwd) and holds_the_users_files(home)
+
+
+def test_export_replaces_only_a_folder_an_earlier_export_wrote(tmp_path):
+    exp = experiment(fk.FedAvg(rounds=1))
+    job = export.nvflare(exp, tmp_path / "job")
+    marker = json.loads((job.path / export.MARKER).read_text())
+    assert marker["written_by"] == "fedkit.export.nvflare" and marker["files"] == \
+        [f for f in job.files() if f != export.MARKER] and "meta.json" in marker["files"]
+    with pytest.raises(export.FolderRefused, match="an earlier export wrote: pass overwrite=True"):
+        export.nvflare(exp, job.path)
+    again = export.nvflare(dataclasses.replace(exp, seed=7), job.path, overwrite=True)
+    assert again.settings["seed"] == 7 and json.loads((job.path / "app/custom/fedkit_experiment.json").read_text()) \
+        ["seed"] == 7
+    (job.path / "app" / "notes.txt").write_text("mine")  # a file of the user's in the job folder: no longer replaced
+    with pytest.raises(export.FolderRefused, match=r"also holds app/notes\.txt.*move those files out"):
+        export.nvflare(exp, job.path, overwrite=True)
+    assert (job.path / "app" / "notes.txt").read_text() == "mine"
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(export.FolderRefused, match="is a file"):
+        export.nvflare(exp, tmp_path / "a-file", overwrite=True)
+    assert (tmp_path / "a-file").read_text() == "mine"

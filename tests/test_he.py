@@ -19,7 +19,7 @@ import tenseal as ts
 import torch
 
 import fedkit as fk
-from interrupts import interrupted  # noqa: E402
+from interrupts import interrupted, stop_after  # noqa: E402
 from fedkit import checkpoint
 from fedkit.aggregate import by_samples, uniform, weighted_mean
 from fedkit.cli import add_he_arguments, encryption_from_args, parser, workflow_from_args
@@ -29,8 +29,9 @@ from fedkit.errors import Unreadable
 from fedkit.faults import CORRUPTIONS, corrupt
 from fedkit.global_model import PlainModel, screen
 from fedkit.privacy.he import (CIPHERTEXTS, CKKS, META_KEY, STATE_KEY, ClientKeys, Layout, PublicContext, digest,
-                               layout_for, new_keys, pack, to_bytes, unpack)
+                               layout_for, new_keys, pack, to_bytes, to_tensor, unpack)
 from fedkit.privacy.he_filters import DecryptGlobal, EncryptUpdate, client_keys, decrypt_global, provision
+from fedkit.privacy.he_layout import Packing
 from fedkit.privacy.he_model import EncryptedModel
 from fedkit.server import Reply, Server
 from fedkit.simulator import _plaintext
@@ -177,11 +178,21 @@ def test_he_settings_must_be_an_encryption_and_fedprox_and_cyclic_accept_it():
 
 # ------------------------------------------------------------------------------------ packing
 
-def test_layers_are_packed_into_as_few_ciphertexts_as_possible():
-    weights = {"a": torch.randn(3000), "b": torch.randn(20, 60), "c": torch.randn(10), "n": torch.tensor(3)}
+def test_each_layer_is_packed_into_ciphertexts_of_its_own():
+    weights = {"a": torch.randn(9000), "b": torch.randn(20, 60), "c": torch.randn(10), "n": torch.tensor(3)}
     layout = layout_for(weights, CKKS())
     assert layout.names == ("a", "b", "c")  # the integer buffer stays plaintext
-    assert layout.chunk_sizes == [4096, 3000 + 1200 + 10 - 4096]  # 3 layers, 2 ciphertexts
+    assert layout.chunk_sizes == [4096, 4096, 808, 1200, 10]  # no ciphertext holds two layers
+    assert layout.plain_nbytes == 10210 * 4
+    back = unpack(pack(weights, layout), layout)
+    assert all(torch.equal(back[k], weights[k]) for k in layout.names)
+    older = Layout.from_meta({k: v for k, v in layout.to_meta().items() if k != "packing"})  # a checkpoint of older fedkit
+    assert older.packing == "concatenated" and older.chunk_sizes == [4096, 4096, 2018]
+    with pytest.raises(fk.UpdateError, match="packing 'zigzag' is not one of per-layer, concatenated"):
+        Layout.from_meta({**layout.to_meta(), "packing": "zigzag"})
+    weights = {"a": torch.randn(3000), "b": torch.randn(20, 60), "c": torch.randn(10), "n": torch.tensor(3)}
+    layout = layout_for(weights, CKKS())
+    assert layout.chunk_sizes == [3000, 1200, 10]
     assert layout.plain_nbytes == 4210 * 4
     back = unpack(pack(weights, layout), layout)
     assert all(torch.equal(back[k], weights[k]) and back[k].dtype == weights[k].dtype for k in layout.names)
@@ -202,6 +213,30 @@ def test_layer_selection_by_name_and_regex():
         layout_for(weights, CKKS(layers="conv.*"))
     with pytest.raises(fk.ConfigError, match="a layer named '__ckks__'"):
         layout_for({CIPHERTEXTS: torch.zeros(2)}, CKKS())
+
+
+def test_he_precision_item12_each_layers_error_is_relative_to_its_own_values():
+    """CKKS's error has a part proportional to the largest value in a ciphertext (about 4e-16 of it): a layer of
+    small values packed beside one of huge values was off relative to its own values. Each layer in
+    ciphertexts of its own: after an encrypted FedAvg step every layer is within 1e-5 of its own largest value."""
+    g = torch.Generator().manual_seed(0)
+    scales = {"huge": 1e10, "small": 1e-2}
+    weights = {k: torch.randn(4000 if k == "huge" else 10, generator=g, dtype=torch.float64) * s for k, s in scales.items()}
+    diffs = [({k: torch.randn(v.shape, generator=g, dtype=torch.float64) * scales[k] for k, v in weights.items()}, n)
+             for n in (10, 30, 60)]
+    clients, _, model = federation(weights, diffs)
+    assert model.layout.chunk_sizes == [4000, 10]  # both would fit in one ciphertext; each has its own
+    aggregate(model, replies_for(clients, model), max_norm_ratio=None)
+    got = decrypt_global(model.task_data({}), clients["c2"].state, model.keys)
+    mean = weighted_mean([(d, float(n)) for d, n in diffs])
+    want = {k: weights[k] + mean[k] for k in weights}
+    error = {k: float((got[k] - want[k]).abs().max() / want[k].abs().max()) for k in want}
+    assert max(error.values()) < 1e-5, error
+    # the same layers packed as older fedkit did, sharing one ciphertext: the small layer is off by far more
+    shared = dataclasses.replace(model.layout, packing=Packing.CONCATENATED)
+    keys = client_keys(clients["c0"].state)
+    back = unpack(keys.decrypt(keys.encrypt(pack(weights, shared), shared), shared), shared)
+    assert float((back["small"] - weights["small"]).abs().max() / weights["small"].abs().max()) > 1e-4
 
 
 # ------------------------------------------------------------------------------------ the server's encrypted model
@@ -392,6 +427,26 @@ def test_provisioning_keeps_restored_keys_and_refuses_mixed_ones():
         provision(CKKS(), clients)
 
 
+def test_ckks_provisions_through_its_encryption_hook():
+    """Issue 20 item 3: the simulator provisions through ``workflow.he.provision`` (no privacy import of its own)."""
+    ckks = CKKS()
+    clients, _, model = federation(WEIGHTS, DIFFS, ckks)
+    fresh = {n: fk.Client(n, c.data, dict(c.executors)) for n, c in clients.items()}
+    started = ckks.provision(fresh, WEIGHTS)  # new keys for the clients, an encrypted model for the server
+    assert isinstance(started, EncryptedModel) and started.encryption is ckks and not started.readable
+    assert all(isinstance(c.task_data_filters[0], DecryptGlobal) for c in fresh.values())
+    assert started.key_id != model.key_id  # a new federation, new keys
+    read = ckks.decrypt(started, fresh["c0"].state)  # how a run's owner reads it: through a client
+    assert all(torch.allclose(read[k], WEIGHTS[k], atol=1e-5) for k in WEIGHTS)
+    weights, extra = model.checkpoint()
+    ckks.check_saved(extra)
+    resumed = ckks.provision(clients, WEIGHTS, (weights, extra))  # a resume: the clients' keys and the saved model
+    assert resumed.key_id == model.key_id and resumed.digest == model.digest
+    with pytest.raises(ValueError, match="no encrypted model under 'he'"):
+        ckks.check_saved({})
+    with pytest.raises(fk.ConfigError, match="encrypted under key .* but the clients hold key"):
+        ckks.provision(fresh, WEIGHTS, (weights, extra))  # the saved model is not under these clients' keys
+
 def reachable(*roots):
     """Every object reachable from ``roots`` by `gc.get_referents`, as {id: (object, id of parent, how)}.
 
@@ -474,7 +529,7 @@ class Inspect(fk.Controller):
             found = survey(seen)
             model = fl.model
             found["server ciphertexts visited"] = (all(id(c) in seen for c in model.chunks)
-                                                   and all(id(v) in seen for v in model.vectors) and len(model.chunks) == 2)
+                                                   and all(id(v) in seen for v in model.vectors) and len(model.chunks) == 4)
             found["objects"] = len(seen)
             del seen, model
             self.walks.append(found)
@@ -566,7 +621,7 @@ def _truncated(result):
 def _short(clients):
     def damage(result):
         ctx = client_keys(clients["c1"].state).context
-        chunks = [ts.ckks_vector(ctx, np.zeros(n)).serialize() for n in (4096, 907 - 1)]
+        chunks = [ts.ckks_vector(ctx, np.zeros(n)).serialize() for n in (4096, 904 - 1, 3)]  # w in 2, b in 1
         return _reseal(result, chunks)
     return damage
 
@@ -575,7 +630,7 @@ def _rescaled(clients):
     def damage(result):
         ctx = ts.context_from(client_keys(clients["c1"].state).context.serialize(save_secret_key=True))
         ctx.global_scale = 2.0 ** 30
-        return _reseal(result, [ts.ckks_vector(ctx, np.zeros(n)).serialize() for n in (4096, 907)])
+        return _reseal(result, [ts.ckks_vector(ctx, np.zeros(n)).serialize() for n in (4096, 904, 3)])
     return damage
 
 
@@ -586,13 +641,13 @@ DAMAGES = {
     "truncated": (_truncated, "ciphertext 0 does not deserialize"),
     "plaintext": (lambda r: fk.DXO("WEIGHT_DIFF", DIFFS[1][0], {"num_samples": 30}), "without encryption"),
     "layout": (lambda r: _reseal(r, r.data[CIPHERTEXTS], layout={**r.meta[META_KEY]["layout"], "names": ["b", "w"]}),
-               "another layout than the federation's \\(2 layers, 5003 numbers in 2 ciphertexts\\)"),
+               "another layout than the federation's \\(2 layers, 5003 numbers in 3 ciphertexts\\)"),
     "not bytes": (lambda r: r.with_data({**r.data, CIPHERTEXTS: ("a", "b")}), "sent tuple under '__ckks__'"),
-    "too few numbers": ("short", "ciphertext 1 holds 906 numbers in 2 polynomials.*the layout needs 907 numbers"),
+    "too few numbers": ("short", "ciphertext 1 holds 903 numbers in 2 polynomials.*the layout needs 904 numbers"),
     "other scale": ("rescaled", "ciphertext 0 holds 4096 numbers in 2 polynomials at scale 2\\^30.0.*at scale 2\\^40.0"),
     "wrong kind": (lambda r: fk.DXO("WEIGHTS", r.data, r.meta), "answered WEIGHTS; expected WEIGHT_DIFF"),
     **{f"fault {how}": (functools.partial(corrupt, how=how), reason) for how, reason in zip(CORRUPTIONS, (
-        "tampered with", "tampered with", "sent no ciphertexts", "sent 1 ciphertext\\(s\\); the layout needs 2",
+        "tampered with", "tampered with", "sent no ciphertexts", "sent 2 ciphertext\\(s\\); the layout needs 3",
         "tampered with"))},
 }
 
@@ -699,7 +754,7 @@ def test_costs_and_client_side_evaluation_are_in_the_history(plain_and_he):
     assert (clients["bytes_up"] > 10 * layout_bytes).all()
     info = he.history.results["he"]
     assert info["scheme"] == "CKKS" and info["poly_modulus_degree"] == 8192
-    assert info["evaluation"].startswith("clients") and info["ciphertexts"] == 2 and info["plaintext_layers"] == []
+    assert info["evaluation"].startswith("clients") and info["ciphertexts"] == 4 and info["plaintext_layers"] == []
     assert info["encrypted_layers"] == list(plain.weights)
 
 
@@ -844,7 +899,7 @@ def test_checkpoint_holds_ciphertexts_and_resume_keeps_the_keys(digits, small, t
     ckpt = checkpoint.load(tmp_path / "cut")
     assert ckpt.weights == {}  # the server's model file holds no plaintext of the encrypted layers
     held = ckpt.server_state[STATE_KEY]
-    assert len(held["global"]) == 2 and not ts.context_from(to_bytes(held["public_context"])).has_secret_key()
+    assert len(held["global"]) == 4 and not ts.context_from(to_bytes(held["public_context"])).has_secret_key()
     secrets = {to_bytes(s[STATE_KEY]["secret_context"]) for s in ckpt.client_states.values()}
     assert len(secrets) == 1 and ts.context_from(secrets.pop()).has_secret_key()  # the clients' part of the checkpoint
     assert all("_he_keys" not in s for s in ckpt.client_states.values())  # caches are not checkpointed
@@ -854,6 +909,79 @@ def test_checkpoint_holds_ciphertexts_and_resume_keeps_the_keys(digits, small, t
     assert max(relative_errors(resumed.weights, whole.weights).values()) < 1e-6  # equal up to CKKS noise (~1e-7)
     saved = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)
     assert fk.weights.sha256(saved) == resumed.model_sha256  # the run's model file: decrypted by a client
+
+
+def _secret_keys_in(path, secret):
+    """Why the file at ``path`` holds a secret key, if it does: the bytes of the federation's secret context, or
+    (in a tensor file) a byte string anywhere in it that TenSEAL loads as a context with a secret key."""
+    found = ["the secret context's bytes"] if secret in path.read_bytes() else []
+    if path.suffix != ".pt":
+        return found
+
+    def blobs(obj):
+        if isinstance(obj, torch.Tensor) and obj.dtype == torch.uint8:
+            yield obj.numpy().tobytes()
+        elif isinstance(obj, (bytes, bytearray)):
+            yield bytes(obj)
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                yield from blobs(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                yield from blobs(v)
+
+    for blob in blobs(torch.load(path, weights_only=True)):
+        try:
+            context = ts.context_from(blob)
+        except ValueError:  # not a context: a ciphertext, a model's bytes
+            continue
+        if context.has_secret_key() or context.is_private():
+            found.append("a TenSEAL context with a secret key")
+    return found
+
+
+def test_he_secrets_item12_no_server_side_file_holds_a_secret_key(digits, small, tmp_path):
+    """Every file of an HE run's directory outside checkpoints/round-*/clients/ (what the README calls safe to
+    share: the run's files and the server's checkpoint) holds no secret key; each client's file does."""
+    out = tmp_path / "run"
+    simulate(digits, small, fk.FedAvg(rounds=2, he=CKKS()), out=out).run(progress=False)
+    (secret,) = {to_bytes(s[STATE_KEY]["secret_context"]) for s in checkpoint.load(out).client_states.values()}
+    files = [p for p in out.rglob("*") if p.is_file()]
+    clients = [p for p in files if p.relative_to(out).parts[::2][:2] == ("checkpoints", "clients")]  # checkpoints/*/clients/
+    shared = [p for p in files if p not in clients]
+    assert sorted(p.name for p in clients) == ["site-1.pt", "site-2.pt", "site-3.pt", "site-4.pt"]
+    assert {"model.pt", "state.pt", "latest.json", "summary.json", "history.jsonl"} <= {p.name for p in shared}
+    assert {str(p.relative_to(out)): _secret_keys_in(p, secret) for p in shared if _secret_keys_in(p, secret)} == {}
+    for p in clients:  # the check finds a secret where there is one
+        assert _secret_keys_in(p, secret) == ["the secret context's bytes", "a TenSEAL context with a secret key"], p
+
+
+def test_he_secrets_item12_an_older_checkpoint_with_layers_sharing_ciphertexts_still_resumes(digits, small, tmp_path):
+    """A checkpoint of older fedkit holds the global model packed concatenated (layers sharing ciphertexts, no
+    "packing" in its layout): it resumes, keeps that packing, and ends where an uninterrupted run ends."""
+    def sim(out, on_round=()):
+        return simulate(digits, small, fk.FedAvg(rounds=3, he=CKKS()), out=out, on_round=list(on_round))
+
+    whole = sim(tmp_path / "whole").run(progress=False)
+    interrupted(sim(tmp_path / "cut", [stop_after(0)]))
+    ckpt = checkpoint.load(tmp_path / "cut")
+    held = ckpt.server_state[STATE_KEY]
+    keys = client_keys(dict(ckpt.client_states["site-1"]))
+    layout = Layout.from_meta(held["layout"])
+    older = dataclasses.replace(layout, packing=Packing.CONCATENATED)
+    chunks = keys.encrypt(keys.decrypt([to_bytes(c) for c in held["global"]], layout), older)
+    assert (len(layout.chunk_sizes), len(chunks)) == (4, 2)
+    meta = {k: v for k, v in older.to_meta().items() if k != "packing"}  # as older fedkit wrote it
+    server_state = {**ckpt.server_state, STATE_KEY: {**held, "layout": meta, "global": [to_tensor(c) for c in chunks]}}
+    m = json.loads((tmp_path / "cut" / "checkpoints" / "latest.json").read_text())
+    state = tmp_path / "cut" / "checkpoints" / m["dir"] / "server" / "state.pt"
+    torch.save(server_state, state)
+    m["files"]["server/state.pt"] = hashlib.sha256(state.read_bytes()).hexdigest()
+    (tmp_path / "cut" / "checkpoints" / "latest.json").write_text(json.dumps(m))
+    resumed = sim(tmp_path / "cut").resume(progress=False)
+    assert resumed.status == "done" and len(resumed.history) == 3
+    assert max(relative_errors(resumed.weights, whole.weights).values()) < 1e-6
+    assert len(checkpoint.load(tmp_path / "cut").server_state[STATE_KEY]["global"]) == 2  # it went on as it was packed
 
 
 # ------------------------------------------------------------------------------------ command line

@@ -149,7 +149,7 @@ def test_evaluate_in_one_batch_gives_the_numbers_of_many(digits):
 
 
 def test_a_hooked_model_is_not_lent_again():
-    pool = fk.train._Pool()
+    pool = fk.model_pool._Pool()
     m = pool.take(model, torch.device("cpu"))
     m.register_forward_hook(lambda *a: None)
     pool.give_back(model, torch.device("cpu"), m)

@@ -4,9 +4,11 @@ import gc
 import json
 import math
 import os
+import re
 import threading
 import time
 import weakref
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -782,10 +784,55 @@ def test_disk_full_leaves_no_plotlyjs_temp_and_resume_succeeds(tmp_path, tiny_mo
 def test_disk_full_leaves_no_partial_checkpoint_and_resume_succeeds(tmp_path, tiny_model, monkeypatch):
     out = tmp_path / "r"
     whole = _out_sim(tiny_model, None, rounds=3).run(progress=False)
-    _disk_full(monkeypatch, lambda p: p.parent.name == "round-00001.partial")  # the second round's checkpoint
+    _disk_full(monkeypatch, lambda p: "round-00001.partial" in p.parts)  # the second round's checkpoint
     with pytest.raises(OSError, match="No space left on device"):
         _out_sim(tiny_model, out, rounds=3).run(progress=False)
     assert _leftovers(tmp_path) == [] and checkpoint.load(out).round == 0
     monkeypatch.undo()
     resumed = _out_sim(tiny_model, out, rounds=3).resume(progress=False)
     assert resumed.status == "done" and resumed.model_sha256 == whole.model_sha256 and _leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------ issue 20 item 3: the split simulator
+
+class _Recorded(fk.global_model.Encryption):
+    """A stand-in scheme (no TenSEAL): its hooks record that the simulator called them, and the model stays plain."""
+
+    def __init__(self):
+        self.calls = []
+
+    def provision(self, clients, initial, saved=None):
+        self.calls.append(("provision", sorted(clients), {k: v.clone() for k, v in initial.items()}, saved))
+        model = fk.PlainModel(initial)
+        model.encryption = self
+        return model
+
+    def check_saved(self, server_state):
+        self.calls.append(("check_saved",))
+
+    def decrypt(self, model, client_state):
+        self.calls.append(("decrypt",))
+        return model.weights
+
+
+def test_provisioning_is_the_workflows_encryption_hook(tiny_model):
+    he = _Recorded()
+    run = fk.Simulator(fk.FedAvg(rounds=2, he=he), model=tiny_model,
+                       clients=toy_clients(fixed_diff(1.0, 1), fixed_diff(3.0, 1))).run(progress=False)
+    assert run.status == "done" and run.weights["weight"].item() == 1.0 + 2 * 2.0
+    (kind, clients, initial, saved), = he.calls  # once, before the first round, with the run's own clients
+    assert (kind, clients, saved) == ("provision", ["c0", "c1"], None) and initial["weight"].item() == 1.0
+    assert run.history.results["he"] == {}  # what the provisioned model says of its encryption (a plain one: nothing)
+
+
+def test_a_run_is_changed_only_by_its_own_methods():
+    """No module of fedkit but run.py writes a Run's private fields (the simulator drives a run through its methods)."""
+    root = Path(fk.__file__).parent
+    writes = [f"{p.relative_to(root)}:{n}: {line.strip()}" for p in sorted(root.rglob("*.py")) if p.name != "run.py"
+              for n, line in enumerate(p.read_text().splitlines(), 1)
+              if re.search(r"\brun\._\w+(\s*,\s*\w+(\.\w+)?)*\s*=(?!=)|__dict__\.pop\(", line)]
+    assert writes == []
+    sim = fk.Simulator(fk.FedAvg(rounds=1), model=lambda: torch.nn.Linear(1, 1), clients=toy_clients(fixed_diff(1.0, 1)))
+    run = sim.start().wait(10)
+    assert run.status == "done" and run.done and run._lock is None and run._thread is None and run._live is None
+

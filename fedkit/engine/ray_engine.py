@@ -52,21 +52,18 @@ import torch
 from ..client import Answer, Client
 from ..errors import ConfigError
 from ..exchange import DXO, Signal, Task
+from ..extras import require
 from ..server import Server
 from ..train import LOCAL_WEIGHTS
 
 POLL = 0.05  # seconds between checks of the abort signal and deadlines while tasks run
 GRACE = 0.5  # seconds past a deadline before the driver gives up on a task that does not report it itself
-INSTALL = "pip install 'fedkit[ray]'"
 
 
 def _import_ray() -> Any:
-    """The ``ray`` package, or `ConfigError` saying how to install it."""
-    try:
-        import ray as ray_package  # optional dependency: imported on first use only, never by ``import fedkit``
-    except ImportError as e:
-        raise ConfigError(f"the ray engine needs Ray, which is not installed: {INSTALL}") from e
-    return ray_package
+    """The ``ray`` package (imported on first use only, never by ``import fedkit``), or `MissingExtra` naming the
+    extra."""
+    return require("ray", "the ray engine")
 
 
 def _work(shell: Client, data: Any, state: dict[str, Any], task: Task, task_data: DXO, device: str,

@@ -9,8 +9,9 @@ nvflare is an optional extra (``pip install 'fedkit[flare]'``); importing this p
 
 from .from_flags import job_from_args
 from .flare_results import FlareRun, read_flare_history, run_in_flare_simulator
+from .job_folder import MARKER, FolderRefused
 from .nvflare_job import FlareJob, FlareMissing, nvflare
 from .settings import NotExportable, experiment_of, settings_of
 
 __all__ = ["nvflare", "run_in_flare_simulator", "read_flare_history", "FlareJob", "FlareRun", "FlareMissing",
-           "NotExportable", "settings_of", "experiment_of", "job_from_args"]
+           "FolderRefused", "MARKER", "NotExportable", "settings_of", "experiment_of", "job_from_args"]

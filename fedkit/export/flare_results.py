@@ -29,7 +29,7 @@ from ..history import History, RoundRecord
 from ..metrics import ACCURACY, CLIENTS_OK, LOSS, SAMPLES, STEPS, TRAIN_ACCURACY, TRAIN_LOSS, VAL_ACCURACY, VAL_LOSS
 from ..train import evaluate, load_weights
 from .flare_site import ROUNDS_LOG
-from .nvflare_job import SETTINGS, FlareJob, require_nvflare
+from .nvflare_job import SETTINGS, FlareJob, nvflare_module
 from .settings import experiment_of
 
 GLOBAL_MODEL = "FL_global_model.pt"  # what FLARE's PyTorch persistor saves after each round
@@ -72,7 +72,7 @@ def run_in_flare_simulator(job: FlareJob | str | Path, workspace: str | Path | N
     ``workspace`` (default: a new temporary folder) receives FLARE's logs and models; an existing one is
     emptied by FLARE. After ``timeout`` seconds the simulator is killed and `FlareFailed` raised.
     """
-    require_nvflare()
+    nvflare_module()
     job = _as_job(job)
     ws = Path(workspace) if workspace is not None else Path(tempfile.mkdtemp(prefix="fedkit-flare-"))
     n = job.clients

@@ -16,39 +16,33 @@ clients; ``-t``: how many run at once, see `FlareJob.simulator_command`), or wit
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
 import json
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import MissingExtra
+from ..extras import require
 from ..simulator import Run, Simulator
 from .flare_model import SEEDED
+from .job_folder import check_folder, files_in, write_marker
 from .settings import NotExportable, experiment_from, settings_of
 
 SCRIPT = "fedkit_client.py"  # the client script's name in the job
 SETTINGS = "fedkit_experiment.json"  # the experiment's settings, next to the script
 INITIAL = "fedkit_initial_model.pt"  # fedkit's initial weights (the experiment's seed), the server's start
-INSTALL = "pip install 'fedkit[flare]' (or: pip install nvflare==2.9.0)"
+FlareMissing = MissingExtra  # what a missing nvflare raises: a ConfigError naming fedkit[flare]
 
 
-class FlareMissing(ModuleNotFoundError):
-    """NVIDIA FLARE is not installed: the message says how to install it."""
-
-
-def require_nvflare() -> None:
-    """Raise `FlareMissing`, naming the install, when nvflare cannot be imported."""
-    try:
-        importlib.import_module("nvflare")  # optional dependency (fedkit[flare])
-    except ImportError as e:
-        raise FlareMissing(f"exporting to NVIDIA FLARE needs the nvflare package, which is not installed: {INSTALL}",
-                           name="nvflare") from e
+def nvflare_module(module: str = "nvflare") -> ModuleType:
+    """``module`` of nvflare (optional: ``fedkit[flare]``), imported; or `MissingExtra` saying how to install it."""
+    return require(module, "exporting to NVIDIA FLARE", " (or: pip install nvflare==2.9.0)")
 
 
 @dataclass(frozen=True)
@@ -74,24 +68,24 @@ class FlareJob:
 
     def files(self) -> list[str]:
         """The job folder's files, relative to it."""
-        return sorted(str(p.relative_to(self.path)) for p in self.path.rglob("*") if p.is_file())
+        return files_in(self.path)
 
 
 def nvflare(experiment: Any, out: str | Path, name: str | None = None, overwrite: bool = False) -> FlareJob:
     """Write ``experiment`` (an `fk.Experiment`, or a Simulator / Run that `Experiment.simulator` built) as a
     FLARE job folder ``out``, built with FLARE's recipes; `NotExportable` names FLARE's counterpart of what
-    cannot be exported, `FlareMissing` says how to install nvflare.
+    cannot be exported, `MissingExtra` says how to install nvflare.
 
-    ``name`` is the job's name (default: the folder's name). An existing ``out`` is replaced only with
-    ``overwrite=True``.
+    ``name`` is the job's name (default: the folder's name). ``out`` must be a new or empty folder, or, with
+    ``overwrite=True``, one an earlier export wrote (`fedkit.export.job_folder`: any other folder is refused with
+    `FolderRefused`, and nothing is deleted).
     """
     exp = experiment_from(experiment)
     settings = settings_of(exp)  # refuse before anything is built or written
-    require_nvflare()
     out = Path(out)
-    name = name or out.name
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"{out} exists and is not empty; choose another folder or pass overwrite=True")
+    check_folder(out, overwrite)
+    nvflare_module()
+    name = name or out.resolve().name
     sim = experiment.simulator if isinstance(experiment, Run) else experiment
     sim = sim if isinstance(sim, Simulator) else exp.simulator()
     model = sim.model_fn()
@@ -109,14 +103,14 @@ def nvflare(experiment: Any, out: str | Path, name: str | None = None, overwrite
             recipe = _recipe(settings, name, config)
             recipe.add_client_file(SETTINGS)
             if settings["cross_site"]:
-                from nvflare.recipe.utils import add_cross_site_evaluation  # optional dependency (fedkit[flare])
-
-                add_cross_site_evaluation(recipe)
+                nvflare_module("nvflare.recipe.utils").add_cross_site_evaluation(recipe)
             # fedkit is installed on the sites (as nvflare is): FLARE must not copy its modules into the job's
             # custom/ folder, where they would shadow the installed package
             recipe._job.set_app_packages(["fedkit"])
             recipe.export("exported")  # FLARE writes exported/<name>/; the job is that folder
-        if out.exists():
+        write_marker(staged / "exported" / name, name)
+        if out.exists():  # empty, or an earlier export's: checked again, as it may have changed while the job was built
+            check_folder(out, overwrite)
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(staged / "exported" / name), str(out))
@@ -147,14 +141,9 @@ def _recipe(settings: dict[str, Any], name: str, model: dict[str, Any]):
     common = dict(name=name, model=model, min_clients=settings["clients_per_round"],
                   num_rounds=settings["rounds"], train_script=SCRIPT,
                   initial_ckpt=INITIAL)
+    recipes = "nvflare.app_opt.pt.recipes"
     if settings["algorithm"] == "fedopt":
-        from nvflare.app_opt.pt.recipes.fedopt import FedOptRecipe  # optional dependency (fedkit[flare])
-
-        return FedOptRecipe(optimizer_args=settings["server_opt"], **common)
+        return nvflare_module(f"{recipes}.fedopt").FedOptRecipe(optimizer_args=settings["server_opt"], **common)
     if settings["algorithm"] == "fedprox":
-        from nvflare.app_opt.pt.recipes.fedprox import FedProxRecipe  # optional dependency (fedkit[flare])
-
-        return FedProxRecipe(fedprox_mu=settings["mu"], **common)
-    from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe  # optional dependency (fedkit[flare])
-
-    return FedAvgRecipe(**common)
+        return nvflare_module(f"{recipes}.fedprox").FedProxRecipe(fedprox_mu=settings["mu"], **common)
+    return nvflare_module(f"{recipes}.fedavg").FedAvgRecipe(**common)

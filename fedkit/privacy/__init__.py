@@ -6,7 +6,8 @@
 * `he`: homomorphic encryption with CKKS (TenSEAL): `ckks` (settings), `he_layout`, `he_keys`,
   `he_filters` (the clients' half) and `he_model` (the server's encrypted global model).
 
-The layers below never import this package; the simulator plugs it in. Opacus and TenSEAL are
+Neither the simulator nor the layers below it import this package: a workflow holds the scheme
+(``he=CKKS()``) and the simulator calls its hooks (`fedkit.global_model.Encryption`). Opacus and TenSEAL are
 imported only when a run uses them, so ``import fedkit`` works without them.
 """
 

@@ -13,11 +13,13 @@ import functools
 import math
 import numbers
 import warnings
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from ..errors import ConfigError
+from ..extras import require
 
 if TYPE_CHECKING:
     from opacus.accountants import IAccountant
@@ -45,23 +47,29 @@ def account(history: Sequence[Sequence[float]], noise_multiplier: float, sample_
     return out
 
 
+def opacus(module: str = "opacus") -> ModuleType:
+    """``module`` of Opacus (optional: ``fedkit[privacy]``), imported when DP is used; or `MissingExtra` saying how
+    to install it."""
+    return require(module, "differential privacy (DP-SGD, DP-FedAvg and their accounting)")
+
+
 def opacus_accountant(history: Sequence[Sequence[float]], accountant: str = "rdp") -> "IAccountant":
     """Opacus' own accountant (`RDPAccountant` or `PRVAccountant`) holding ``history``."""
-    from opacus.accountants import create_accountant  # Opacus is optional: imported when accounting is used
-
     check_mechanism(accountant)
-    acc = create_accountant(mechanism=accountant)
+    acc = opacus("opacus.accountants").create_accountant(mechanism=accountant)
     acc.history = [(float(z), float(q), int(s)) for z, q, s in history]
     return acc
 
 
+def _rdp() -> tuple[ModuleType, list[float]]:
+    """Opacus' RDP analysis, and the orders its `RDPAccountant` uses."""
+    return opacus("opacus.accountants.analysis.rdp"), opacus("opacus.accountants").RDPAccountant.DEFAULT_ALPHAS
+
+
 @functools.lru_cache(maxsize=512)
 def _rdp_per_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
-    from opacus.accountants import RDPAccountant
-    from opacus.accountants.analysis import rdp
-
-    return rdp.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
-                           orders=RDPAccountant.DEFAULT_ALPHAS)
+    rdp, orders = _rdp()
+    return rdp.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=orders)
 
 
 def epsilon(history: Sequence[Sequence[float]], delta: float, accountant: str = "rdp") -> float:
@@ -69,7 +77,9 @@ def epsilon(history: Sequence[Sequence[float]], delta: float, accountant: str = 
 
     For RDP the per-step RDP curve of each (sample rate, noise) is cached and scaled by the steps,
     the same arithmetic as `RDPAccountant.get_epsilon` (equal to the last bit), but quick enough to
-    report every round. No noise gives ``inf``; an empty history 0.
+    report every round. No noise gives ``inf``; an empty history 0. Never negative: the RDP conversion
+    can fall below 0 for a large delta, and (epsilon, delta)-DP implies (0, delta)-DP for any epsilon <= 0
+    (e^epsilon <= 1), so 0 is the sound answer there.
     """
     check_mechanism(accountant)
     if not history:
@@ -77,15 +87,13 @@ def epsilon(history: Sequence[Sequence[float]], delta: float, accountant: str = 
     with warnings.catch_warnings():  # "optimal order is the largest alpha": expected for large epsilons
         warnings.filterwarnings("ignore", message="Optimal order")
         if accountant == "rdp":
-            from opacus.accountants import RDPAccountant
-            from opacus.accountants.analysis import rdp
-
             curve = sum([_rdp_per_step(float(q), float(z)) * int(s) for z, q, s in history])
-            eps, _ = rdp.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=curve, delta=delta)
-            return float(eps)
+            rdp, orders = _rdp()
+            eps, _ = rdp.get_privacy_spent(orders=orders, rdp=curve, delta=delta)
+            return max(0.0, float(eps))
         if any(z == 0 for z, _, _ in history):
             return math.inf
-        return float(opacus_accountant(history, accountant).get_epsilon(delta=delta))
+        return max(0.0, float(opacus_accountant(history, accountant).get_epsilon(delta=delta)))
 
 
 @functools.lru_cache(maxsize=256)
@@ -94,8 +102,7 @@ def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float
     """The smallest noise multiplier (to Opacus' tolerance) that spends at most ``target_epsilon``
     in ``steps`` steps at ``sample_rate``: Opacus' `get_noise_multiplier` (a search of a second or
     so, remembered for the same arguments)."""
-    from opacus.accountants.utils import get_noise_multiplier
-
+    get_noise_multiplier = opacus("opacus.accountants.utils").get_noise_multiplier
     check_mechanism(accountant)
     try:
         with warnings.catch_warnings():
@@ -108,13 +115,31 @@ def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float
 
 
 def check_mechanism(accountant: str) -> None:
+    """Raise `ConfigError` unless ``accountant`` is one of Opacus' and Opacus is installed (`MissingExtra`): what
+    every DP setting checks when it is made, so that DP without Opacus is refused before any round."""
     if accountant not in MECHANISMS:
         raise ConfigError(f"unknown accountant {accountant!r}; use one of: {', '.join(MECHANISMS)}")
+    opacus()
 
 
 def check_delta(name: str, delta: Any) -> None:
     if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not 0 < delta < 1:
         raise ConfigError(f"{name} must be in (0, 1), and well below 1 / (number of records), got {delta!r}")
+
+
+def check_delta_below(name: str, delta: float, population: int, what: str) -> None:
+    """Refuse a ``delta`` of 1 / ``population`` or more: ``population`` is how many individuals the guarantee
+    hides (clients for user-level DP, a client's examples for example-level DP), ``what`` says which.
+
+    With delta >= 1/n a mechanism that publishes one of the n records in the clear, at random, meets the
+    guarantee: (epsilon, delta) then promises nothing, and the accountant's epsilon means nothing either.
+    """
+    if population < 1 or delta < 1 / population:
+        return
+    advice = min(1e-5, 10.0 ** math.floor(math.log10(0.1 / population)))
+    raise ConfigError(f"{name} is {delta:g}, but it must be below 1 / {what} (1/{population} = {1 / population:.3g}): "
+                      "with a delta that large, publishing one of them in the clear at random would meet the guarantee, "
+                      f"so it would promise nothing. Use a delta well below 1/{population}, e.g. {advice:g}")
 
 
 def check_number(name: str, v: Any, low: float, strict: bool = False, high: float | None = None,

@@ -1,8 +1,10 @@
-"""CKKS settings for homomorphic encryption of the global model and the clients' updates (TenSEAL).
+"""CKKS homomorphic encryption of the global model and the clients' updates (TenSEAL): the scheme a workflow holds.
 
-`CKKS` holds the scheme's parameters and which layers to encrypt; the rest of HE is in
-`fedkit.privacy.he_layout` (packing layers into ciphertexts), `fedkit.privacy.he_keys` (key material),
-`fedkit.privacy.he_filters` (the clients' half) and `fedkit.privacy.he_model` (the server's half).
+`CKKS` is its parameters (`fedkit.privacy.he_params.CKKSParams`: the scheme's numbers and which layers to
+encrypt) and the hooks of `fedkit.global_model.Encryption` that the simulator calls: `CKKS.provision`
+(keys for the clients, an encrypted model for the server), `CKKS.check_saved` and `CKKS.decrypt`. The rest
+of HE is in `fedkit.privacy.he_layout` (packing layers into ciphertexts), `fedkit.privacy.he_keys` (key
+material), `fedkit.privacy.he_filters` (the clients' half) and `fedkit.privacy.he_model` (the server's half).
 
 >>> CKKS().slots
 4096
@@ -12,85 +14,60 @@
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
+import time
+from typing import Any, Mapping
 
+import torch
+
+from ..client import Client
 from ..errors import ConfigError
-from ..global_model import Encryption
+from ..exchange import Weights
+from ..global_model import Encryption, GlobalModel
+from ..weights import check_update
+from . import he_filters
+from .he_model import EncryptedModel
+from .he_params import CIPHERTEXTS, MAX_COEFF_BITS, META_KEY, STATE_KEY, CKKSParams, tenseal_module
 
-STATE_KEY = "he"  # under this key: the server's encrypted global model, and each client's secret context
-CIPHERTEXTS = "__ckks__"  # the DXO data entry that holds the ciphertexts (bytes) of the packed layers
-META_KEY = "he"  # the DXO meta entry that describes them: key id, layout, digest (and the client's weight)
+__all__ = ["CIPHERTEXTS", "MAX_COEFF_BITS", "META_KEY", "STATE_KEY", "CKKS", "tenseal_module"]
 
-# The most coefficient-modulus bits SEAL allows per ring dimension for 128-bit security
-# (HomomorphicEncryption.org standard); more bits would be faster to break.
-MAX_COEFF_BITS = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
-
-
-def tenseal_module():
-    try:
-        import tenseal
-    except ImportError:
-        raise ConfigError("homomorphic encryption needs TenSEAL, which is not installed; "
-                          "pip install 'fedkit[privacy]' (or: pip install tenseal)") from None
-    return tenseal
+SAVED = {"public_context", "key_id", "layout", "keys", "global"}  # what a checkpoint keeps of the encrypted model
 
 
-@dataclass(frozen=True)
-class CKKS(Encryption):
-    """The federation's CKKS settings, and which layers to encrypt.
+class CKKS(CKKSParams, Encryption):
+    """The federation's CKKS settings, and which layers to encrypt; a workflow holds it as ``he=CKKS()``.
 
     The defaults are TenSEAL's and NVFlare's: enough precision that an encrypted FedAvg ends within
     1e-6 (relative) of the plaintext one, and one multiplicative level (the server's 1/total weight).
-
-    >>> CKKS(poly_modulus_degree=4096)
-    Traceback (most recent call last):
-    fedkit.errors.ConfigError: CKKS: poly_modulus_degree 4096 allows at most 109 bits of coefficient modulus at 128-bit security, but coeff_mod_bit_sizes (60, 40, 40, 60) sum to 200; use fewer or smaller primes, e.g. (40, 20, 40) with scale_bits=20, or a larger poly_modulus_degree
     """
 
-    poly_modulus_degree: int = 8192  # ring dimension N: a ciphertext holds N/2 numbers; 8192 fits the primes below at 128-bit security
-    coeff_mod_bit_sizes: tuple[int, ...] = (60, 40, 40, 60)  # primes; each middle one allows one multiplication (HE FedAvg needs one)
-    scale_bits: int = 40  # numbers are encoded times 2**40; the first prime's 60 bits leave 20 for the integer part
-    layers: tuple[str, ...] | str | None = None  # None: every floating-point layer; else names or regexes (matched whole)
+    state_key = STATE_KEY
 
-    def __post_init__(self) -> None:
-        n = self.poly_modulus_degree
-        if isinstance(n, bool) or not isinstance(n, int) or n not in MAX_COEFF_BITS:
-            raise ConfigError(f"CKKS: poly_modulus_degree must be one of {', '.join(map(str, MAX_COEFF_BITS))}, got {n!r}")
-        bits = self.coeff_mod_bit_sizes
-        if isinstance(bits, list):
-            bits = tuple(bits)
-            object.__setattr__(self, "coeff_mod_bit_sizes", bits)
-        if (not isinstance(bits, tuple) or len(bits) < 3
-                or not all(isinstance(b, int) and not isinstance(b, bool) and 20 <= b <= 60 for b in bits)):
-            raise ConfigError(f"CKKS: coeff_mod_bit_sizes must be at least 3 prime sizes, each an integer from 20 to 60 "
-                              f"bits (the middle ones give the multiplicative levels; HE FedAvg needs one), got {bits!r}")
-        if sum(bits) > MAX_COEFF_BITS[n]:
-            raise ConfigError(f"CKKS: poly_modulus_degree {n} allows at most {MAX_COEFF_BITS[n]} bits of coefficient "
-                              f"modulus at 128-bit security, but coeff_mod_bit_sizes {bits} sum to {sum(bits)}; use fewer "
-                              "or smaller primes, e.g. (40, 20, 40) with scale_bits=20, or a larger poly_modulus_degree")
-        s = self.scale_bits
-        if isinstance(s, bool) or not isinstance(s, int) or not 20 <= s <= min(bits[1:-1]) or s >= bits[0]:
-            raise ConfigError(f"CKKS: scale_bits must be an integer from 20 to the smallest middle prime ({min(bits[1:-1])} "
-                              f"bits) and below the first prime ({bits[0]} bits, whose extra bits hold the integer part), "
-                              f"got {s!r}")
-        layers = self.layers
-        if isinstance(layers, str):
-            layers = (layers,)
-        if isinstance(layers, list):
-            layers = tuple(layers)
-        if layers is not None:
-            if not isinstance(layers, tuple) or not layers or not all(isinstance(p, str) and p for p in layers):
-                raise ConfigError(f"CKKS: layers must be None (all floating-point layers), a layer name or regular "
-                                  f"expression, or a tuple of them, got {self.layers!r}")
-            for p in layers:
-                try:
-                    re.compile(p)
-                except re.error as e:
-                    raise ConfigError(f"CKKS: layers pattern {p!r} is not a valid regular expression ({e})") from None
-        object.__setattr__(self, "layers", layers)
+    def provision(self, clients: Mapping[str, Client], initial: Weights,
+                  saved: tuple[Weights, dict[str, Any]] | None = None) -> GlobalModel:
+        """FLARE's provisioning: the clients get the secret context (a resumed run finds it in their restored
+        state, `fedkit.privacy.he_filters.provision`), the server a model built from the public context only."""
+        started = time.perf_counter()
+        public, kid = he_filters.provision(self, clients)
+        if saved is not None and STATE_KEY in saved[1]:
+            weights, state = saved
+            model = EncryptedModel.restore(self, state[STATE_KEY], weights)
+            check_update(weights, {k: v for k, v in initial.items() if k in model.plain}, "the checkpoint's model")
+        else:
+            model = EncryptedModel.start(self, initial, public, setup_s=time.perf_counter() - started)
+        if model.key_id != kid:
+            raise ConfigError(f"the server's global model is encrypted under key {model.key_id!r}, but the clients hold "
+                              f"key {kid!r}; they could not decrypt it (was the clients' state lost?)")
+        return model
 
-    @property
-    def slots(self) -> int:
-        """Numbers per ciphertext: half the ring dimension."""
-        return self.poly_modulus_degree // 2
+    def check_saved(self, server_state: dict[str, Any]) -> None:
+        he = server_state.get(STATE_KEY)
+        if not isinstance(he, dict) or not SAVED <= set(he):
+            raise ValueError(f"its server state has no encrypted model under {STATE_KEY!r} (public_context, key_id, "
+                             "layout, keys, global)")
+        if not (isinstance(he["global"], list) and all(isinstance(c, torch.Tensor) for c in he["global"])
+                and isinstance(he["keys"], list) and isinstance(he["key_id"], str)):
+            raise ValueError("its encrypted model is malformed (global must be a list of tensors, keys a list)")
+
+    def decrypt(self, model: GlobalModel, client_state: dict[str, Any]) -> Weights:
+        """How a run's owner gets the final model with HE on: through a client, never from the server."""
+        return he_filters.decrypt_global(model.task_data({}), client_state, model.keys)

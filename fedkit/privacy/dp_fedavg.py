@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import InitVar, dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 
@@ -39,7 +39,7 @@ from ..train import LocalTraining
 from ..weights import norm
 from ..workflows.extensions import Extension
 from ..workflows.scatter_gather import FedAvg
-from .accounting import account, check_delta, check_mechanism, check_number, epsilon, noise_multiplier_for
+from .accounting import account, check_delta, check_delta_below, check_mechanism, check_number, epsilon, noise_multiplier_for
 from .clipping import CLIP_KEY, CLIPPED_KEY, AdaptiveClip, adapt_clip, clip_update, noisy_mean, split_noise
 
 _NOISE, _COUNT_NOISE = 11, 13  # seed streams of their own (12 is local DP's, in clipping)
@@ -114,6 +114,10 @@ class UserDP(Extension):
         object.__setattr__(bound, "sampling", float(workflow.sample_rate if workflow.sample_rate is not None else 1.0))
         object.__setattr__(bound, "rounds", workflow.rounds)
         return bound
+
+    def check_population(self, examples: Mapping[str, int]) -> None:
+        """Refuse a delta not below 1 / the number of clients: user-level DP hides a whole client."""
+        check_delta_below("UserDP.delta", self.delta, len(examples), f"the number of clients ({len(examples)})")
 
     def _state(self, fl: ServerContext) -> dict[str, Any]:
         return fl.server.state.setdefault("dp_fedavg", {"history": [], "clip": float(self.clip)})

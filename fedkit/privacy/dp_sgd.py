@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -39,7 +39,8 @@ from ..server import ServerContext
 from ..train import LocalTraining
 from ..workflows.extensions import Extension
 from ..workflows.scatter_gather import FedAvg
-from .accounting import account, check_delta, check_mechanism, check_number, epsilon, noise_multiplier_for
+from .accounting import (account, check_delta, check_delta_below, check_mechanism, check_number, epsilon,
+                         noise_multiplier_for, opacus)
 
 _NOISE = 11  # a seed stream of its own for the optimizer's noise
 
@@ -90,6 +91,15 @@ class DPSGD(Extension):
             return dataclasses.replace(self, rounds=workflow.rounds)  # every client may train every round
         return self
 
+    def check_population(self, examples: Mapping[str, int]) -> None:
+        """Refuse a delta not below 1 / the training examples of the smallest client: the guarantee is each
+        client's, over its own examples, so the client with the fewest bounds delta."""
+        held = {c: n for c, n in examples.items() if n > 0}  # a client with no examples trains nothing, spends nothing
+        if held:
+            smallest = min(held, key=held.get)
+            check_delta_below("DPSGD.delta", self.delta, held[smallest],
+                              f"the training examples of the smallest client ({smallest!r}: {held[smallest]})")
+
     def check_model(self, model: nn.Module) -> None:
         """Raise `ConfigError` saying how to fix ``model`` if Opacus cannot train it privately (e.g. BatchNorm)."""
         check_model(model)
@@ -118,10 +128,8 @@ class DPSGD(Extension):
                                       f"target_epsilon {self.target_epsilon:g}")
         wrapped = ctx.state.get("_grad_sample")  # a cache: (model, its GradSampleModule)
         if wrapped is None or wrapped[0] is not t.model:  # wrap once: GradSampleModule hooks the model's layers
-            from opacus import GradSampleModule  # Opacus is optional: imported when DP-SGD runs
-
             check_model(t.model)
-            ctx.state["_grad_sample"] = (t.model, GradSampleModule(t.model, loss_reduction="mean"))
+            ctx.state["_grad_sample"] = (t.model, opacus().GradSampleModule(t.model, loss_reduction="mean"))
         t.private = PrivateSGD(self, state, float(z), q, per_epoch, cfg.batch_size if q < 1.0 else max(n, 1))
 
     def client_end(self, t: LocalTraining) -> None:
@@ -173,8 +181,7 @@ class PrivateSGD:
 
     def optimizer(self, opt: torch.optim.Optimizer, seed: int) -> Any:
         """``opt`` inside Opacus' DPOptimizer, its noise drawn from a generator seeded by the task's seed."""
-        from opacus.optimizers import DPOptimizer  # Opacus is optional: imported when DP-SGD runs
-
+        DPOptimizer = opacus("opacus.optimizers").DPOptimizer
         device = opt.param_groups[0]["params"][0].device
         gen = torch.Generator(device=device).manual_seed(derive_seed(seed, _NOISE))
         return DPOptimizer(opt, noise_multiplier=self.noise_multiplier, max_grad_norm=self.config.max_grad_norm,
@@ -192,8 +199,7 @@ class PrivateSGD:
 
 def check_model(model: nn.Module) -> None:
     """Raise `ConfigError` if Opacus cannot compute per-example gradients of ``model``, saying how to fix it."""
-    from opacus.validators import ModuleValidator  # Opacus is optional: imported when DP-SGD runs
-
+    ModuleValidator = opacus("opacus.validators").ModuleValidator
     was_training = model.training
     model.train()  # Opacus validates a model in training mode
     try:

@@ -8,11 +8,13 @@ the server, which cannot. The simulator provisions the keys before the run, as F
 does: the secret context goes to the clients only.
 
 CKKS (Cheon, Kim, Kim, Song 2017, "Homomorphic Encryption for Arithmetic of Approximate Numbers")
-computes on real numbers approximately: with the default scale of 2^40 a decrypted number is off by
-about 1e-8, and an encrypted FedAvg ends about 1e-7 (relative) from the plaintext one. SEAL draws its
+computes on real numbers approximately. Each layer is packed into ciphertexts of its own (`Layout`), so
+its error is relative to its own values: after a round every number of a layer is off by at most about
+2e-7 of the layer's largest value, plus about 1e-8 absolute at the default scale 2^40 (2^k times more
+at ``scale_bits=40-k``); an encrypted FedAvg ends about 1e-7 (relative) from the plaintext one. SEAL draws its
 encryption noise from the operating system (TenSEAL cannot seed it), so an HE run repeats to that
 precision, not bit for bit; everything fedkit draws is seeded as usual. Use HE when the server must
-not see any single client's update; it costs time and 15-20x the bytes (see ``benchmarks/he.py``), and
+not see any single client's update; it costs time and 20-30x the bytes (see ``benchmarks/he.py``), and
 it rules out whatever needs plaintext on the server (FedOpt, median, Krum, norm screening of the
 encrypted layers).
 

@@ -6,8 +6,9 @@ filter (e.g. DP clipping and noise). The server weighs the ciphertexts itself: a
 (sample counts) are public, the updates are not.
 
 Where the secret lives: each client keeps the federation's secret context in its own state, under
-``state["he"]`` (as bytes, so that it survives a checkpoint in the clients' part, ``clients.pt``; the
-server's files hold the public context only) and, deserialized, under the cache key ``"_he_keys"``.
+``state["he"]`` (as bytes, so that it survives a checkpoint in the client's own file,
+``checkpoints/round-N/clients/<client>.pt``; the server's files, ``checkpoints/round-N/server/``, hold
+the public context only) and, deserialized, under the cache key ``"_he_keys"``.
 TenSEAL cannot derive keys from a seed, so they are created once per run and stored, not re-derived.
 """
 
@@ -19,7 +20,7 @@ from typing import Any, Mapping
 from ..client import Client
 from ..errors import ConfigError, UpdateError
 from ..exchange import DXO, DataKind, FilterContext, MetaKey, Task, Weights
-from .ckks import CIPHERTEXTS, META_KEY, STATE_KEY, CKKS
+from .he_params import CIPHERTEXTS, META_KEY, STATE_KEY, CKKSParams
 from .he_keys import ClientKeys, digest, key_id, new_keys, to_bytes, to_tensor
 from .he_layout import Layout, pack, unpack
 
@@ -38,11 +39,11 @@ def client_keys(state: dict[str, Any]) -> ClientKeys:
     return keys
 
 
-def provision(ckks: CKKS, clients: Mapping[str, Client]) -> tuple[bytes, str]:
+def provision(ckks: CKKSParams, clients: Mapping[str, Client]) -> tuple[bytes, str]:
     """Give every client the federation's secret context and the HE filters; return what the server gets:
     the public context bytes and the key id.
 
-    This is FLARE's provisioning step (in a deployment, run offline by the project admin); the simulator
+    This is FLARE's provisioning step (in a deployment, run offline by the project admin); `CKKS.provision`
     runs it before a run whose workflow asks for HE, and hands the server the public part only. The secret context goes into the clients' state only. A
     resumed run finds the keys in the clients' restored state and keeps them, so that they still
     decrypt the global model the checkpoint holds encrypted.

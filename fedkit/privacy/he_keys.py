@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, UpdateError
-from .ckks import CKKS, tenseal_module
+from .he_params import CKKSParams, tenseal_module
 from .he_layout import Layout
 
-def new_keys(ckks: CKKS) -> tuple[bytes, bytes]:
+def new_keys(ckks: CKKSParams) -> tuple[bytes, bytes]:
     """A fresh key pair for a federation: (secret context bytes for the clients, public context bytes for the server).
 
     Neither holds relinearization or Galois keys: HE FedAvg never multiplies two ciphertexts nor rotates

@@ -2,9 +2,9 @@
 
 >>> import torch
 >>> w = {"a": torch.ones(2, 3), "b": torch.zeros(4)}
->>> layout = layout_for(w, CKKS())
+>>> layout = layout_for(w, CKKSParams())
 >>> layout.size, layout.chunk_sizes
-(10, [10])
+(10, [6, 4])
 >>> unpack(pack(w, layout), layout)["a"].shape
 torch.Size([2, 3])
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -21,18 +22,33 @@ import torch
 
 from ..errors import ConfigError, UpdateError
 from ..exchange import Weights
-from .ckks import CIPHERTEXTS, CKKS
+from .he_params import CIPHERTEXTS, CKKSParams
+
+class Packing(str, Enum):
+    """How layers are cut into ciphertexts."""
+
+    PER_LAYER = "per-layer"  # each layer in ciphertexts of its own: its error relative to its own values
+    CONCATENATED = "concatenated"  # older fedkit: layers concatenated, then cut; read from older checkpoints
+
 
 @dataclass(frozen=True)
 class Layout:
-    """Where each encrypted layer sits in the packed vector: layers are flattened and concatenated in
-    order, and the vector is cut into ciphertexts of ``slots`` numbers (the last one shorter), so that
-    small layers share a ciphertext instead of each filling one."""
+    """Where each encrypted layer sits in the ciphertexts: layers are flattened and concatenated in order
+    (`pack`), and each layer is cut into ciphertexts of its own, of ``slots`` numbers (its last one shorter).
+
+    Why a layer never shares a ciphertext: CKKS's error in a number is an absolute one (about 1e-9 to
+    1e-8 at scale 2^40) plus a part proportional to the largest value in the same ciphertext (about 4e-16 of it,
+    from encoding in double precision), so a layer of tiny values packed beside one of huge values
+    would be off relative to its own values. Each layer in its own ciphertexts costs at most one
+    ciphertext more per layer. ``Packing.CONCATENATED`` is how older fedkit packed (the whole vector
+    cut into ciphertexts, layers sharing them); it is read from checkpoints that hold it.
+    """
 
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
     dtypes: tuple[str, ...]
     slots: int
+    packing: Packing = Packing.PER_LAYER
 
     @property
     def sizes(self) -> list[int]:
@@ -44,9 +60,10 @@ class Layout:
 
     @property
     def chunk_sizes(self) -> list[int]:
-        """How many numbers each ciphertext holds."""
-        full, rest = divmod(self.size, self.slots)
-        return [self.slots] * full + ([rest] if rest else [])
+        """How many numbers each ciphertext holds, in order (ciphertexts take the packed vector's numbers in turn)."""
+        if self.packing == Packing.CONCATENATED:
+            return _cut(self.size, self.slots)
+        return [n for size in self.sizes for n in _cut(size, self.slots)]
 
     @property
     def plain_nbytes(self) -> int:
@@ -56,13 +73,14 @@ class Layout:
     def to_meta(self) -> dict[str, Any]:
         """Plain lists and strings: travels in DXO meta and lives in checkpoints."""
         return {"names": list(self.names), "shapes": [list(s) for s in self.shapes], "dtypes": list(self.dtypes),
-                "slots": self.slots}
+                "slots": self.slots, "packing": self.packing.value}
 
     @classmethod
     def from_meta(cls, meta: Any) -> "Layout":
         try:
             layout = cls(tuple(meta["names"]), tuple(tuple(int(d) for d in s) for s in meta["shapes"]),
-                         tuple(meta["dtypes"]), int(meta["slots"]))
+                         tuple(meta["dtypes"]), int(meta["slots"]),
+                         _packing(meta.get("packing", Packing.CONCATENATED)))  # older fedkit wrote none
             if not len(layout.names) == len(layout.shapes) == len(layout.dtypes) or layout.slots < 1:
                 raise ValueError("names, shapes and dtypes differ in length")
             for d in layout.dtypes:
@@ -72,6 +90,20 @@ class Layout:
         return layout
 
 
+def _packing(name: Any) -> Packing:
+    """The packing a layout's meta names (older fedkit wrote none: concatenated)."""
+    try:
+        return Packing(name)
+    except ValueError:
+        raise ValueError(f"packing {name!r} is not one of {', '.join(p.value for p in Packing)}") from None
+
+
+def _cut(n: int, slots: int) -> list[int]:
+    """``n`` numbers in ciphertexts of ``slots``: full ones, then the rest."""
+    full, rest = divmod(n, slots)
+    return [slots] * full + ([rest] if rest else [])
+
+
 def _dtype(name: str) -> torch.dtype:
     dtype = getattr(torch, str(name).removeprefix("torch."), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -79,7 +111,7 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def layout_for(weights: Weights, ckks: CKKS) -> Layout:
+def layout_for(weights: Weights, ckks: CKKSParams) -> Layout:
     """The layout of the layers of ``weights`` that ``ckks.layers`` selects (floating-point ones only:
     integer buffers such as BatchNorm's counters stay plaintext)."""
     if CIPHERTEXTS in weights:

@@ -34,7 +34,7 @@ from ..exchange import DXO, DataKind, MetaKey, Weights
 from ..global_model import HE_RULE, GlobalModel, Step, Weigh, aggregate, screen
 from ..weights import add
 from ..server import Reply
-from .ckks import CIPHERTEXTS, META_KEY, STATE_KEY, CKKS
+from .he_params import CIPHERTEXTS, META_KEY, STATE_KEY, CKKSParams
 from .he_filters import DECRYPT_S, ENCRYPT_S
 from .he_keys import PublicContext, digest, to_bytes, to_tensor
 from .he_layout import Layout, layout_for, pack
@@ -48,7 +48,7 @@ class EncryptedModel(GlobalModel):
 
     readable = False
 
-    def __init__(self, ckks: CKKS, public: bytes, layout: Layout, keys: list[str], plain: Weights,
+    def __init__(self, ckks: CKKSParams, public: bytes, layout: Layout, keys: list[str], plain: Weights,
                  chunks: list[bytes], setup_s: float = 0.0) -> None:
         self.encryption = ckks
         self.public = public
@@ -62,7 +62,7 @@ class EncryptedModel(GlobalModel):
         self._loaded: dict[str, list] = {}  # the ciphertexts of this round's valid results (all attempts), for `update`
 
     @classmethod
-    def start(cls, ckks: CKKS, weights: Weights, public: bytes, setup_s: float = 0.0) -> "EncryptedModel":
+    def start(cls, ckks: CKKSParams, weights: Weights, public: bytes, setup_s: float = 0.0) -> "EncryptedModel":
         """Encrypt the selected layers of ``weights`` (the initial model, which is public) with the public key."""
         layout = layout_for(weights, ckks)
         chunks = [v.serialize() for v in PublicContext(public).encrypt(pack(weights, layout), layout)]
@@ -71,7 +71,7 @@ class EncryptedModel(GlobalModel):
         return cls(ckks, public, layout, list(weights), plain, chunks, setup_s)
 
     @classmethod
-    def restore(cls, ckks: CKKS, state: dict[str, Any], plain: Weights) -> "EncryptedModel":
+    def restore(cls, ckks: CKKSParams, state: dict[str, Any], plain: Weights) -> "EncryptedModel":
         """The model a checkpoint holds: ``state`` is what `checkpoint` returned under ``"he"``."""
         return cls(ckks, to_bytes(state["public_context"]), Layout.from_meta(state["layout"]), state["keys"], plain,
                    [to_bytes(c) for c in state["global"]])

@@ -17,7 +17,7 @@ beside an encrypted one.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from torch import nn
 
@@ -80,6 +80,10 @@ class Chain(Controller):
     def check_federation(self, clients: Sequence[str]) -> None:
         for p in self.parts:
             p.check_federation(clients)
+
+    def check_population(self, examples: Mapping[str, int]) -> None:
+        for p in self.parts:
+            p.check_population(examples)
 
     def control_flow(self, fl: ServerContext) -> None:
         offset = 0

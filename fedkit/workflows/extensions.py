@@ -16,7 +16,7 @@ unless overridden, so an extension written in a cell overrides only what it chan
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -49,6 +49,10 @@ class Extension(TrainHook):
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse a model the client half cannot train (called once, when the simulator is built)."""
+
+    def check_population(self, examples: Mapping[str, int]) -> None:
+        """Refuse settings the clients' data cannot meet (``examples``: each client's training examples; called
+        once, when the simulator is built), e.g. a DP delta not below 1 / the number of individuals hidden."""
 
     def task_meta(self, fl: ServerContext) -> dict[str, Any]:
         """Entries to add to the meta of every training task (e.g. SCAFFOLD's control variate)."""

@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -143,6 +143,10 @@ class FedAvg(Controller):
     def check_model(self, model: torch.nn.Module) -> None:
         for ext in self.extensions:
             ext.check_model(model)
+
+    def check_population(self, examples: Mapping[str, int]) -> None:
+        for ext in self.extensions:
+            ext.check_population(examples)
 
     def check_federation(self, clients: Sequence[str]) -> None:
         """Refuse, before the first round, what these ``clients`` cannot meet: more clients per round, or more
