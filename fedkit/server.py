@@ -225,6 +225,7 @@ class ServerContext:
     offset: int = 0
     validate_task: str = "validate"  # the clients' task that scores a model they can read and the server cannot
     controller: str = "the controller"  # the workflow's name, in the errors of the rounds it ends
+    current_round: int | None = None  # the round a ``with fl.round(r)`` block is in (`fedkit.rounds.Round` sets it)
 
     def __post_init__(self) -> None:
         # the global model as the last round left it (here: as this context found it); end_round falls back on it
@@ -260,8 +261,8 @@ class ServerContext:
     def next_round(self) -> int:
         """The round in progress (the one a ``with fl.round(r)`` block is in), else the next one to record
         (rounds as the controller numbers them, without ``offset``)."""
-        if "_round" in self.__dict__:
-            return self.__dict__["_round"]
+        if self.current_round is not None:
+            return self.current_round
         rounds = self.history.rounds
         return rounds[-1].round + 1 - self.offset if rounds else self.start_round
 
