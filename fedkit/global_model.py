@@ -21,13 +21,29 @@ import statistics
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar, Mapping
 
+from .aggregate import Rule, apply_rule, by_samples, rule_name, weigh_result, weighted_mean
 from .errors import UpdateError
 from .exchange import DXO, DataKind, MetaKey, Reply, Weights
 from .status import Status
-from .weights import check_update, norm
+from .weights import add, check_update, norm
 
 Step = Callable[[Weights, dict[str, DXO]], Weights]
 """How a workflow moves readable weights with a round's valid results: ``step(weights, results) -> new weights``."""
+
+Weigh = Callable[[DXO], float]
+"""A client's aggregation weight from its result (`fedkit.aggregate.by_samples`, `by_steps`, `uniform`)."""
+
+
+HE_RULE = ("with HE the server only adds ciphertexts and scales them by public weights, so it can compute the weighted "
+           "mean and nothing that compares, sorts or measures values (median, trimmed mean, Krum, clipping)")
+"""Why an encrypted model runs no aggregation rule but the weighted mean (said by FedAvg and the model alike)."""
+
+
+def aggregate(results: dict[str, DXO], rule: Rule, weigh: Weigh, reference: Weights) -> Weights:
+    """``rule`` applied to the ``results``' diffs, each weighed by ``weigh``; refused unless it fits ``reference``."""
+    diff = apply_rule(rule, [(r.data, weigh_result(weigh, r, n)) for n, r in results.items()])
+    check_update(diff, reference, f"aggregation rule {rule_name(rule)!r}")
+    return diff
 
 
 class Encryption(ABC):
@@ -238,8 +254,13 @@ class GlobalModel(ABC):
         An encrypted model also counts here what the replies cost (`observe`)."""
 
     @abstractmethod
-    def update(self, results: dict[str, DXO], weights: dict[str, float], step: Step) -> None:
-        """Move the model by the valid ``results``, each with its aggregation weight."""
+    def update(self, results: dict[str, DXO], *, rule: Rule = weighted_mean, weigh: Weigh = by_samples,
+               step: Step | None = None) -> None:
+        """Move the model by the valid ``results``: add ``rule``'s aggregate of their diffs, each weighed by
+        ``weigh`` (FedAvg's weighted mean by samples by default); nothing without results.
+
+        ``step(weights, results) -> new weights`` replaces the whole server step (a server optimizer, noise on
+        the aggregate). A model that cannot run a rule or a step (an encrypted one) refuses it, saying why."""
 
     @abstractmethod
     def copy(self) -> "GlobalModel":
@@ -282,8 +303,12 @@ class PlainModel(GlobalModel):
     def screen(self, replies: dict[str, Reply], max_norm_ratio: float | None) -> dict[str, DXO]:
         return screen(replies, self._weights, max_norm_ratio)
 
-    def update(self, results: dict[str, DXO], weights: dict[str, float], step: Step) -> None:
-        self._weights = step(self._weights, results)
+    def update(self, results: dict[str, DXO], *, rule: Rule = weighted_mean, weigh: Weigh = by_samples,
+               step: Step | None = None) -> None:
+        if step is not None:
+            self._weights = step(self._weights, results)
+        elif results:
+            self._weights = add(self._weights, aggregate(results, rule, weigh, self._weights))
 
     def copy(self) -> "PlainModel":
         return PlainModel(dict(self._weights))  # tensors are replaced, never edited in place

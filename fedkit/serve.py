@@ -18,7 +18,7 @@ from .client import Client
 from .engine import Engine, sequential
 from .exchange import Aborted, Signal
 from .history import RoundRecord
-from .server import Channel, ServerContext
+from .server import Channel, RunStopped, ServerContext
 
 # After abort() (or Ctrl-C), how long (seconds) a workflow's control_flow that sends no task (and so never meets
 # the abort) may take to end: then the run ends as aborted without it, with a warning (Python cannot stop a thread).
@@ -45,6 +45,8 @@ def serve(control: Callable[[ServerContext], None], fl: ServerContext, clients: 
     def run_controller() -> None:
         try:
             control(fl)
+        except RunStopped:  # fl.stop(reason): the controller ended the run on purpose, its event recorded
+            pass
         except BaseException as e:  # handed to the calling thread, which raises it
             outcome["error"] = e
         finally:

@@ -7,6 +7,7 @@ and run them; replies come back through the server's result filters.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import numbers
@@ -15,8 +16,9 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Mapping, NoReturn, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +31,7 @@ from .global_model import Encryption, GlobalModel, PlainModel
 
 from .history import History, RoundRecord
 from . import seeds
+from .rounds import Round
 from .status import Event, Status
 
 
@@ -62,7 +65,7 @@ class Server:
     def weights(self, value: Weights) -> None:
         if not self.model.readable:
             raise Unreadable("the server holds the global model encrypted and cannot set its weights in plaintext; "
-                             "move it with fl.model.update(results, weights, step)")
+                             "move it with fl.model.update(results)")
         self.model.weights = value
 
     def post(self, task: Task, targets: Sequence[str]) -> Task:
@@ -201,6 +204,11 @@ class Channel:
         self._orders.put(None)
 
 
+class RunStopped(Exception):
+    """``fl.stop(reason)`` ended the run on purpose (a spent privacy budget, a plateau): a clean end, not a failure.
+    Raised through the controller, whatever runs it (a `Chain` stops too); the simulator ends the run as done."""
+
+
 @dataclass
 class ServerContext:
     """What a controller works with: the server, the clients' names, and the run's services.
@@ -220,6 +228,7 @@ class ServerContext:
     offset: int = 0
     validate_task: str = "validate"  # the clients' task that scores a model they can read and the server cannot
     controller: str = "the controller"  # the workflow's name, in the errors of the rounds it ends
+    current_round: int | None = None  # the round a ``with fl.round(r)`` block is in (`fedkit.rounds.Round` sets it)
 
     def __post_init__(self) -> None:
         # the global model as the last round left it (here: as this context found it); end_round falls back on it
@@ -230,6 +239,51 @@ class ServerContext:
     def model(self) -> GlobalModel:
         """The global model (plaintext or encrypted): send it, screen results, update it."""
         return self.server.model
+
+    @property
+    def workflow(self) -> Controller | None:
+        """The controller whose ``control_flow`` runs now (the innermost): `Round` takes its settings as defaults."""
+        return self.__dict__.get("_workflow")
+
+    @contextmanager
+    def running(self, workflow: Controller) -> Iterator[None]:
+        """``workflow`` is the running one for the block (`Controller` wraps every ``control_flow`` in it)."""
+        outer = self.__dict__.get("_workflow")
+        self.__dict__["_workflow"] = workflow
+        try:
+            yield
+        finally:
+            self.__dict__["_workflow"] = outer
+
+    def round(self, number: int, *, record: bool = True) -> Round:
+        """Round ``number`` (0, 1, 2, ...) as a context manager: ``with fl.round(r) as rnd: fl.model.update(rnd.train())``
+        sends, gathers and screens in ``rnd``, and records the round when the block ends (`fedkit.rounds.Round`)."""
+        return Round(self, number, record)
+
+    @property
+    def next_round(self) -> int:
+        """The round in progress (the one a ``with fl.round(r)`` block is in), else the next one to record
+        (rounds as the controller numbers them, without ``offset``)."""
+        if self.current_round is not None:
+            return self.current_round
+        rounds = self.history.rounds
+        return rounds[-1].round + 1 - self.offset if rounds else self.start_round
+
+    def sample(self, k: int | None = None, *, rate: float | None = None) -> list[str]:
+        """The clients of the current round (`next_round`): ``k`` of them drawn without replacement (None: all),
+        or each with probability ``rate`` (Poisson sampling); the same for the same seed and round."""
+        if k is not None and rate is not None:
+            raise ConfigError(f"fl.sample takes k (a number of clients) or rate (Poisson sampling), not both; got "
+                              f"k={k!r} and rate={rate!r}")
+        if rate is not None:
+            return self.sample_poisson(rate, self.next_round)
+        return self.sample_clients(k, self.next_round)
+
+    def stop(self, reason: str) -> NoReturn:
+        """End the run cleanly now, saying why (a ``stopped`` event): the last completed round stays the result.
+        It raises `RunStopped`, which the run takes as the controller's normal end; a round in progress is not recorded."""
+        self.event(self.next_round, "stopped", reason=reason)
+        raise RunStopped(reason)
 
     def broadcast_and_wait(self, task: Task, targets: Sequence[str] | None = None) -> dict[str, Reply]:
         """Send ``task`` to ``targets`` (default: all clients) and return their replies by client."""
@@ -415,15 +469,6 @@ def _unnoticed(reply: Reply) -> str:
     return f"injected {fault.get('fault')!r} passed every check of the server and was accepted"
 
 
-def require_ok(replies: dict[str, Reply], round: int) -> dict[str, DXO]:
-    """The results of ``replies``, or an error naming each client that failed and why."""
-    failed = {n: r for n, r in replies.items() if not r.ok}
-    if failed:
-        lines = "; ".join(f"{n}: {r.error or 'no answer'}" for n, r in failed.items())
-        raise UpdateError(f"round {round}: {len(failed)} of {len(replies)} client(s) failed ({lines})")
-    return {n: r.result for n, r in replies.items()}
-
-
 class Controller(ABC):
     """A workflow: decides which tasks go to which clients, and what to do with the replies.
 
@@ -434,10 +479,26 @@ class Controller(ABC):
     rounds: int
     he: Encryption | None = None  # the global model's encryption, provisioned by the simulator; None: plaintext
     uses_model: ClassVar[bool] = True  # False for workflows that never send or read the global model (statistics)
+    uses_local_models: ClassVar[bool] = False  # True for workflows that ask clients for their local models (submit_model)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Make each ``control_flow`` the running workflow for its call (``fl.workflow``), so that a round takes
+        this controller's settings, also when another controller runs it (a `Chain`, a wrapper)."""
+        super().__init_subclass__(**kwargs)
+        flow = cls.__dict__.get("control_flow")
+        if flow is None or getattr(flow, "__isabstractmethod__", False):
+            return
+
+        @functools.wraps(flow)
+        def control_flow(self: Controller, fl: ServerContext) -> None:
+            with fl.running(self):
+                flow(self, fl)
+
+        cls.control_flow = control_flow  # type: ignore[method-assign]
 
     @abstractmethod
     def control_flow(self, fl: ServerContext) -> None:
-        """Run the workflow to the end, using ``fl.broadcast_and_wait`` and ``fl.end_round``."""
+        """Run the workflow to the end: ``with fl.round(r) as rnd:`` ... for each round (`fedkit.rounds.Round`)."""
 
     def check_federation(self, clients: Sequence[str]) -> None:
         """Refuse, with how to fix it, settings that cannot work with these ``clients`` (their names), such as

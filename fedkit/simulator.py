@@ -53,7 +53,6 @@ from .stats import StatsExecutor
 from .status import Event
 from .threads import AUTO_ONE_THREAD_BELOW, check_threads, resolve_threads, torch_threads
 from .train import Evaluator, ModelFn, SubmitModel, TrainConfig, Trainer, evaluate, load_weights, resolve_device
-from .workflows import Cyclic, FedAvg, FedStats, FederatedScaling
 
 __all__ = ["ABORT_GRACE", "AUTO_ONE_THREAD_BELOW", "RESUMABLE", "ClientsLike", "IncompleteRun", "Run", "RunExited",
            "RunInterrupted", "SaveError", "Simulator", "check_threads", "resolve_threads", "serve", "shared_plotlyjs",
@@ -399,18 +398,9 @@ class Simulator:
 
 def uses_local_models(workflow: Controller) -> bool:
     """Whether ``workflow`` may ask clients for their locally trained models (``submit_model``), so that each client
-    keeps a CPU copy of its last local weights across rounds (`Client.keep_local_model`). A `CrossSiteEval` (also
-    in a `Chain`) does; the standard workflows that never ask say so with ``uses_local_models = False``; any other
-    controller might, so its clients keep them (``uses_local_models`` on a controller overrides)."""
-    declared = getattr(workflow, "uses_local_models", None)
-    if isinstance(declared, bool):
-        return declared
-    parts = getattr(workflow, "parts", None)
-    if isinstance(parts, tuple) and parts:
-        return any(uses_local_models(p) for p in parts)
-    if getattr(workflow, "submit_task", None):
-        return True
-    return not isinstance(workflow, (FedAvg, Cyclic, FedStats, FederatedScaling))
+    keeps a CPU copy of its last local weights across rounds (`Client.keep_local_model`): the controller says so
+    (`Controller.uses_local_models`: False by default, True for `CrossSiteEval`, any part's for a `Chain`)."""
+    return workflow.uses_local_models
 
 
 def _plaintext(model: GlobalModel, owner: Client) -> Weights:

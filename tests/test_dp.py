@@ -606,12 +606,14 @@ def test_a_workflow_that_chooses_its_own_clients_cannot_run_dp_fedavg():
 
 
 def test_the_dp_fedavg_noise_cannot_be_skipped_by_calling_step_alone():
-    """Regression: FedAvg.step(...) without fl skipped on_aggregate, where DP-FedAvg adds its noise."""
+    """Regression: FedAvg.step(...) without fl skipped on_aggregate, where DP-FedAvg adds its noise. Since issue 20
+    round and fl are keyword-only and required: a step without them is refused by Python itself."""
     wf = DPFedAvg(rounds=1, noise_multiplier=1.0, sample_rate=1.0)
     results = {"c0": fk.DXO(fk.DataKind.WEIGHT_DIFF, {"w": torch.ones(3)}, {"num_samples": 1})}
-    with pytest.raises(fk.ConfigError, match="UserDP changes the aggregate in on_aggregate .* without fl the step would skip"):
-        wf.step({"w": torch.zeros(3)}, results)
-    assert fk.FedAvg().step({"w": torch.zeros(3)}, results)["w"].tolist() == [1.0, 1.0, 1.0]  # nothing to skip: fine
+    with pytest.raises(TypeError, match="missing 2 required keyword-only arguments: 'round' and 'fl'"):
+        wf.step({"w": torch.zeros(3)}, results, {})
+    plain = fk.FedAvg().step({"w": torch.zeros(3)}, results, {}, round=0, fl=None)  # nothing needs the run: fine
+    assert plain["w"].tolist() == [1.0, 1.0, 1.0]
 
 
 def test_a_dp_sgd_client_that_skips_the_private_steps_is_rejected(tiny_model):

@@ -106,14 +106,9 @@ def replies_for(clients, model, damage=None):
     return out
 
 
-def step(weights, results):
-    """FedAvg's step for the plaintext layers."""
-    return fk.FedAvg(rounds=1).step(weights, results)
-
-
 def aggregate(model, replies, max_norm_ratio=10.0, weigh=by_samples):
     results = model.screen(replies, max_norm_ratio)
-    model.update(results, {n: weigh(r) for n, r in results.items()}, step)
+    model.update(results, weigh=weigh)
     return results
 
 
@@ -159,6 +154,17 @@ def test_combinations_that_need_plaintext_are_refused(kwargs, match):
         fk.FedAvg(rounds=1, he=CKKS(), **kwargs)
     assert str(e.value).startswith("FedAvg(he=...) cannot ")
     fk.FedAvg(rounds=1, **kwargs)  # the same settings are fine in plaintext
+
+
+def test_an_extension_that_changes_the_aggregate_is_refused_with_he():
+    """Issue 20: its on_aggregate is a server step, which the encrypted model refuses; FedAvg says so when built."""
+    class Noisy(fk.Extension):
+        def on_aggregate(self, fl, round, results, diff):
+            return diff
+
+    with pytest.raises(fk.ConfigError, match="cannot run Noisy: it changes the aggregate in on_aggregate"):
+        fk.FedAvg(he=CKKS(), extensions=(Noisy(),))
+    assert fk.FedAvg(extensions=(Noisy(),)).extensions[0].changes_aggregate
 
 
 def test_he_settings_must_be_an_encryption_and_fedprox_and_cyclic_accept_it():
@@ -265,9 +271,28 @@ def test_an_update_that_fails_leaves_the_model_unchanged():
     before = (model.digest, list(model.chunks))
     results = model.screen(replies_for(clients, model), None)
     with pytest.raises(fk.UpdateError, match="weights must sum to a finite positive number, got 0.0"):
-        model.update(results, dict.fromkeys(results, 0.0), step)
-    model.update({}, {}, step)  # a round without results (Poisson sampling drew nobody)
+        model.update(results, weigh=lambda result: 0.0)
+    model.update({})  # a round without results (Poisson sampling drew nobody)
     assert (model.digest, model.chunks) == before
+
+
+def test_the_encrypted_model_refuses_a_rule_or_a_step_with_the_reason():
+    """Issue 20: one statement of the rule. fl.model.update's default (the weighted mean by samples) runs on
+    ciphertexts; another rule, or a step, needs plaintext and is refused, saying why, with nothing changed."""
+    clients, _, model = federation(WEIGHTS, DIFFS)
+    before = (model.digest, list(model.chunks))
+    results = model.screen(replies_for(clients, model), None)
+    with pytest.raises(fk.ConfigError, match="cannot apply the aggregation rule 'coordinate_median': with HE the "
+                                             "server only adds ciphertexts.*Call fl.model.update\\(results\\) with the "
+                                             "default rule"):
+        model.update(results, rule=fk.aggregate.coordinate_median)
+    with pytest.raises(fk.ConfigError, match="cannot run the server step .*reads and moves the weights in plaintext"):
+        model.update(results, step=lambda weights, valid: weights)
+    assert (model.digest, model.chunks) == before
+    model.update(results)  # the default: the weighted mean by samples, on ciphertexts
+    got = decrypt_global(model.task_data({}), clients["c0"].state, model.keys)
+    mean = weighted_mean([(d, float(n)) for d, n in DIFFS])
+    assert all(torch.allclose(got[k], WEIGHTS[k] + mean[k], atol=1e-6) for k in WEIGHTS)
 
 
 def test_unselected_layers_are_aggregated_in_plaintext():
@@ -785,10 +810,16 @@ class Largest(fk.FedAvg):
             return list(fl.client_names)
         return sorted(sorted(sizes, key=lambda n: (-sizes[n], n))[: self.k])
 
-    def screen(self, fl, replies):
-        valid = super().screen(fl, replies)
-        fl.server.state.setdefault("samples", {}).update({n: int(r.meta[fk.MetaKey.NUM_SAMPLES]) for n, r in valid.items()})
-        return valid
+    def __post_init__(self):
+        object.__setattr__(self, "extensions", (*self.extensions, Samples()))
+        super().__post_init__()
+
+
+class Samples(fk.Extension):
+    """Keeps the sample count each valid result reports (public numbers), for `Largest` to choose from."""
+
+    def after_aggregate(self, fl, results):
+        fl.server.state.setdefault("samples", {}).update({n: int(r.meta[fk.MetaKey.NUM_SAMPLES]) for n, r in results.items()})
 
 
 def test_a_fedavg_subclass_choosing_its_clients_runs_under_he(digits):

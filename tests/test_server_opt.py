@@ -347,11 +347,11 @@ def test_fedavg_step_keeps_the_optimizer_state_under_server_opt():
     wf = FedAvg(server_opt=SGD(lr=1.0, momentum=0.5))
     results = {"c0": fk.DXO(fk.DataKind.WEIGHT_DIFF, w(1.0), {"num_samples": 1})}
     state = {}
-    x = wf.step(w(1.0), results, state, round=0)
-    x = wf.step(x, results, state, round=1)
+    x = wf.step(w(1.0), results, state, round=0, fl=None)
+    x = wf.step(x, results, state, round=1, fl=None)
     assert x["w"].item() == 3.5 and state["server_opt"]["momentum/w"].item() == 1.5
     # without the run's state every step starts fresh: no momentum carried
-    assert wf.step(wf.step(w(1.0), results), results)["w"].item() == 3.0
+    assert wf.step(wf.step(w(1.0), results, {}, round=0, fl=None), results, {}, round=1, fl=None)["w"].item() == 3.0
     assert Server({"w": torch.zeros(1)}).state == {}
 
 

@@ -28,9 +28,11 @@ import time
 from typing import Any
 
 from .. import metrics as M
-from ..errors import UpdateError, Unreadable
+from ..aggregate import Rule, by_samples, rule_name, weigh_result, weighted_mean
+from ..errors import ConfigError, UpdateError, Unreadable
 from ..exchange import DXO, DataKind, MetaKey, Weights
-from ..global_model import GlobalModel, Step, screen
+from ..global_model import HE_RULE, GlobalModel, Step, Weigh, aggregate, screen
+from ..weights import add
 from ..server import Reply
 from ..status import Status
 from .he_params import CIPHERTEXTS, META_KEY, STATE_KEY, CKKSParams
@@ -170,13 +172,23 @@ class EncryptedModel(GlobalModel):
         self._costs[M.HE_AGGREGATE_S] += time.perf_counter() - started
         return valid
 
-    def update(self, results: dict[str, DXO], weights: dict[str, float], step: Step) -> None:
-        """FedAvg's step on ciphertexts: global += sum_i ciphertext_i * (w_i / total weight).
+    def update(self, results: dict[str, DXO], *, rule: Rule = weighted_mean, weigh: Weigh = by_samples,
+               step: Step | None = None) -> None:
+        """FedAvg's step on ciphertexts: global += sum_i ciphertext_i * (w_i / total weight), w_i = ``weigh(result_i)``.
 
-        The plaintext layers move by ``step``. Nothing changes if anything fails.
+        The plaintext layers move by the same weighted mean. Another ``rule``, or a ``step``, is refused: they
+        need the weights in plaintext. Nothing changes if anything fails.
         """
+        if rule is not weighted_mean:
+            raise ConfigError(f"the encrypted global model cannot apply the aggregation rule {rule_name(rule)!r}: "
+                              f"{HE_RULE}. Call fl.model.update(results) with the default rule, or run without he=")
+        if step is not None:
+            raise ConfigError(f"the encrypted global model cannot run the server step {rule_name(step)!r}: a step reads "
+                              "and moves the weights in plaintext, and the server holds them encrypted. Call "
+                              "fl.model.update(results) without step= (the weighted mean), or run without he=")
         if not results:
             return
+        weights = {n: weigh_result(weigh, r, n) for n, r in results.items()}
         started = time.perf_counter()
         total = float(sum(weights[n] for n in results))
         if not (math.isfinite(total) and total > 0):
@@ -188,7 +200,7 @@ class EncryptedModel(GlobalModel):
             scaled = [v * share for v in self._loaded[name]]  # the one multiplicative level HE FedAvg needs
             sums = scaled if sums is None else [s + v for s, v in zip(sums, scaled)]
         new = [g + s for g, s in zip(self.vectors, sums)]
-        plain = step(self.plain, results) if self.plain else self.plain
+        plain = add(self.plain, aggregate(results, rule, weigh, self.plain)) if self.plain else self.plain
         chunks = [v.serialize() for v in new]
         self.vectors, self.chunks, self.digest, self.plain = new, chunks, digest(self.key_id, chunks), plain
         self._loaded = {}

@@ -68,6 +68,11 @@ class Chain(Controller):
                               "client_accuracy instead")
         return settings.pop() if settings else None
 
+    @property
+    def uses_local_models(self) -> bool:  # type: ignore[override]
+        """Whether any part asks clients for their local models (cross-site evaluation)."""
+        return any(p.uses_local_models for p in self.parts)
+
     def check_model(self, model: nn.Module) -> None:
         for p in self.parts:
             p.check_model(model)

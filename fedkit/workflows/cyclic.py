@@ -13,17 +13,15 @@ its encrypted update, which the server adds to the model it relays without being
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..aggregate import uniform
 from ..errors import ConfigError, UpdateError
-from ..exchange import DXO, Task, Weights
 from ..global_model import Encryption
 from ..seeds import CYCLIC_ORDER
 from ..server import Controller, ServerContext
-from ..weights import add
 
 ORDERS = ("fixed", "shuffled")
 
@@ -63,24 +61,14 @@ class Cyclic(Controller):
         if fl.model.encryption != self.he:
             raise ConfigError(f"Cyclic has he={self.he!r} but the server's model has encryption {fl.model.encryption!r}: "
                               "the run was not provisioned for it")
-        for rnd in range(fl.start_round, self.rounds):
-            started = time.perf_counter()
-            travelling = fl.model.copy()  # the global model changes only once the cycle is complete
-            replies = {}
-            # a stream apart from client sampling: the same order for the same seed and round
-            for name in self.visit_order(list(fl.client_names), fl.rng(rnd, CYCLIC_ORDER)):
-                reply = fl.send_and_wait(Task(self.task_name, travelling.task_data({}), round=rnd), name)
-                replies[name] = reply
-                valid = travelling.screen({name: reply}, max_norm_ratio=None)
-                if name not in valid:
-                    raise UpdateError(f"round {rnd + fl.offset}: cyclic weight transfer needs a valid update from every "
-                                      f"client it visits ({name}: {reply.error or 'no answer'})")
-                travelling.update(valid, {name: 1.0}, self.step)
-            fl.server.model = travelling
-            fl.end_round(rnd, replies, started)
-
-    @staticmethod
-    def step(weights: Weights, results: dict[str, DXO]) -> Weights:
-        """Add one client's screened WEIGHT_DIFF to the travelling model."""
-        (result,) = results.values()
-        return add(weights, result.data)
+        for r in range(fl.start_round, self.rounds):
+            with fl.round(r) as rnd:
+                travelling = fl.model.copy()  # the global model changes only once the cycle is complete
+                # a stream apart from client sampling: the same order for the same seed and round
+                for name in self.visit_order(list(fl.client_names), fl.rng(r, CYCLIC_ORDER)):
+                    result = rnd.train([name], model=travelling, min_clients=0, max_retries=0, max_norm_ratio=None)
+                    if not result:
+                        raise UpdateError(f"round {r + fl.offset}: cyclic weight transfer needs a valid update from "
+                                          f"every client it visits ({name}: {rnd.replies[name].error or 'no answer'})")
+                    travelling.update(result, weigh=uniform)  # the one client's diff, whole
+                fl.server.model = travelling

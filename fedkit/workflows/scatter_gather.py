@@ -26,28 +26,22 @@ the workflow is built, with the reason.
 
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import dataclass
 import functools
+import math
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..aggregate import Rule, apply_rule, by_samples, rule_name, weigh_result, weighted_mean
+from ..aggregate import Rule, by_samples, rule_name, weighted_mean
 from ..errors import ConfigError
-from ..exchange import DXO, MetaKey, Task, Weights
-from ..global_model import Encryption, screen_norms
-from ..server import Controller, Reply, ServerContext
+from ..exchange import DXO, MetaKey, Weights
+from ..global_model import HE_RULE, Encryption, Step, aggregate
+from ..server import Controller, ServerContext
 from ..server_opt import SGD, ServerOptimizer
-from ..status import Event, Status
-from ..train import has_client_half, hook_name
-from ..weights import add, check_update, norm
+from ..train import has_client_half
+from ..weights import add, check_update
 from .extensions import Extension, Proximal, Scaffold, bind_all
-from .gather import RoundRefused, gather
-
-NORMS = "accepted_norms"  # server state: the norms of the last accepted updates (plain floats, checkpointed)
-STEP_NORMS = "accepted_step_norms"  # and their norms per local step (global_model.step_norms)
 
 
 @dataclass(frozen=True)
@@ -137,13 +131,13 @@ class FedAvg(Controller):
                               "plaintext, and with HE the server only ever holds ciphertexts. Use FedAvg or FedProx with "
                               "HE, or drop he= to use FedOpt")
         if self.aggregate is not weighted_mean:
-            raise ConfigError(f"FedAvg(he=...) cannot use the aggregation rule {rule_name(self.aggregate)!r}: with HE "
-                              "the server only adds ciphertexts and scales them by public weights, so it can compute the "
-                              "weighted mean and nothing that compares, sorts or measures values (median, trimmed mean, "
-                              "Krum, clipping). Use the default aggregate=weighted_mean with HE, or drop he=")
+            raise ConfigError(f"FedAvg(he=...) cannot use the aggregation rule {rule_name(self.aggregate)!r}: {HE_RULE}. "
+                              "Use the default aggregate=weighted_mean with HE, or drop he=")
         for ext in self.extensions:
-            if ext.needs_plaintext:
-                raise ConfigError(f"FedAvg(he=...) cannot run {type(ext).__name__}: {ext.needs_plaintext}. Use FedAvg or "
+            why = ext.needs_plaintext or (ext.changes_aggregate and
+                                          "it changes the aggregate in on_aggregate, which the server cannot read")
+            if why:
+                raise ConfigError(f"FedAvg(he=...) cannot run {type(ext).__name__}: {why}. Use FedAvg or "
                                   "FedProx with HE (DP-SGD runs on the clients, before encryption), or drop he=")
 
     def check_model(self, model: torch.nn.Module) -> None:
@@ -178,107 +172,67 @@ class FedAvg(Controller):
                               f"a round ({'every client' if k is None else f'clients_per_round={k}'}): {e}") from None
 
     def control_flow(self, fl: ServerContext) -> None:
+        self.check_context(fl)
+        for r in range(fl.start_round, self.rounds):
+            for ext in self.extensions:  # e.g. a spent privacy budget: the last completed round stays the result
+                if (reason := ext.before_round(fl, r)) is not None:
+                    fl.stop(reason)
+            with fl.round(r) as rnd:  # sampling, retries, min_clients, the screens: this workflow's settings
+                results = rnd.train(self.targets(fl, r), meta=self.task_meta(fl))
+                fl.model.update(results, rule=self.aggregate, weigh=self.weigh, step=self.server_step(fl, r))
+                for ext in self.extensions:
+                    ext.after_aggregate(fl, results)
+                for ext in self.extensions:
+                    rnd.metrics.update(ext.round_metrics(fl, results))
+
+    def check_context(self, fl: ServerContext) -> None:
+        """Refuse a run this workflow cannot drive: more min_clients than clients, or a model whose encryption is
+        not the workflow's own (a controller running it must declare the same ``he``)."""
         if self.min_clients is not None and self.min_clients > len(fl.client_names):
             raise ConfigError(f"min_clients={self.min_clients} but the federation has only {len(fl.client_names)} clients")
         if fl.model.encryption != self.he:
             raise ConfigError(f"{type(self).__name__} has he={self.he!r} but the server's model has encryption "
                               f"{fl.model.encryption!r}: the run was not provisioned for it. A controller that runs "
                               "another one must declare the same he (e.g. `he = inner.he`)")
-        for rnd in range(fl.start_round, self.rounds):
-            reason = self.stop_reason(fl, rnd)
-            if reason is not None:  # e.g. the privacy budget: the last completed round stays the result
-                fl.event(rnd, Event.STOPPED, reason=reason)
-                return
-            started = time.perf_counter()
-            try:
-                replies, results, attempts = gather(fl, self.targets(fl, rnd), lambda attempt: self.task(fl, rnd, attempt),
-                                                    lambda replies: self.screen(fl, replies), self.min_clients,
-                                                    self.max_retries)
-            except RoundRefused as e:  # e.g. every client's privacy budget is spent: the last completed round stays
-                fl.event(rnd, Event.STOPPED, reason=e.reason)
-                return
-            fl.model.update(results, {n: weigh_result(self.weigh, r, n) for n, r in results.items()},
-                            lambda weights, valid: self.step(weights, valid, fl.server.state, rnd, fl))
-            for ext in self.extensions:
-                ext.after_aggregate(fl, results)
-            fl.end_round(rnd, replies, started, attempts=attempts, **self.extension_metrics(fl, results))
 
-    def task(self, fl: ServerContext, round: int, attempt: int) -> Task:
-        """The training task of ``round``: the global model, the extensions' meta and their client halves."""
+    def targets(self, fl: ServerContext, round: int) -> list[str]:
+        """The clients of ``round``: Poisson-sampled with ``sample_rate``, else ``clients_per_round`` of them."""
+        return fl.sample(self.clients_per_round, rate=self.sample_rate)
+
+    def task_meta(self, fl: ServerContext) -> dict[str, Any]:
+        """The training task's meta: the extensions' entries and their client halves (`fedkit.train.TrainHook`)."""
         meta = {k: v for ext in self.extensions for k, v in ext.task_meta(fl).items()}
         hooks = tuple(ext for ext in self.extensions if has_client_half(ext))
         if hooks:
             meta[MetaKey.HOOKS] = hooks
-        return Task(self.task_name, fl.model.task_data(meta), round=round, deadline=self.task_timeout, attempt=attempt)
+        return meta
 
-    def screen(self, fl: ServerContext, replies: dict[str, Reply]) -> dict[str, DXO]:
-        """The valid results of a round: screened by the model, trained with every client half sent, and (when
-        the server can read the model) not absurdly large for what is typical, also with fewer than three
-        peers (`fedkit.global_model.screen_norms`, against recent accepted updates or the model's norm)."""
-        # a readable model's update norms are screened once, below (`screen_norms` also judges a round of three peers
-        # or more); an encrypted model screens its own
-        valid = fl.model.screen(replies, None if fl.model.readable else self.max_norm_ratio)
-        wanted = [hook_name(ext) for ext in self.extensions if has_client_half(ext) and ext.requires_client_half]
-        for name in list(valid):
-            ran = valid[name].meta.get(MetaKey.HOOKS_RAN, ())
-            missing = [w for w in wanted if w not in ran]
-            if missing:
-                replies[name].reject(Status.REJECTED, f"client {name!r} did not run the client half of "
-                                                      f"{', '.join(missing)}: its train executor ignores the task's "
-                                                      "client_hooks. Use the standard fk.Trainer, or run the hooks in "
-                                                      "your executor (see fedkit.train.Trainer)")
-                del valid[name]
-        if self.max_norm_ratio is not None and fl.model.readable:
-            recent, per_step = (fl.server.state.setdefault(key, []) for key in (NORMS, STEP_NORMS))
-            valid = screen_norms(replies, valid, self.max_norm_ratio, recent, 0.0 if recent else norm(fl.model.weights),
-                                 per_step)
-        return valid
+    def server_step(self, fl: ServerContext, round: int) -> Step | None:
+        """The round's server step when this workflow does more than add the rule's aggregate (a server optimizer,
+        an extension's ``on_aggregate``): `step`; else None, and the model applies the rule itself, in whatever
+        form it holds the weights (plaintext, or ciphertext for the weighted mean)."""
+        if self.server_opt is None and not any(ext.changes_aggregate for ext in self.extensions):
+            return None
+        return lambda weights, results: self.step(weights, results, fl.server.state, round=round, fl=fl)
 
-    def targets(self, fl: ServerContext, round: int) -> list[str]:
-        """The clients of ``round``: Poisson-sampled with ``sample_rate``, else ``clients_per_round`` of them."""
-        if self.sample_rate is not None:
-            return fl.sample_poisson(self.sample_rate, round)
-        return fl.sample_clients(self.clients_per_round, round)
-
-    def extension_metrics(self, fl: ServerContext, results: dict[str, DXO]) -> dict[str, Any]:
-        """What the extensions add to the round's metrics (e.g. epsilon spent)."""
-        return {k: v for ext in self.extensions for k, v in ext.round_metrics(fl, results).items()}
-
-    def stop_reason(self, fl: ServerContext, round: int) -> str | None:
-        """Why the run must stop before ``round`` (an extension's ``before_round``, e.g. a spent privacy budget), or None."""
-        for ext in self.extensions:
-            reason = ext.before_round(fl, round)
-            if reason is not None:
-                return reason
-        return None
-
-    def step(self, weights: Weights, results: dict[str, DXO], state: dict[str, Any] | None = None,
-             round: int = 0, fl: ServerContext | None = None) -> Weights:
+    def step(self, weights: Weights, results: dict[str, DXO], state: dict[str, Any], *, round: int,
+             fl: ServerContext) -> Weights:
         """One server update: aggregate the screened WEIGHT_DIFFs and apply the result to ``weights``.
 
         ``state`` is the run's state (``fl.server.state``, checkpointed); the server optimizer keeps
         its own under ``"server_opt"``, made by ``server_opt.init`` on the first step. Each extension's
-        ``on_aggregate`` may then change the aggregate (DP-FedAvg's noise on the sum); that needs the
-        run, so without ``fl`` a workflow with such an extension refuses to step. A round without
+        ``on_aggregate`` may then change the aggregate (DP-FedAvg's noise on the sum). A round without
         results (Poisson sampling drew nobody) aggregates to zero.
         """
-        changing = [type(e).__name__ for e in self.extensions if type(e).on_aggregate is not Extension.on_aggregate]
-        if fl is None and changing:
-            raise ConfigError(f"{', '.join(changing)} changes the aggregate in on_aggregate (e.g. DP-FedAvg's noise), which "
-                              "needs the run's ServerContext: call step(weights, results, state, round, fl) as FedAvg's "
-                              "loop does; without fl the step would skip it")
         if results:
-            diff = apply_rule(self.aggregate, [(r.data, weigh_result(self.weigh, r, n)) for n, r in results.items()])
-            check_update(diff, weights, f"aggregation rule {rule_name(self.aggregate)!r}")
+            diff = aggregate(results, self.aggregate, self.weigh, weights)
         else:
             diff = {k: torch.zeros_like(v) for k, v in weights.items()}
-        if fl is not None:
-            for ext in self.extensions:
-                diff = ext.on_aggregate(fl, round, results, diff)
-                check_update(diff, weights, f"extension {type(ext).__name__}")
+        for ext in self.extensions:
+            diff = ext.on_aggregate(fl, round, results, diff)
+            check_update(diff, weights, f"extension {type(ext).__name__}")
         if self.server_opt is None:
             return add(weights, diff)
-        state = {} if state is None else state
         if "server_opt" not in state:
             state["server_opt"] = self.server_opt.init(weights)
         new, state["server_opt"] = self.server_opt.step(weights, diff, state["server_opt"], round)
