@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 from .errors import RoundFailed
 from .exchange import DXO, MetaKey, Reply, Task
 from .global_model import GlobalModel, screen_norms
+from .status import Status
 from .train import has_client_half, hook_name
 from .weights import norm
 
@@ -83,7 +84,7 @@ def gather(fl: Any, targets: Sequence[str], task: Callable[[int], Task], keep: K
         replies.update(new)
         if len(results) >= need:
             return {n: replies[n] for n in targets if n in replies}, results, attempt + 1
-        refused = {n: r for n, r in replies.items() if r.status == "refused"}
+        refused = {n: r for n, r in replies.items() if r.status == Status.REFUSED}
         if refused and len(targets) - len(refused) < need:
             first = next(iter(refused.values())).error  # each refusal is in the events, with its client's reason
             fl.stop(f"{first} (round {sent.round + fl.offset}: {len(refused)} of {len(targets)} client(s) refused the "
@@ -183,7 +184,7 @@ class Round:
         for name in list(valid):
             missing = [w for w in wanted if w not in valid[name].meta.get(MetaKey.HOOKS_RAN, ())]
             if missing:
-                replies[name].reject("rejected", f"client {name!r} did not run the client half of {', '.join(missing)}: "
+                replies[name].reject(Status.REJECTED, f"client {name!r} did not run the client half of {', '.join(missing)}: "
                                                  "its train executor ignores the task's client_hooks. Use the standard "
                                                  "fk.Trainer, or run the hooks in your executor (see fedkit.train.Trainer)")
                 del valid[name]

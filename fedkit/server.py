@@ -282,7 +282,7 @@ class ServerContext:
     def stop(self, reason: str) -> NoReturn:
         """End the run cleanly now, saying why (a ``stopped`` event): the last completed round stays the result.
         It raises `RunStopped`, which the run takes as the controller's normal end; a round in progress is not recorded."""
-        self.event(self.next_round, "stopped", reason=reason)
+        self.event(self.next_round, Event.STOPPED, reason=reason)
         raise RunStopped(reason)
 
     def broadcast_and_wait(self, task: Task, targets: Sequence[str] | None = None) -> dict[str, Reply]:
