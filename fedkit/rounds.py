@@ -112,14 +112,19 @@ class Round:
         self.replies: dict[str, Reply] = {}  # each client's reply that counted, in the order they were asked
         self.attempts = 0  # the most attempts any task of the round took
         self.started = time.perf_counter()
+        self.outer: int | None = None
 
     def __enter__(self) -> "Round":
         self.started = time.perf_counter()
+        self.outer = self.fl.__dict__.get("_round")  # a pass inside a round (statistics) gives it back when done
         self.fl.__dict__["_round"] = self.number
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: Any) -> bool:
-        self.fl.__dict__.pop("_round", None)
+        if self.outer is None:
+            self.fl.__dict__.pop("_round", None)
+        else:
+            self.fl.__dict__["_round"] = self.outer
         if kind is None and self.record:
             attempts = {"attempts": self.attempts} if self.attempts else {}
             self.fl.end_round(self.number, self.replies, self.started, **attempts, **self.metrics)

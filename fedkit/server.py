@@ -63,7 +63,7 @@ class Server:
     def weights(self, value: Weights) -> None:
         if not self.model.readable:
             raise Unreadable("the server holds the global model encrypted and cannot set its weights in plaintext; "
-                             "move it with fl.model.update(results, weights, step)")
+                             "move it with fl.model.update(results)")
         self.model.weights = value
 
     def post(self, task: Task, targets: Sequence[str]) -> Task:
@@ -203,9 +203,7 @@ class Channel:
 
 class RunStopped(Exception):
     """``fl.stop(reason)`` ended the run on purpose (a spent privacy budget, a plateau): a clean end, not a failure.
-
-    Raised through the controller, whatever it runs in (a `Chain` stops too); the simulator ends the run as done.
-    """
+    Raised through the controller, whatever runs it (a `Chain` stops too); the simulator ends the run as done."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -284,9 +282,7 @@ class ServerContext:
 
     def stop(self, reason: str) -> NoReturn:
         """End the run cleanly now, saying why (a ``stopped`` event): the last completed round stays the result.
-
-        It raises `RunStopped`, which the run takes as the controller's normal end; a round in progress is
-        not recorded."""
+        It raises `RunStopped`, which the run takes as the controller's normal end; a round in progress is not recorded."""
         self.event(self.next_round, "stopped", reason=reason)
         raise RunStopped(reason)
 
@@ -426,7 +422,7 @@ class ServerContext:
         if given != expected:
             last = f"the last round recorded is {rounds[-1].round}" if rounds else "no round is recorded yet"
             raise ConfigError(f"{self.controller} ended round {given!r}, but {last}: rounds go 0, 1, 2, ... with one "
-                              f"fl.end_round each, so this one must be round {expected - self.offset}")
+                              f"fl.round (or fl.end_round) each, so this one must be round {expected - self.offset}")
         if not self.model.readable:
             return  # the server cannot read it; the clients that decrypt it score it
         weights = self.model.weights
@@ -459,15 +455,6 @@ def _unnoticed(reply: Reply) -> str:
     return f"injected {fault.get('fault')!r} passed every check of the server and was accepted"
 
 
-def require_ok(replies: dict[str, Reply], round: int) -> dict[str, DXO]:
-    """The results of ``replies``, or an error naming each client that failed and why."""
-    failed = {n: r for n, r in replies.items() if not r.ok}
-    if failed:
-        lines = "; ".join(f"{n}: {r.error or 'no answer'}" for n, r in failed.items())
-        raise UpdateError(f"round {round}: {len(failed)} of {len(replies)} client(s) failed ({lines})")
-    return {n: r.result for n, r in replies.items()}
-
-
 class Controller(ABC):
     """A workflow: decides which tasks go to which clients, and what to do with the replies.
 
@@ -478,7 +465,6 @@ class Controller(ABC):
     rounds: int
     he: Encryption | None = None  # the global model's encryption, provisioned by the simulator; None: plaintext
     uses_model: ClassVar[bool] = True  # False for workflows that never send or read the global model (statistics)
-
     uses_local_models: ClassVar[bool] = False  # True for workflows that ask clients for their local models (submit_model)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

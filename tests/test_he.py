@@ -230,6 +230,25 @@ def test_an_update_that_fails_leaves_the_model_unchanged():
     assert (model.digest, model.chunks) == before
 
 
+def test_the_encrypted_model_refuses_a_rule_or_a_step_with_the_reason():
+    """Issue 20: one statement of the rule. fl.model.update's default (the weighted mean by samples) runs on
+    ciphertexts; another rule, or a step, needs plaintext and is refused, saying why, with nothing changed."""
+    clients, _, model = federation(WEIGHTS, DIFFS)
+    before = (model.digest, list(model.chunks))
+    results = model.screen(replies_for(clients, model), None)
+    with pytest.raises(fk.ConfigError, match="cannot apply the aggregation rule 'coordinate_median': with HE the "
+                                             "server only adds ciphertexts.*Call fl.model.update\\(results\\) with the "
+                                             "default rule"):
+        model.update(results, rule=fk.aggregate.coordinate_median)
+    with pytest.raises(fk.ConfigError, match="cannot run the server step .*reads and moves the weights in plaintext"):
+        model.update(results, step=lambda weights, valid: weights)
+    assert (model.digest, model.chunks) == before
+    model.update(results)  # the default: the weighted mean by samples, on ciphertexts
+    got = decrypt_global(model.task_data({}), clients["c0"].state, model.keys)
+    mean = weighted_mean([(d, float(n)) for d, n in DIFFS])
+    assert all(torch.allclose(got[k], WEIGHTS[k] + mean[k], atol=1e-6) for k in WEIGHTS)
+
+
 def test_unselected_layers_are_aggregated_in_plaintext():
     clients, server, model = federation(WEIGHTS, DIFFS, CKKS(layers="w"))
     assert list(model.plain) == ["b"] and model.layout.names == ("w",)

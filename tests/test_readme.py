@@ -1,6 +1,8 @@
 """Every Python example in the README runs as written, in order; the custom workflow runs encrypted unchanged."""
 
+import inspect
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -80,3 +82,33 @@ def test_the_custom_workflow_runs_encrypted_unchanged(examples):
     assert encrypted.history.rounds[0].metrics["bytes_cipher_up"] > 0
     for k, v in plain.weights.items():
         assert float((encrypted.weights[k] - v).abs().max()) <= 1e-6 * max(1.0, float(v.abs().max()))
+
+
+
+def control_flow_in_readme(cls: str) -> str:
+    """The ``control_flow`` of the README's class ``cls``, as written there, dedented."""
+    block = next(b for b in re.findall(r"```python\n(.*?)```", section("Write your own"), re.S) if f"class {cls}(" in b)
+    method = re.search(r"\n(    def control_flow\(self, fl\):\n(?:        .*\n|\s*\n)*)", block).group(1)
+    return textwrap.dedent(method).rstrip() + "\n"
+
+
+def test_the_readme_writes_out_fedavgs_own_loop(examples):
+    """Issue 20: the FedAvg loop the README shows is fk.FedAvg's own source, and runs bit for bit as it does."""
+    body = textwrap.dedent(inspect.getsource(fk.FedAvg.control_flow)).splitlines()[1:]  # the signature has types
+    assert control_flow_in_readme("FedAvgWrittenOut").splitlines()[1:] == body
+    data = examples["data"]
+    parts = fk.data.iid(data.train.subset(torch.arange(200).numpy()), 3, seed=0)
+
+    def run(workflow):
+        return fk.Simulator(workflow, model=lambda: fk.models.for_data(data), clients=parts, seed=0,
+                            train=fk.TrainConfig(validate=False)).run(progress=False)
+
+    settings = dict(rounds=2, clients_per_round=2, extensions=(fk.workflows.Proximal(0.1),))
+    mine, theirs = run(examples["FedAvgWrittenOut"](**settings)), run(fk.FedAvg(**settings))
+    assert mine.summary()["model_sha256"] == theirs.summary()["model_sha256"]
+
+
+def test_the_readme_controller_is_short():
+    """Issue 20's bar: a one-shot FL controller in at most 6 lines of body."""
+    body = control_flow_in_readme("OneShot").splitlines()[1:]
+    assert 1 <= len([line for line in body if line.strip()]) <= 6, body

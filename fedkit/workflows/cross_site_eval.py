@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..errors import ConfigError, UpdateError
-from ..exchange import DXO, DataKind, Task
+from ..exchange import DXO, DataKind
 from ..history import History
-from ..server import Controller, ServerContext, require_ok
+from ..server import Controller, ServerContext
 from ..weights import check_update
 
 GLOBAL = "global"  # the row of the server's model in the matrix
@@ -49,30 +49,27 @@ class CrossSiteEval(Controller):
         if GLOBAL in fl.client_names:
             raise ConfigError(f"a client is named {GLOBAL!r}, the name cross-site evaluation gives the global "
                               "model's row; rename that client")
-        started = time.perf_counter()
-        rnd = fl.start_round
-        submitted = require_ok(fl.broadcast_and_wait(
-            Task(self.submit_task, fl.model.task_data({}), round=rnd)), rnd)
-        models = {}
-        for name in fl.client_names:  # before any validation: a client's local model must be the trained one
-            result = submitted[name]
-            if result.kind != DataKind.WEIGHTS:
-                raise UpdateError(f"client {name!r} answered {self.submit_task} with {result.kind.value}; "
-                                  "expected WEIGHTS (its local model)")
-            check_update(result.data, fl.model.weights, f"client {name!r}")
-            models[name] = result.data
-        models[GLOBAL] = fl.model.weights
-        matrix: dict[str, Any] = {m: {} for m in METRICS}
-        samples: dict[str, int] = {}
-        for owner, weights in models.items():
-            scores = require_ok(fl.broadcast_and_wait(
-                Task(self.validate_task, DXO(DataKind.WEIGHTS, weights), round=rnd)), rnd)
-            for m in METRICS:
-                matrix[m][owner] = {site: float(scores[site].data[m]) for site in fl.client_names}
-            samples = {site: int(scores[site].meta.get("num_samples", 0)) for site in fl.client_names}
-        fl.history.results["cross_site"] = {
-            **matrix, "samples": samples, "seconds": time.perf_counter() - started,
-            "trained": {name: bool(submitted[name].meta.get("trained", True)) for name in fl.client_names}}
+        with fl.round(fl.start_round, record=False) as rnd:  # every client must answer: no retry, no deadline
+            submitted = rnd.send(self.submit_task)
+            models = {}
+            for name in fl.client_names:  # before any validation: a client's local model must be the trained one
+                result = submitted[name]
+                if result.kind != DataKind.WEIGHTS:
+                    raise UpdateError(f"client {name!r} answered {self.submit_task} with {result.kind.value}; "
+                                      "expected WEIGHTS (its local model)")
+                check_update(result.data, fl.model.weights, f"client {name!r}")
+                models[name] = result.data
+            models[GLOBAL] = fl.model.weights
+            matrix: dict[str, Any] = {m: {} for m in METRICS}
+            samples: dict[str, int] = {}
+            for owner, weights in models.items():
+                scores = rnd.send(self.validate_task, data=DXO(DataKind.WEIGHTS, weights))
+                for m in METRICS:
+                    matrix[m][owner] = {site: float(scores[site].data[m]) for site in fl.client_names}
+                samples = {site: int(scores[site].meta.get("num_samples", 0)) for site in fl.client_names}
+            fl.history.results["cross_site"] = {
+                **matrix, "samples": samples, "seconds": time.perf_counter() - rnd.started,
+                "trained": {name: bool(submitted[name].meta.get("trained", True)) for name in fl.client_names}}
 
 
 def cross_site_dataframe(run: Any, metric: str = "accuracy"):

@@ -22,9 +22,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..errors import ConfigError, UpdateError
-from ..exchange import DXO, DataKind, Task
+from ..exchange import DXO, DataKind
 from ..history import History
-from ..server import Controller, ServerContext, require_ok
+from ..server import Controller, ServerContext
 from ..stats import WITHHELD, combine, histogram_edges
 
 
@@ -58,33 +58,31 @@ class FedStats(Controller):
 
     def collect(self, fl: ServerContext) -> dict[str, Any]:
         """Run both passes, store the result in ``fl.history.results["statistics"]`` and return it as arrays."""
-        started = time.perf_counter()
-        rnd = fl.start_round
-        ranges = require_ok(fl.broadcast_and_wait(
-            Task("stats_range", DXO(DataKind.STATISTICS, {"min_count": self.min_count}), round=rnd)), rnd)
-        withheld = [n for n, r in ranges.items() if r.meta.get(WITHHELD)]
-        ranges = {n: r for n, r in ranges.items() if n not in withheld}
-        if not ranges:
-            raise UpdateError(f"every client withheld its statistics: none has at least min_count={self.min_count} "
-                              "training samples; lower min_count or add data")
-        _check_summaries(ranges, ("count", "min", "max"))
-        low = np.min([np.asarray(r.data["min"], dtype=np.float64) for r in ranges.values()], axis=0)
-        high = np.max([np.asarray(r.data["max"], dtype=np.float64) for r in ranges.values()], axis=0)
-        edges = histogram_edges(low, high, self.bins)
-        task = Task("stats", DXO(DataKind.STATISTICS, {"min_count": self.min_count, "edges": edges}), round=rnd)
-        results = require_ok(fl.broadcast_and_wait(task, list(ranges)), rnd)
-        withheld += [n for n, r in results.items() if r.meta.get(WITHHELD)]  # its data changed between passes
-        summaries = {n: r for n, r in results.items() if n not in withheld}
-        if not summaries:
-            raise UpdateError("every client withheld its statistics in the second pass")
-        _check_summaries(summaries, ("count", "sum", "mean", "m2", "min", "max", "histogram"))
-        stats = combine([{k: np.asarray(v) for k, v in r.data.items()} for r in summaries.values()])
-        stats["edges"] = edges
-        fl.history.results["statistics"] = {
-            **{k: np.asarray(v).tolist() for k, v in stats.items() if k != "m2"},
-            "bins": self.bins, "clients": list(summaries), "withheld": withheld,
-            "client_counts": {n: int(r.data["count"]) for n, r in summaries.items()},
-            "seconds": time.perf_counter() - started}
+        with fl.round(fl.start_round, record=False) as rnd:  # every client must answer: no retry, no deadline
+            ranges = rnd.send("stats_range", data=DXO(DataKind.STATISTICS, {"min_count": self.min_count}))
+            withheld = [n for n, r in ranges.items() if r.meta.get(WITHHELD)]
+            ranges = {n: r for n, r in ranges.items() if n not in withheld}
+            if not ranges:
+                raise UpdateError(f"every client withheld its statistics: none has at least min_count={self.min_count} "
+                                  "training samples; lower min_count or add data")
+            _check_summaries(ranges, ("count", "min", "max"))
+            low = np.min([np.asarray(r.data["min"], dtype=np.float64) for r in ranges.values()], axis=0)
+            high = np.max([np.asarray(r.data["max"], dtype=np.float64) for r in ranges.values()], axis=0)
+            edges = histogram_edges(low, high, self.bins)
+            results = rnd.send("stats", list(ranges),
+                               data=DXO(DataKind.STATISTICS, {"min_count": self.min_count, "edges": edges}))
+            withheld += [n for n, r in results.items() if r.meta.get(WITHHELD)]  # its data changed between passes
+            summaries = {n: r for n, r in results.items() if n not in withheld}
+            if not summaries:
+                raise UpdateError("every client withheld its statistics in the second pass")
+            _check_summaries(summaries, ("count", "sum", "mean", "m2", "min", "max", "histogram"))
+            stats = combine([{k: np.asarray(v) for k, v in r.data.items()} for r in summaries.values()])
+            stats["edges"] = edges
+            fl.history.results["statistics"] = {
+                **{k: np.asarray(v).tolist() for k, v in stats.items() if k != "m2"},
+                "bins": self.bins, "clients": list(summaries), "withheld": withheld,
+                "client_counts": {n: int(r.data["count"]) for n, r in summaries.items()},
+                "seconds": time.perf_counter() - rnd.started}
         return stats
 
 
@@ -131,8 +129,8 @@ class FederatedScaling(Controller):
     def control_flow(self, fl: ServerContext) -> None:
         stats = self.stats.collect(fl)
         mean, std = stats["mean"], np.where(stats["std"] > 0, stats["std"], 1.0)
-        task = Task(self.task_name, DXO(DataKind.STATISTICS, {"mean": mean, "std": std}), round=fl.start_round)
-        require_ok(fl.broadcast_and_wait(task), fl.start_round)
+        with fl.round(fl.start_round, record=False) as rnd:  # every client, those that withheld too
+            rnd.send(self.task_name, data=DXO(DataKind.STATISTICS, {"mean": mean, "std": std}))
         fl.history.results["scaling"] = {"mean": mean.tolist(), "std": std.tolist()}
 
 
