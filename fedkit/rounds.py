@@ -38,6 +38,9 @@ DEFAULTS: dict[str, Any] = {"min_clients": None, "max_retries": 0, "task_timeout
                             "clients_per_round": None, "sample_rate": None, "task_name": "train"}
 """A round's settings where the running workflow has none of that name: every client, no retry, no deadline."""
 
+FROM_WORKFLOW: Any = object()
+"""An argument left out of `Round.send` / `Round.train`: the running workflow's setting of that name applies."""
+
 Keep = Callable[[dict[str, Reply]], dict[str, DXO]]
 """A screen: the valid results of an attempt's replies, the others rejected in place (``reply.reject``)."""
 
@@ -130,10 +133,11 @@ class Round:
             self.fl.end_round(self.number, self.replies, self.started, **attempts, **self.metrics)
         return False  # an error goes on: the round is not recorded
 
-    def setting(self, name: str) -> Any:
-        """The running workflow's setting ``name`` (``min_clients``, ``max_retries``, ``task_timeout``,
-        ``max_norm_ratio``, ``clients_per_round``, ``sample_rate``, ``task_name``), else its `DEFAULTS` value."""
-        return getattr(self.fl.workflow, name, DEFAULTS[name])
+    def setting(self, name: str, given: Any = FROM_WORKFLOW) -> Any:
+        """``given``, else the running workflow's setting ``name`` (``min_clients``, ``max_retries``,
+        ``task_timeout``, ``max_norm_ratio``, ``clients_per_round``, ``sample_rate``, ``task_name``), else its
+        `DEFAULTS` value."""
+        return getattr(self.fl.workflow, name, DEFAULTS[name]) if given is FROM_WORKFLOW else given
 
     def targets(self) -> list[str]:
         """The clients a task goes to by default: ``fl.sample`` with the workflow's ``clients_per_round`` or
@@ -141,32 +145,30 @@ class Round:
         return self.fl.sample(self.setting("clients_per_round"), rate=self.setting("sample_rate"))
 
     def send(self, task: str, targets: Sequence[str] | None = None, *, data: DXO | None = None,
-             keep: Keep | None = None, min_clients: Any = DEFAULTS, max_retries: Any = DEFAULTS,
-             task_timeout: Any = DEFAULTS) -> dict[str, DXO]:
+             keep: Keep | None = None, min_clients: Any = FROM_WORKFLOW, max_retries: Any = FROM_WORKFLOW,
+             task_timeout: Any = FROM_WORKFLOW) -> dict[str, DXO]:
         """Send the task ``task`` (a name) with ``data`` (default: the global model, ``fl.model.task_data({})``)
         to ``targets`` (default: `targets`) and return the valid results by client, as ``keep`` screens them
         (default: every reply that is ok). A short round is retried (`gather`); settings left out are the
         workflow's (`setting`)."""
-        setting = self.setting
-        timeout = setting("task_timeout") if task_timeout is DEFAULTS else task_timeout
+        timeout = self.setting("task_timeout", task_timeout)
         data = self.fl.model.task_data({}) if data is None else data
         replies, results, attempts = gather(
             self.fl, self.targets() if targets is None else list(targets),
             lambda attempt: Task(task, data, round=self.number, deadline=timeout, attempt=attempt),
-            keep_ok if keep is None else keep,
-            setting("min_clients") if min_clients is DEFAULTS else min_clients,
-            setting("max_retries") if max_retries is DEFAULTS else max_retries)
+            keep_ok if keep is None else keep, self.setting("min_clients", min_clients),
+            self.setting("max_retries", max_retries))
         self.replies.update(replies)
         self.attempts = max(self.attempts, attempts)
         return results
 
     def train(self, targets: Sequence[str] | None = None, *, meta: dict[str, Any] | None = None,
-              model: GlobalModel | None = None, max_norm_ratio: Any = DEFAULTS, **settings: Any) -> dict[str, DXO]:
+              model: GlobalModel | None = None, max_norm_ratio: Any = FROM_WORKFLOW, **settings: Any) -> dict[str, DXO]:
         """Train ``model`` (default: the global model) on ``targets``: the workflow's training task with ``meta``;
         the valid WEIGHT_DIFFs by client (`screen`). ``settings`` go to `send` (``min_clients``, ...)."""
         model = self.fl.model if model is None else model
         meta = dict(meta or {})
-        ratio = self.setting("max_norm_ratio") if max_norm_ratio is DEFAULTS else max_norm_ratio
+        ratio = self.setting("max_norm_ratio", max_norm_ratio)
         return self.send(self.setting("task_name"), targets, data=model.task_data(meta),
                          keep=lambda replies: self.screen(replies, model, meta, ratio), **settings)
 

@@ -422,7 +422,7 @@ class ServerContext:
         if given != expected:
             last = f"the last round recorded is {rounds[-1].round}" if rounds else "no round is recorded yet"
             raise ConfigError(f"{self.controller} ended round {given!r}, but {last}: rounds go 0, 1, 2, ... with one "
-                              f"fl.round (or fl.end_round) each, so this one must be round {expected - self.offset}")
+                              f"fl.end_round each, so this one must be round {expected - self.offset}")
         if not self.model.readable:
             return  # the server cannot read it; the clients that decrypt it score it
         weights = self.model.weights

@@ -155,6 +155,17 @@ def test_combinations_that_need_plaintext_are_refused(kwargs, match):
     fk.FedAvg(rounds=1, **kwargs)  # the same settings are fine in plaintext
 
 
+def test_an_extension_that_changes_the_aggregate_is_refused_with_he():
+    """Issue 20: its on_aggregate is a server step, which the encrypted model refuses; FedAvg says so when built."""
+    class Noisy(fk.Extension):
+        def on_aggregate(self, fl, round, results, diff):
+            return diff
+
+    with pytest.raises(fk.ConfigError, match="cannot run Noisy: it changes the aggregate in on_aggregate"):
+        fk.FedAvg(he=CKKS(), extensions=(Noisy(),))
+    assert fk.FedAvg(extensions=(Noisy(),)).extensions[0].changes_aggregate
+
+
 def test_he_settings_must_be_an_encryption_and_fedprox_and_cyclic_accept_it():
     with pytest.raises(fk.ConfigError, match="FedAvg.he must be"):
         fk.FedAvg(rounds=1, he="ckks")

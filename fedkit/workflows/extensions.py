@@ -62,6 +62,11 @@ class Extension(TrainHook):
         """The aggregate the global model moves by (DP-FedAvg replaces it by its noisy clipped mean)."""
         return diff
 
+    @property
+    def changes_aggregate(self) -> bool:
+        """Whether this server half overrides `on_aggregate`: FedAvg then runs its own server step (never with HE)."""
+        return type(self).on_aggregate is not Extension.on_aggregate
+
     def after_aggregate(self, fl: ServerContext, results: dict[str, DXO]) -> None:
         """Update server state once the round's valid results are in (SCAFFOLD's c)."""
 

@@ -134,8 +134,10 @@ class FedAvg(Controller):
             raise ConfigError(f"FedAvg(he=...) cannot use the aggregation rule {rule_name(self.aggregate)!r}: {HE_RULE}. "
                               "Use the default aggregate=weighted_mean with HE, or drop he=")
         for ext in self.extensions:
-            if ext.needs_plaintext:
-                raise ConfigError(f"FedAvg(he=...) cannot run {type(ext).__name__}: {ext.needs_plaintext}. Use FedAvg or "
+            why = ext.needs_plaintext or (ext.changes_aggregate and
+                                          "it changes the aggregate in on_aggregate, which the server cannot read")
+            if why:
+                raise ConfigError(f"FedAvg(he=...) cannot run {type(ext).__name__}: {why}. Use FedAvg or "
                                   "FedProx with HE (DP-SGD runs on the clients, before encryption), or drop he=")
 
     def check_model(self, model: torch.nn.Module) -> None:
@@ -176,6 +178,7 @@ class FedAvg(Controller):
                 fl.model.update(results, rule=self.aggregate, weigh=self.weigh, step=self.server_step(fl, r))
                 for ext in self.extensions:
                     ext.after_aggregate(fl, results)
+                for ext in self.extensions:
                     rnd.metrics.update(ext.round_metrics(fl, results))
 
     def check_context(self, fl: ServerContext) -> None:
@@ -204,8 +207,7 @@ class FedAvg(Controller):
         """The round's server step when this workflow does more than add the rule's aggregate (a server optimizer,
         an extension's ``on_aggregate``): `step`; else None, and the model applies the rule itself, in whatever
         form it holds the weights (plaintext, or ciphertext for the weighted mean)."""
-        changing = any(type(e).on_aggregate is not Extension.on_aggregate for e in self.extensions)
-        if self.server_opt is None and not changing:
+        if self.server_opt is None and not any(ext.changes_aggregate for ext in self.extensions):
             return None
         return lambda weights, results: self.step(weights, results, fl.server.state, round=round, fl=fl)
 
