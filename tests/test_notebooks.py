@@ -38,3 +38,10 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path):
     stderr = [(i, o.text[:200]) for i, c in enumerate(nb.cells) if c.cell_type == "code"
               for o in c.outputs if o.output_type == "stream" and o.name == "stderr"]
     assert not stderr, f"stderr output (cell index, text): {stderr}"
+
+
+def test_every_notebook_is_in_the_readme_table():
+    """A notebook the README does not list is one nobody finds: its table has a row for each."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [p.name for p in NOTEBOOKS if f"| `{p.name}` |" not in readme]
+    assert not missing, f"add a row to README's notebook table for: {missing}"
