@@ -46,7 +46,7 @@ from .client import Client, derive_seed
 from .data import ClientData, Dataset, check_dataset, check_seed
 from .engine import Engine, sequential
 from .engine.choose import resolve as resolve_engine
-from .errors import ConfigError
+from .errors import ConfigError, ConfigWarning
 from .exchange import Aborted, ExecutorLike, Filter, Signal, Weights
 from .faults import Faults
 from .global_model import GlobalModel, PlainModel
@@ -331,7 +331,7 @@ def _model_difference(then: Any, now: dict[str, Any]) -> str:
             + (f"; the source of {', '.join(unread)} could not be read then or now" if unread else ""))
 
 
-def _engine_change(saved: Path, sim: "Simulator") -> str | None:
+def _engine_change(saved: Path, sim: "Simulator") -> ConfigWarning | None:
     """What a resume should say when ``sim``'s engine is not the one the run in ``saved`` (its config.json) used."""
     try:
         before = json.loads(saved.read_text()).get("engine")
@@ -339,10 +339,10 @@ def _engine_change(saved: Path, sim: "Simulator") -> str | None:
         return None
     if before is None or before == sim.engine_name:
         return None
-    return (f"the run in {saved.parent} ran on engine {before!r} and resumes on {sim.engine_name!r}: the rounds from "
-            "here run on another engine, so the final weights can differ from an uninterrupted run's in the last bits "
-            "(engines agree to float rounding, not bit for bit) and its model_sha256 will not match; resume with "
-            f"engine={before!r} to get the same bits")
+    return ConfigWarning(f"the run in {saved.parent} ran on engine {before!r} and resumes on {sim.engine_name!r}: the "
+                         "rounds from here run on another engine, so the final weights can differ from an uninterrupted "
+                         "run's in the last bits (engines agree to float rounding, not bit for bit) and its model_sha256 "
+                         f"will not match; resume with {{engine={before!r}}} to get the same bits", obj=sim)
 
 
 def _workflow_label(workflow: Controller) -> str:
@@ -418,28 +418,28 @@ def _check_run_dir(path: Path) -> None:
     existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
     if not existing.is_dir():
         if existing == path:
-            raise ConfigError(f"out={str(path)!r} is a file, not a directory; a run writes several files (model.pt, "
+            raise ConfigError(f"{{out={str(path)!r}}} is a file, not a directory; a run writes several files (model.pt, "
                               "history, checkpoints) into its directory. Give the path of a directory (it is created "
-                              "if missing), or move the file away.")
-        raise ConfigError(f"out={str(path)!r} cannot be created: {existing} is a file, not a directory. Give a path "
-                          "whose parents are directories (or do not exist yet).")
+                              "if missing), or move the file away.", field="out")
+        raise ConfigError(f"{{out={str(path)!r}}} cannot be created: {existing} is a file, not a directory. Give a path "
+                          "whose parents are directories (or do not exist yet).", field="out")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".fedkit-write-test-{threading.get_ident()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"out={str(path)!r} cannot be written to ({e.strerror or e}); give a directory you can write "
-                          "into, or fix its permissions") from None
+        raise ConfigError(f"{{out={str(path)!r}}} cannot be written to ({e.strerror or e}); give a directory you can "
+                          "write into, or fix its permissions", field="out") from None
     for name, folder in _RUN_DIR_ENTRIES.items():
         p = path / name
         if (p.exists() or p.is_symlink()) and p.is_dir() != folder:
             raise ConfigError(f"{p} is {'a file' if folder else 'a directory'}, but the run writes its "
                               f"{'checkpoints into a directory' if folder else 'file ' + repr(name)} there; remove or "
-                              "rename it, or give another out=")
+                              "rename it, or give another {out}", field="out")
         if p.is_file() and not os.access(p, os.W_OK):
             raise ConfigError(f"{p} is read-only, and the run writes its {name!r} there; make it writable, remove it, "
-                              "or give another out=")
+                              "or give another {out}", field="out")
 
 
 def _save_failed(run: "Run", error: BaseException) -> None:
@@ -519,8 +519,8 @@ def _check_rounds(workflow: Controller) -> None:
     records no round, such as FedStats); a workflow without ``rounds`` plans no count."""
     rounds = getattr(workflow, "rounds", None)
     if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0):
-        raise ConfigError(f"{type(workflow).__name__}.rounds must be a whole number >= 1 (the rounds it runs; 0 for "
-                          f"one that records none), got {rounds!r}")
+        raise ConfigError("{rounds} must be a whole number >= 1 (the rounds it runs; 0 for one that records none)",
+                          obj=workflow, field="rounds", value=rounds)
 
 
 def _check_client_data(name: str, data: ClientData, val_fraction: float | None = None) -> None:
@@ -623,7 +623,7 @@ class Simulator:
             raise ConfigError("a federation needs at least one client; clients is empty")
         if test is not None and not isinstance(test, Dataset):
             raise ConfigError(f"test must be a fk.data.Dataset (e.g. data.test) or None, got {type(test).__name__}")
-        seed = check_seed(seed, "Simulator seed")
+        seed = check_seed(seed, "Simulator.seed")
         if out is not None and not isinstance(out, (str, os.PathLike)):
             raise ConfigError(f"out must be a directory path (str or Path) or None, got {type(out).__name__}")
         if faults is not None and not isinstance(faults, Faults):
@@ -661,7 +661,7 @@ class Simulator:
         self.checkpoint_every = checkpoint_every
         self.on_round = list(on_round)
         if not isinstance(overwrite, bool):
-            raise ConfigError(f"overwrite must be True or False, got {overwrite!r}")
+            raise ConfigError("{overwrite} must be True or False", field="overwrite", value=overwrite)
         self.overwrite = overwrite  # may a new run replace the run in `out`? (else it is refused)
         threads = check_threads(threads)
         self.last_run: Run | None = None  # the latest run of run() / resume(): after Ctrl-C, the interrupted one
@@ -788,8 +788,8 @@ class Simulator:
             self._check_checkpoint_model(ckpt, run_dir)
             changed = _engine_change(run_dir / "config.json", self)
             if changed is not None:  # allowed (another machine may lack the engine), but said: here and in the events
-                warnings.warn(changed, UserWarning, stacklevel=2)
-                ckpt.history.events.append({"round": ckpt.round + 1, "what": "engine_changed", "reason": changed})
+                warnings.warn(changed, stacklevel=2)
+                ckpt.history.events.append({"round": ckpt.round + 1, "what": "engine_changed", "reason": str(changed)})
             run = Run(self)
             run.run_dir = run_dir
             run._rundir_lock = lock
