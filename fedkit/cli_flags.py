@@ -256,14 +256,15 @@ SETTING_DESTS = {
     ("TrainConfig", "epochs"): "local_epochs", ("FedAvg", "weigh"): "weigh_by", ("Faults", "seed"): "fault_seed",
     ("CKKS", "poly_modulus_degree"): "he_poly_modulus", ("CKKS", "coeff_mod_bit_sizes"): "he_coeff_mod_bits",
     ("CKKS", "scale_bits"): "he_scale_bits", ("CKKS", "layers"): "he_layers", ("UserDP", "clip"): "clip_norm",
-    ("DPSGD", "accountant"): "dp_accountant", ("UserDP", "accountant"): "dp_accountant",
+    **{(owner, "accountant"): "dp_accountant" for owner in ("DPSGD", "UserDP", None)},
     ("UserDP", "adaptive_clip"): "adaptive_clip", ("Proximal", "mu"): "mu", ("krum", "f"): "byzantine",
     ("multi_krum", "f"): "byzantine", ("trimmed_mean", "beta"): "trim", ("Experiment", "workflow"): "algorithm",
     ("Experiment", "faults"): ("dropout", "crash", "straggle", "corrupt"), ("FedAvg", "he"): "he",
+    **{(opt, "lr"): "server_lr" for opt in ("SGD", "Adam", "Yogi", "Adagrad")}, ("SGD", "momentum"): "server_momentum",
 }
 # what the flags build (None: a keyword argument of an entry point, such as out= and overwrite=)
 FLAG_OWNERS = {"FedAvg", "Cyclic", "DataSpec", "TrainConfig", "Experiment", "Faults", "DPSGD", "UserDP", "CKKS",
-               "Simulator", "Proximal", "SGD", None}
+               "Simulator", "Proximal", None}
 
 
 def dest_of(owner: str | None, field: str) -> tuple[str, ...]:

@@ -20,12 +20,11 @@ def owner_name(obj: Any) -> str | None:
     return obj.__name__ if isinstance(obj, type) else type(obj).__name__
 
 
-class ConfigError(ValueError):
-    """A setting, dataset name or partition parameter that cannot work.
+class Worded(Exception):
+    """An error that names settings structurally, so that one error serves the API and the command line.
 
-    Structured, so that one error serves the API and the command line: ``obj`` is what holds the setting (a
-    class, an instance, or its name), ``field`` the setting, ``value`` the value given, ``hint`` what to do.
-    The message names settings as ``{field}`` (``{Owner.field}`` for another object's), ``{field=}`` for the
+    ``obj`` is what holds the setting (a class, an instance, or its name), ``field`` the setting, ``value`` the
+    value given, ``hint`` what to do. The message names settings as ``{field}`` (``{Owner.field}`` for another object's), ``{field=}`` for the
     setting with its value, ``{field=text}`` with the value ``text``: ``str(e)`` says them in the API's words,
     `worded` in another's (the command line's flags), so each rule and message is written once.
 
@@ -71,7 +70,7 @@ class ConfigError(ValueError):
 
     def worded_hint(self, name: Namer | None = None) -> str | None:
         """The hint alone, its settings said by ``name``."""
-        return self.hint and ConfigError(self.hint, obj=self.obj).worded(name)
+        return self.hint and Worded(self.hint, obj=self.obj).worded(name)
 
     def _value_of(self, field: str) -> Any:
         if field == self.field and self.value is not NO_VALUE:
@@ -95,6 +94,10 @@ def refusal(name: str, problem: str, value: Any = NO_VALUE, hint: str | None = N
     return ConfigError("{%s} %s" % (field, problem), obj=owner or None, field=field, value=value, hint=hint)
 
 
+class ConfigError(Worded, ValueError):
+    """A setting, dataset name or partition parameter that cannot work (its settings named as `Worded` says)."""
+
+
 class ConfigWarning(UserWarning):
     """A setting that works, but not as one might expect; worded as a `ConfigError` is (``.error``)."""
 
@@ -107,8 +110,9 @@ class UpdateError(ValueError):
     """A client result that does not fit the global model (keys, shapes, dtype) or is not finite."""
 
 
-class RoundFailed(RuntimeError):
-    """Too few valid client results arrived for a round, even after retries; the global model is unchanged."""
+class RoundFailed(Worded, RuntimeError):
+    """Too few valid client results arrived for a round, even after retries; the global model is unchanged (the
+    settings to change named as `Worded` says)."""
 
 
 class Unreadable(RuntimeError):

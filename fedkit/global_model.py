@@ -21,7 +21,7 @@ import statistics
 from abc import ABC, abstractmethod
 from typing import Any, Callable
 
-from .errors import UpdateError
+from .errors import UpdateError, Worded
 from .exchange import DXO, DataKind, MetaKey, Reply, Weights
 from .weights import check_update, norm
 
@@ -82,7 +82,9 @@ def step_norms(valid: dict[str, DXO]) -> dict[str, tuple[float, int]]:
     return {name: (norm(r.data), credited_steps(r)) for name, r in valid.items()}
 
 
-NORM_REMEDY = "raise max_norm_ratio= or set max_norm_ratio=None to screen no norms"  # ends each norm rejection
+# ends each norm rejection, its settings named (`fedkit.errors.Worded`: the command line says them as its flags)
+NORM_LIMIT = ("the limit is {max_norm_ratio=%g}, whole or per step; if this client is honest, raise {max_norm_ratio} "
+              "or set {max_norm_ratio=None} to screen no norms")
 
 
 def _typical(sizes: list[float], recent: list[float], model_norm: float, max_norm_ratio: float,
@@ -119,9 +121,8 @@ def _keep_typical(replies: dict[str, Reply], valid: dict[str, DXO], sizes: dict[
         if t_whole > 0 and size > max_norm_ratio * t_whole and t_step > 0 and size / steps > max_norm_ratio * t_step:
             replies[name].reject("rejected", f"client {name!r} sent an update of norm {size:.3g}, {size / t_whole:.3g}x "
                                              f"{what_whole}, and over {steps} local step(s) {size / steps:.3g} per step, "
-                                             f"{size / steps / t_step:.3g}x {what_step} (the limit is max_norm_ratio="
-                                             f"{max_norm_ratio:g}, whole or per step; if this client is honest, "
-                                             f"{NORM_REMEDY})")
+                                             f"{size / steps / t_step:.3g}x {what_step} "
+                                             f"({Worded(NORM_LIMIT % max_norm_ratio)})")
         else:
             kept[name] = valid[name]
     return kept

@@ -46,7 +46,7 @@ from .client import Client, derive_seed
 from .data import ClientData, Dataset, check_dataset, check_seed
 from .engine import Engine, sequential
 from .engine.choose import resolve as resolve_engine
-from .errors import ConfigError, ConfigWarning
+from .errors import ConfigError, ConfigWarning, refusal
 from .exchange import Aborted, ExecutorLike, Filter, Signal, Weights
 from .faults import Faults
 from .global_model import GlobalModel, PlainModel
@@ -83,7 +83,7 @@ def check_threads(threads: Any, what: str = "threads") -> str | int:
     if threads == "auto" and isinstance(threads, str):
         return threads
     if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
-        raise ConfigError(f"{what} must be 'auto' or a whole number >= 1 (torch's CPU threads), got {threads!r}")
+        raise refusal(what, "must be 'auto' or a whole number >= 1 (torch's CPU threads)", threads)
     return int(threads)
 
 

@@ -9,9 +9,11 @@ arguments, a run directory in use or holding a run), 1 the run failed, 130 inter
 one format, ``fedkit run: error: <what is wrong>`` and a ``hint:`` line, in the flags' words, and comes
 before the first round: nothing is loaded, trained or written for a command that cannot work.
 
-argparse lives in this package only (`parser`, `resume`, `commands`, `say`: one concern each). `experiment_from_args` (in `fedkit.cli_flags`, the flags' half) turns the parsed
-flags into the typed objects of an `fk.Experiment`: a `DataSpec`, a workflow with its DP extension and
-CKKS settings, a `TrainConfig`, `Faults`. ``--resume DIR`` reads the flags back from ``DIR/cli.json``,
+argparse lives in this package only, one concern a module: `parser` (the flags and their value types),
+`commands` (run, compare, export), `resume` (``--resume``), `say` (fedkit's one format, in the flags' words).
+`experiment_from_args` (in `fedkit.cli_flags`, the flags' half) turns the parsed flags into the typed objects
+of an `fk.Experiment`: a `DataSpec`, a workflow with its DP extension and CKKS settings, a `TrainConfig`,
+`Faults`. A refusal is the API's own `ConfigError`, its settings said as the flags that set them. ``--resume DIR`` reads the flags back from ``DIR/cli.json``,
 through this parser again (so a damaged file is refused like a bad command line), and maps them again,
 so a run directory stays resumable whatever the objects become; of the run's settings only ``--engine`` may be
 given anew (a warning says the bits will differ from an uninterrupted run's).

@@ -19,7 +19,8 @@ from ..errors import ConfigError
 from ..simulator import RunInterrupted, write_html
 from .parser import given_flags
 from .resume import RESUME_MAY_CHANGE, resumed_args
-from .say import _failure_hint, _json, _refuse, _resume_command, _say, warnings_said
+from .say import (_failure_hint, _json, _refuse, _resume_command, _say, failure_words, flag_namer,
+                  warnings_said)
 
 INTERRUPTED, TERMINATED = 130, 128 + signal.SIGTERM  # exit codes: Ctrl-C, SIGTERM (143), as a shell reports them
 
@@ -108,7 +109,8 @@ def run_main(p: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequenc
         _say(prog, e, args.out, as_json, args=args)
         return 2
     except Exception as e:
-        _say(prog, f"the run failed: {type(e).__name__}: {e}", args.out, as_json, status="failed",
+        said = failure_words(e, flag_namer("run", args), getattr(sim.workflow, "max_norm_ratio", None))
+        _say(prog, f"the run failed: {type(e).__name__}: {said}", args.out, as_json, status="failed",
              hint=_failure_hint(e, f"the run directory {args.out}"))
         return 1
     finally:
@@ -184,7 +186,8 @@ def compare_main(p: argparse.ArgumentParser, args: argparse.Namespace, argv: Seq
                 _say(prog, e, str(out), args.json, args=args, about=name)
                 return 2
             except Exception as e:
-                _say(prog, f"{name} failed: {type(e).__name__}: {e}", str(out), args.json, status="failed",
+                said = failure_words(e, flag_namer("compare", args), getattr(sim.workflow, "max_norm_ratio", None))
+                _say(prog, f"{name} failed: {type(e).__name__}: {said}", str(out), args.json, status="failed",
                      hint=_failure_hint(e, out / name))
                 return 1
         figure = plots.curves(runs, title=f"global model accuracy per round: {_context(args)}")

@@ -20,8 +20,8 @@ from typing import Any, NoReturn, Sequence
 from .. import export, rundir
 from ..checkpoint import CheckpointError
 from ..cli_flags import dest_of
-from ..errors import NO_VALUE, ConfigError, ConfigWarning, MissingExtra, Namer
-from ..global_model import NORM_REMEDY
+from ..errors import NO_VALUE, ConfigError, ConfigWarning, MissingExtra, Namer, Worded
+from ..global_model import NORM_LIMIT
 from .parser import UsageError, _subparsers, parser
 
 
@@ -66,10 +66,20 @@ def _resume_command(run_dir: str | Path) -> str:
     return f"fedkit run --resume {shlex.quote(str(run_dir))}"
 
 
+def failure_words(e: BaseException, namer: Namer, max_norm_ratio: float | None = None) -> str:
+    """What a failed run's error says in the flags' words, and the norm screen's limit (`NORM_LIMIT`) in the
+    clients' reasons it quotes (``max_norm_ratio``: the screen's)."""
+    said = e.worded(namer) if isinstance(e, Worded) else str(e)
+    if max_norm_ratio is None:
+        return said
+    limit = Worded(NORM_LIMIT % max_norm_ratio)
+    return said.replace(str(limit), limit.worded(namer))
+
+
 def _failure_hint(e: BaseException, where: str | Path) -> str:
     """The line after a failed run: where its record is, and, when the norm screen rejected a client, the flag."""
     record = f"{where} holds what the run did (history.json, events)"
-    if NORM_REMEDY in str(e):
+    if NORM_LIMIT.split("{")[0] in str(e):  # a norm rejection's reason
         return ("the norm screen rejected an update (the reason is above): if that client is honest, raise "
                 f"--max-norm-ratio or turn the screen off with --max-norm-ratio off; {record}")
     return record

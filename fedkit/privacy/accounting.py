@@ -118,7 +118,7 @@ def check_mechanism(accountant: str) -> None:
     """Raise `ConfigError` unless ``accountant`` is one of Opacus' and Opacus is installed (`MissingExtra`): what
     every DP setting checks when it is made, so that DP without Opacus is refused before any round."""
     if accountant not in MECHANISMS:
-        raise ConfigError(f"unknown accountant {accountant!r}; use one of: {', '.join(MECHANISMS)}")
+        raise ConfigError(f"unknown {{accountant}} {accountant!r}; use one of: {', '.join(MECHANISMS)}", field="accountant")
     opacus()
 
 

@@ -42,7 +42,7 @@ class CKKS(Encryption):
 
     >>> CKKS(poly_modulus_degree=4096)
     Traceback (most recent call last):
-    fedkit.errors.ConfigError: CKKS: poly_modulus_degree 4096 allows at most 109 bits of coefficient modulus at 128-bit security, but coeff_mod_bit_sizes (60, 40, 40, 60) sum to 200; use fewer or smaller primes, e.g. (40, 20, 40) with scale_bits=20, or a larger poly_modulus_degree
+    fedkit.errors.ConfigError: poly_modulus_degree=4096 allows at most 109 bits of coefficient modulus at 128-bit security, but coeff_mod_bit_sizes=(60, 40, 40, 60) sum to 200; use fewer or smaller primes, e.g. (40, 20, 40) with scale_bits=20, or a larger CKKS.poly_modulus_degree
     """
 
     poly_modulus_degree: int = 8192  # ring dimension N: a ciphertext holds N/2 numbers; 8192 fits the primes below at 128-bit security
@@ -53,7 +53,7 @@ class CKKS(Encryption):
     def __post_init__(self) -> None:
         n = self.poly_modulus_degree
         if isinstance(n, bool) or not isinstance(n, int) or n not in MAX_COEFF_BITS:
-            raise ConfigError(f"CKKS: {{poly_modulus_degree}} must be one of {', '.join(map(str, MAX_COEFF_BITS))}",
+            raise ConfigError(f"{{poly_modulus_degree}} must be one of {', '.join(map(str, MAX_COEFF_BITS))}",
                               obj=self, field="poly_modulus_degree", value=n)
         bits = self.coeff_mod_bit_sizes
         if isinstance(bits, list):
@@ -61,17 +61,17 @@ class CKKS(Encryption):
             object.__setattr__(self, "coeff_mod_bit_sizes", bits)
         if (not isinstance(bits, tuple) or len(bits) < 3
                 or not all(isinstance(b, int) and not isinstance(b, bool) and 20 <= b <= 60 for b in bits)):
-            raise ConfigError("CKKS: {coeff_mod_bit_sizes} must be at least 3 prime sizes, each an integer from 20 to 60 "
+            raise ConfigError("{coeff_mod_bit_sizes} must be at least 3 prime sizes, each an integer from 20 to 60 "
                               "bits (the middle ones give the multiplicative levels; HE FedAvg needs one)", obj=self,
                               field="coeff_mod_bit_sizes", value=bits)
         if sum(bits) > MAX_COEFF_BITS[n]:
-            raise ConfigError(f"CKKS: {{poly_modulus_degree}} {n} allows at most {MAX_COEFF_BITS[n]} bits of coefficient "
-                              f"modulus at 128-bit security, but {{coeff_mod_bit_sizes}} {bits} sum to {sum(bits)}",
+            raise ConfigError(f"{{poly_modulus_degree=}} allows at most {MAX_COEFF_BITS[n]} bits of coefficient modulus "
+                              f"at 128-bit security, but {{coeff_mod_bit_sizes=}} sum to {sum(bits)}",
                               obj=self, field="coeff_mod_bit_sizes", hint="use fewer or smaller primes, e.g. (40, 20, 40) "
                               "with {scale_bits=20}, or a larger {poly_modulus_degree}")
         s = self.scale_bits
         if isinstance(s, bool) or not isinstance(s, int) or not 20 <= s <= min(bits[1:-1]) or s >= bits[0]:
-            raise ConfigError(f"CKKS: {{scale_bits}} must be an integer from 20 to the smallest middle prime "
+            raise ConfigError(f"{{scale_bits}} must be an integer from 20 to the smallest middle prime "
                               f"({min(bits[1:-1])} bits) and below the first prime ({bits[0]} bits, whose extra bits hold "
                               "the integer part)", obj=self, field="scale_bits", value=s)
         layers = self.layers
@@ -81,13 +81,13 @@ class CKKS(Encryption):
             layers = tuple(layers)
         if layers is not None:
             if not isinstance(layers, tuple) or not layers or not all(isinstance(p, str) and p for p in layers):
-                raise ConfigError("CKKS: {layers} must be None (all floating-point layers), a layer name or regular "
+                raise ConfigError("{layers} must be None (all floating-point layers), a layer name or regular "
                                   "expression, or a tuple of them", obj=self, field="layers", value=self.layers)
             for p in layers:
                 try:
                     re.compile(p)
                 except re.error as e:
-                    raise ConfigError(f"CKKS: {{layers}} pattern {p!r} is not a valid regular expression ({e})", obj=self,
+                    raise ConfigError(f"{{layers}} pattern {p!r} is not a valid regular expression ({e})", obj=self,
                                       field="layers") from None
         object.__setattr__(self, "layers", layers)
 
