@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Callable
 
@@ -79,12 +80,12 @@ class Worded(Exception):
 
 
 def _shown(value: Any) -> str:
-    """A value as the API's messages show it: a function (or a partial of one) by its name, else its repr."""
-    if callable(value) and not isinstance(value, type):
-        name = getattr(getattr(value, "func", value), "__name__", None)
-        if name is not None:
-            return name
-    return repr(value)
+    """A value as the API's messages show it: a function by its name (a partial with its arguments), else its repr."""
+    if isinstance(value, functools.partial):
+        args = [repr(a) for a in value.args] + [f"{k}={v!r}" for k, v in value.keywords.items()]
+        return f"{_shown(value.func)}({', '.join(args)})"
+    name = getattr(value, "__name__", None) if callable(value) and not isinstance(value, type) else None
+    return name if isinstance(name, str) else repr(value)
 
 
 def refusal(name: str, problem: str, value: Any = NO_VALUE, hint: str | None = None) -> ConfigError:

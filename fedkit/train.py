@@ -68,9 +68,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ConfigError(f"unknown {{device}} {device!r}; use 'auto', 'cpu' or 'cuda'", field="device") from None
+        raise ConfigError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'", field="device") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{{device}} {device!r} was asked for but CUDA is not available here; use 'auto' or 'cpu'",
+        raise ConfigError(f"device {device!r} was asked for but CUDA is not available here; use 'auto' or 'cpu'",
                           field="device")
     return dev
 

@@ -20,7 +20,7 @@ from typing import Any, NoReturn, Sequence
 from .. import export, rundir
 from ..checkpoint import CheckpointError
 from ..cli_flags import dest_of
-from ..errors import NO_VALUE, ConfigError, ConfigWarning, MissingExtra, Namer, Worded
+from ..errors import NO_VALUE, ConfigWarning, MissingExtra, Namer, Worded
 from ..global_model import NORM_LIMIT
 from .parser import UsageError, _subparsers, parser
 
@@ -53,7 +53,7 @@ def _as_typed(value: Any) -> str:
 
 def in_flag_words(e: BaseException | str, namer: Namer) -> str:
     """What ``e`` says, its settings named by ``namer`` (a `ConfigError`'s hint goes on the hint line)."""
-    if isinstance(e, ConfigError):
+    if isinstance(e, Worded):
         return e.worded(namer, hint=False)
     return str(e)
 
@@ -113,14 +113,13 @@ def _say(prog: str, e: BaseException | str, run_dir: str | None = None, as_json:
     ``args``: the flags parsed, whose values a message quotes as typed; ``about``: what the message is about (the
     algorithm of a comparison)."""
     namer = flag_namer(_command(prog), args)
-    if hint is None and isinstance(e, ConfigError) and e.hint:
+    if hint is None and isinstance(e, Worded) and e.hint:
         hint = e.worded_hint(namer)
     if hint is None:
         hint = _hint(prog, e) if isinstance(e, BaseException) else HELP_HINT.format(prog=prog)
     if isinstance(e, rundir.RunExists):
         e = f"--out {e.directory} holds {e.found}, and a new run there would replace it"
-    message = (f"{about}: " if about else "") + in_flag_words(e, namer).replace("the run directory ",
-                                                                                  "the run directory (--out) ")
+    message = (f"{about}: " if about else "") + in_flag_words(e, namer)
     print(f"{prog}: error: {message}", file=sys.stderr)
     print(f"hint: {hint}", file=sys.stderr)
     if as_json:

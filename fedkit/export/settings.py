@@ -152,7 +152,7 @@ def _check_scatter_gather(wf: FedAvg, clients: int) -> None:
                   "weighted mean. Its counterpart for another rule is a subclass of nvflare.app_common.aggregators."
                   "model_aggregator.ModelAggregator (accept_model, aggregate_model, reset_stats) passed as "
                   f"{_RECIPES}.fedavg.FedAvgRecipe(aggregator=...)",
-                  "use the default rule, the weighted mean ({aggregate}), to export", wf, "aggregate")
+                  "use {aggregate}'s default, weighted_mean, to export", wf, "aggregate")
     if wf.weigh not in WEIGHINGS:
         raise NotExportable(f"the weighing {rule_name(wf.weigh)} runs in this Python process only; FLARE's FedAvg weighs "
                             "each client by NUM_STEPS_CURRENT_ROUND times FedAvgRecipe(aggregation_weights={site: w}). "
