@@ -25,9 +25,10 @@ class Worded(Exception):
     """An error that names settings structurally, so that one error serves the API and the command line.
 
     ``obj`` is what holds the setting (a class, an instance, or its name), ``field`` the setting, ``value`` the
-    value given, ``hint`` what to do. The message names settings as ``{field}`` (``{Owner.field}`` for another object's), ``{field=}`` for the
-    setting with its value, ``{field=text}`` with the value ``text``: ``str(e)`` says them in the API's words,
-    `worded` in another's (the command line's flags), so each rule and message is written once.
+    value given (said as ``, got <value>`` unless the message places ``{value}``), ``hint`` what to do. The message
+    names settings as ``{field}`` (``{Owner.field}`` for another object's), ``{field=}`` for the setting with its
+    value, ``{field=text}`` with the value ``text``: ``str(e)`` says them in the API's words, `worded` in another's
+    (the command line's flags, `fedkit.cli.say`), so each rule and message is written once.
 
     >>> e = ConfigError("{rounds} must be an integer >= 1", obj="FedAvg", field="rounds", value=0, hint="e.g. 10")
     >>> str(e)
