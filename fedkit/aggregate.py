@@ -96,7 +96,8 @@ def trimmed_mean(updates: Sequence[Update], beta: float = 0.1) -> Weights:
     tensor([2.5000])
     """
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 <= beta < 0.5:
-        raise ConfigError(f"trimmed_mean needs beta in [0, 0.5) (the fraction cut from each end), got {beta!r}")
+        raise ConfigError("trimmed_mean needs {trimmed_mean.beta} in [0, 0.5) (the fraction cut from each end)",
+                          obj="trimmed_mean", field="beta", value=beta)
     _require_updates(updates)
     n = len(updates)
     cut = math.floor(beta * n)
@@ -218,12 +219,13 @@ def _stack(updates: Sequence[Update], key: str) -> torch.Tensor:
 def _krum_order(updates: Sequence[Update], f: int, name: str) -> list[int]:
     """Indices of ``updates`` from the best Krum score to the worst (stable on ties)."""
     if isinstance(f, bool) or not isinstance(f, numbers.Integral) or f < 0:
-        raise ConfigError(f"{name} needs f, the number of Byzantine clients to tolerate, as an integer >= 0; got {f!r}")
+        raise ConfigError(f"{name} needs {{{name}.f}}, the number of Byzantine clients to tolerate, as an integer >= 0",
+                          obj=name, field="f", value=f)
     _require_updates(updates)
     n = len(updates)
     if n <= 2 * f + 2:
-        raise ConfigError(f"{name} with f={f} needs more than 2f+2 = {2 * f + 2} updates, got {n}; "
-                          "lower f or gather more clients per round")
+        raise ConfigError(f"{name} with {{{name}.f={f}}} needs more than 2f+2 = {2 * f + 2} updates, got {n}", obj=name,
+                          field="f", hint=f"lower {{{name}.f}} or gather more clients per round")
     keys = list(updates[0][0])
     x = torch.stack([torch.cat([u[k].reshape(-1).to(torch.float64) for k in keys]) for u, _ in updates])
     dist = torch.stack([((x - row) ** 2).sum(dim=1) for row in x])

@@ -65,28 +65,28 @@ def check_run_dir(path: Path) -> None:
     existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
     if not existing.is_dir():
         if existing == path:
-            raise ConfigError(f"out={str(path)!r} is a file, not a directory; a run writes several files (model.pt, "
+            raise ConfigError(f"{{out={str(path)!r}}} is a file, not a directory; a run writes several files (model.pt, "
                               "history, checkpoints) into its directory. Give the path of a directory (it is created "
-                              "if missing), or move the file away.")
-        raise ConfigError(f"out={str(path)!r} cannot be created: {existing} is a file, not a directory. Give a path "
-                          "whose parents are directories (or do not exist yet).")
+                              "if missing), or move the file away.", field="out")
+        raise ConfigError(f"{{out={str(path)!r}}} cannot be created: {existing} is a file, not a directory. Give a path "
+                          "whose parents are directories (or do not exist yet).", field="out")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".fedkit-write-test-{threading.get_ident()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"out={str(path)!r} cannot be written to ({e.strerror or e}); give a directory you can write "
-                          "into, or fix its permissions") from None
+        raise ConfigError(f"{{out={str(path)!r}}} cannot be written to ({e.strerror or e}); give a directory you can "
+                          "write into, or fix its permissions", field="out") from None
     for name, folder in RUN_DIR_ENTRIES.items():
         p = path / name
         if (p.exists() or p.is_symlink()) and p.is_dir() != folder:
             raise ConfigError(f"{p} is {'a file' if folder else 'a directory'}, but the run writes its "
                               f"{'checkpoints into a directory' if folder else 'file ' + repr(name)} there; remove or "
-                              "rename it, or give another out=")
+                              "rename it, or give another {out}", field="out")
         if p.is_file() and not os.access(p, os.W_OK):
             raise ConfigError(f"{p} is read-only, and the run writes its {name!r} there; make it writable, remove it, "
-                              "or give another out=")
+                              "or give another {out}", field="out")
 
 
 def write_config(directory: Path, config: dict[str, Any]) -> None:

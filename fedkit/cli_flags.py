@@ -8,8 +8,9 @@ combinations that mean nothing with a message that names the flags to change. Th
 are the parser's choices.
 
 No option is ever ignored: `refuse_unused` refuses a flag given where it means nothing (``--mu`` without
-FedProx, ``--trim`` without the trimmed mean...), and `check_sizes` the settings the federation cannot
-meet (more clients per round than clients, Krum's f), both before anything is loaded or trained.
+FedProx, ``--trim`` without the trimmed mean...), before anything is loaded or trained. Every other rule is the
+API's, stated once: the objects refuse a bad setting with a structured `ConfigError` (object, field), which
+the command line says in its flags' words (`dest_of` maps a setting to its flag).
 
 >>> from types import SimpleNamespace
 >>> encryption_from_args(SimpleNamespace(he=True, he_poly_modulus=16384, he_coeff_mod_bits="60,40,40,60",
@@ -69,10 +70,8 @@ def train_from_args(a: Flags) -> TrainConfig:
 
 
 def faults_from_args(a: Flags) -> Faults | None:
-    """The fault flags as `Faults`, or None when no fault is asked for."""
-    if a.straggle > 0 and a.task_timeout is None:
-        raise ConfigError("--straggle > 0 needs a deadline: add --task-timeout SECONDS (a straggler is a client "
-                          "that answers after the deadline)")
+    """The fault flags as `Faults`, or None when no fault is asked for (`fk.Experiment` refuses a straggler without
+    a deadline)."""
     f = Faults(dropout=a.dropout, crash=a.crash, straggle=a.straggle, corrupt=a.corrupt, seed=a.fault_seed)
     return f if f.any else None
 
@@ -173,35 +172,7 @@ def workflow_from_args(a: Flags, algorithm: str | None = None) -> Controller:
     name = algorithm or a.algorithm
     if name not in ALGORITHMS:
         raise ConfigError(f"unknown algorithm {name!r}; choose one of: {', '.join(ALGORITHMS)}")
-    he = encryption_from_args(a)
-    if he is not None:
-        _check_encryptable(a, name)
-    return ALGORITHMS[name](a, he, privacy_from_args(a))
-
-
-# with --he the server holds only ciphertexts: it can add them and scale them by public weights, nothing more
-_HE_ONLY_ADDS = ("with --he the server holds only ciphertexts: it can add them and scale them by public weights, "
-                 "so it computes the weighted mean and nothing that compares, sorts or measures values")
-
-
-def _check_encryptable(a: Flags, algorithm: str) -> None:
-    """Refuse, in the flags' words, what cannot run with --he (the workflow would refuse it in the API's)."""
-    if algorithm == "fedopt":
-        raise ConfigError(f"--he cannot use the server optimizer of --algorithm fedopt (--server-opt {a.server_opt}): it "
-                          "keeps moments of the aggregated update and scales them element by element, which needs the "
-                          "update in plaintext. Use --algorithm fedavg or fedprox with --he, or drop --he to use fedopt")
-    if algorithm == "scaffold":
-        raise ConfigError("--he cannot run Scaffold (--algorithm scaffold): the server updates SCAFFOLD's control "
-                          "variate from the clients' updates in plaintext. Use --algorithm fedavg or fedprox with "
-                          "--he, or drop --he to use scaffold")
-    if algorithm != "cyclic" and a.aggregate != "mean":
-        raise ConfigError(f"--he cannot use the aggregation rule {aggregate.rule_name(RULES[a.aggregate](a))!r} "
-                          f"(--aggregate {a.aggregate}): {_HE_ONLY_ADDS}. Use --aggregate mean (the default) with "
-                          "--he, or drop --he")
-    if a.dp_fedavg:
-        raise ConfigError("--he cannot be used with --dp-fedavg: DP-FedAvg's server clips and adds noise to the sum of "
-                          "the updates in plaintext. Use --dp-sgd with --he (it runs on the clients, before "
-                          "encryption), or drop --he")
+    return ALGORITHMS[name](a, encryption_from_args(a), privacy_from_args(a))
 
 
 def _algorithm(names: str) -> Callable[[bool], str]:
@@ -275,30 +246,38 @@ def refuse_unused(a: Flags, given: Collection[str], algorithms: Sequence[str], c
                                     f"{needs}: add that or drop {', '.join(flags)}" for needs, flags in unused.items()))
 
 
-def check_sizes(a: Flags, algorithms: Sequence[str]) -> None:
-    """Refuse the federation settings that ``--clients`` clients cannot meet, before anything is loaded:
-    more clients per round, or more valid results a round needs, than there are, and a Krum that needs
-    more updates than a round gives."""
-    if all(n == "cyclic" for n in algorithms) or a.dp_fedavg:
-        return  # cyclic visits every client; DP-FedAvg samples them (and refuses these flags)
-    k, m, n = a.clients_per_round, a.min_clients, a.clients
-    if k is not None and k > n:
-        raise ConfigError(f"--clients-per-round {k} is more than the {n} clients of the federation (--clients {n}); "
-                          "lower --clients-per-round (leave it out for every client) or raise --clients")
-    per_round = n if k is None else k
-    if m is not None and m > per_round:
-        asked = f"--clients-per-round {k}" if k is not None else f"--clients {n}"
-        raise ConfigError(f"--min-clients {m} can never be met: a round asks only {per_round} clients ({asked}); "
-                          "lower --min-clients")
-    if a.aggregate in ("krum", "multi-krum") and per_round <= 2 * a.byzantine + 2:
-        raise ConfigError(f"--aggregate {a.aggregate} with --byzantine {a.byzantine} needs more than "
-                          f"2 x {a.byzantine} + 2 = {2 * a.byzantine + 2} updates a round, but a round asks only "
-                          f"{per_round} clients; lower --byzantine or raise --clients"
-                          + (" / --clients-per-round" if k is not None else ""))
-
-
 def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
+
+
+# (the API's object, its setting) -> the dest of the flag that sets it, where the two names differ; any other setting of
+# the objects the flags build (`FLAG_OWNERS`) is set by the flag of its own name, if the parser has one
+SETTING_DESTS = {
+    ("TrainConfig", "epochs"): "local_epochs", ("FedAvg", "weigh"): "weigh_by", ("Faults", "seed"): "fault_seed",
+    ("CKKS", "poly_modulus_degree"): "he_poly_modulus", ("CKKS", "coeff_mod_bit_sizes"): "he_coeff_mod_bits",
+    ("CKKS", "scale_bits"): "he_scale_bits", ("CKKS", "layers"): "he_layers", ("UserDP", "clip"): "clip_norm",
+    **{(owner, "accountant"): "dp_accountant" for owner in ("DPSGD", "UserDP", None)},
+    ("UserDP", "adaptive_clip"): "adaptive_clip", ("Proximal", "mu"): "mu", ("krum", "f"): "byzantine",
+    ("multi_krum", "f"): "byzantine", ("trimmed_mean", "beta"): "trim", ("Experiment", "workflow"): "algorithm",
+    ("Experiment", "faults"): ("dropout", "crash", "straggle", "corrupt"), ("FedAvg", "he"): "he",
+    **{(opt, "lr"): "server_lr" for opt in ("SGD", "Adam", "Yogi", "Adagrad")}, ("SGD", "momentum"): "server_momentum",
+}
+# what the flags build (None: a keyword argument of an entry point, such as out= and overwrite=)
+FLAG_OWNERS = {"FedAvg", "Cyclic", "DataSpec", "TrainConfig", "Experiment", "Faults", "DPSGD", "UserDP", "CKKS",
+               "Simulator", "Proximal", None}
+
+
+def dest_of(owner: str | None, field: str) -> tuple[str, ...]:
+    """The dests of the flags that set ``owner``'s ``field`` (`fedkit.errors.ConfigError`'s object and field): one
+    as a rule, none where the flags build no such object."""
+    dests = SETTING_DESTS.get((owner, field), field if owner in FLAG_OWNERS else ())
+    return (dests,) if isinstance(dests, str) else dests
+
+
+def check_federation(exp: Experiment) -> None:
+    """Ask ``exp``'s workflow, before anything is loaded, whether its settings can work with the federation the
+    data flags describe (``--clients`` clients, named as the simulator names them)."""
+    exp.workflow.check_federation([f"site-{i + 1}" for i in range(exp.data.clients)])
 
 
 def experiment_from_args(a: Flags, algorithm: str | None = None) -> Experiment:

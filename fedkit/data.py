@@ -22,7 +22,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, refusal
 from .extras import require
 
 
@@ -266,19 +266,19 @@ SEED_LIMIT = 2**63  # seeds are whole numbers in [0, 2**63): what every generato
 def check_seed(seed: Any, what: str = "seed") -> int:
     """``seed`` as an int, or `ConfigError` unless it is a whole number in [0, 2**63) (no bool, no float)."""
     if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < SEED_LIMIT:
-        raise ConfigError(f"{what} must be a whole number in [0, 2**63) (e.g. 0), got {seed!r}")
+        raise refusal(what, "must be a whole number in [0, 2**63) (e.g. 0)", seed)
     return int(seed)
 
 
 def _whole(scheme: str, what: str, value: Any, low: int) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ConfigError(f"{scheme}: {what} must be a whole number >= {low}, got {value!r}")
+        raise ConfigError(f"{scheme}: {{{what}}} must be a whole number >= {low}", field=what, value=value)
     return int(value)
 
 
 def _alpha(scheme: str, alpha: Any, meaning: str) -> float:
     if isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, numbers.Real) or not (math.isfinite(alpha) and alpha > 0):
-        raise ConfigError(f"{scheme} alpha must be > 0 and finite ({meaning}), got {alpha!r}")
+        raise ConfigError(f"{scheme} {{alpha}} must be > 0 and finite ({meaning})", field="alpha", value=alpha)
     return float(alpha)
 
 
@@ -287,13 +287,11 @@ def _check(dataset: Dataset, clients: Any, scheme: str = "partition", seed: Any 
         hint = " (a fk.data.Data: pass its .train)" if isinstance(dataset, Data) else ""
         raise ConfigError(f"{scheme}: dataset must be a fk.data.Dataset{hint}, got {type(dataset).__name__}")
     if isinstance(clients, (bool, np.bool_)) or not isinstance(clients, (int, np.integer)) or clients < 1:
-        raise ConfigError(f"clients must be a positive integer, got {clients!r}")
+        raise ConfigError("{clients} must be a positive integer", field="clients", value=clients)
     if clients > len(dataset):
-        raise ConfigError(
-            f"cannot give {clients} clients at least one sample each: the dataset has only {len(dataset)} "
-            "samples; use fewer clients or more data"
-        )
-    check_seed(seed, f"{scheme}: seed")
+        raise ConfigError(f"{{clients={clients}}}: cannot give {clients} clients at least one sample each: the dataset "
+                          f"has only {len(dataset)} samples", field="clients", hint="use fewer {clients} or more data")
+    check_seed(seed, "seed")
     return int(clients)
 
 
@@ -303,8 +301,9 @@ def _min_size(scheme: str, min_size: Any, n: int, clients: int) -> int:
         return min(10, n // clients)
     need = _whole(scheme, "min_size", min_size, 1)
     if clients * need > n:
-        raise ConfigError(f"{scheme}: min_size={need} for each of {clients} clients needs {clients * need} samples, but "
-                          f"the dataset has only {n}; use min_size <= {n // clients}, fewer clients, or more data")
+        raise ConfigError(f"{scheme}: {{min_size={need}}} for each of {clients} clients needs "
+                          f"{clients * need} samples, but the dataset has only {n}", field="min_size",
+                          hint=f"use {{min_size}} <= {n // clients}, fewer {{clients}}, or more data")
     return need
 
 
@@ -417,8 +416,9 @@ def shards(dataset: Dataset, clients: int, shards_per_client: int = 2, seed: int
     shards_per_client = _whole("shards", "shards_per_client", shards_per_client, 1)
     total = clients * shards_per_client
     if total > len(dataset):
-        raise ConfigError(f"{clients} clients x {shards_per_client} shards = {total} shards, more than the "
-                          f"{len(dataset)} samples; use fewer clients or shards")
+        raise ConfigError(f"{{clients={clients}}} x {{shards_per_client={shards_per_client}}} = {total} shards, more than "
+                          f"the {len(dataset)} samples", field="shards_per_client",
+                          hint="use fewer {clients} or {shards_per_client}")
     rng = np.random.default_rng(seed)
     # random tie-break inside each label so that shards of one class are not always the same samples
     order = np.lexsort((rng.random(len(dataset)), dataset.labels))

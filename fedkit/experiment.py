@@ -50,12 +50,13 @@ MODELS = ("auto", "mlp", "cnn", "simple")  # the kinds fedkit.models.for_data bu
 
 def _whole(owner: str, name: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{owner}.{name} must be an integer >= {low}, got {value!r}")
+        raise ConfigError(f"{{{name}}} must be an integer >= {low}", obj=owner, field=name, value=value)
 
 
 def _choice(owner: str, name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ConfigError(f"{owner}.{name} {value!r} is not known; choose one of: {', '.join(allowed)}")
+        raise ConfigError(f"{{{name}}} {{value}} is not known; choose one of: {', '.join(allowed)}", obj=owner, field=name,
+                          value=value)
 
 
 @dataclass(frozen=True)
@@ -79,13 +80,13 @@ class DataSpec:
         if self.min_size is not None:
             _whole("DataSpec", "min_size", self.min_size, 1)
             if self.partition not in ("dirichlet", "quantity"):
-                raise ConfigError(f"DataSpec.min_size only means something with partition 'dirichlet' or 'quantity', "
-                                  f"not {self.partition!r}; drop it")
+                raise ConfigError(f"{{min_size}} only means something with {{partition}} 'dirichlet' or 'quantity', "
+                                  f"not {self.partition!r}", obj=self, field="min_size", hint="drop it")
         a = self.alpha
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not (a > 0 and math.isfinite(a)):
-            raise ConfigError(f"DataSpec.alpha must be a finite number > 0, got {a!r}")
+            raise ConfigError("{alpha} must be a finite number > 0", obj=self, field="alpha", value=a)
         if not isinstance(self.download, bool):
-            raise ConfigError(f"DataSpec.download must be True or False, got {self.download!r}")
+            raise ConfigError("{download} must be True or False", obj=self, field="download", value=self.download)
 
     def load(self) -> fkdata.Data:
         """The dataset (downloaded first only with ``download=True``)."""
@@ -125,17 +126,18 @@ class Experiment:
         for name, kind, example in (("data", DataSpec, "DataSpec(...)"), ("workflow", Controller, "fk.FedAvg(...)"),
                                     ("train", TrainConfig, "fk.TrainConfig(...)")):
             if not isinstance(getattr(self, name), kind):
-                raise ConfigError(f"Experiment.{name} must be a {example}, got {getattr(self, name)!r}")
+                raise ConfigError(f"{{{name}}} must be a {example}", obj=self, field=name, value=getattr(self, name))
         _choice("Experiment", "model", self.model, MODELS)
         check_seed(self.seed, "Experiment.seed")
         check_threads(self.threads, "Experiment.threads")
         _choice("Experiment", "engine", self.engine, ENGINES)
         if self.faults is not None and not isinstance(self.faults, Faults):
-            raise ConfigError(f"Experiment.faults must be a fk.Faults(...) or None, got {self.faults!r}")
+            raise ConfigError("{faults} must be a fk.Faults(...) or None", obj=self, field="faults", value=self.faults)
         if self.faults is not None and self.faults.straggle > 0 and getattr(self.workflow, "task_timeout", None) is None:
             # a straggler answers after the deadline; without one it is just a slow client, and nothing is tested
-            raise ConfigError("Faults(straggle > 0) needs a workflow with a task_timeout, e.g. "
-                              "fk.FedAvg(task_timeout=60): a straggler is a client that answers after the deadline")
+            raise ConfigError("{straggle} > 0 needs a deadline: add {FedAvg.task_timeout=SECONDS} (a straggler is a "
+                              "client that answers after the deadline)", obj=self.faults, field="straggle",
+                              hint="give the workflow a deadline, e.g. {FedAvg.task_timeout=60}")
 
     @classmethod
     def preset(cls, name: str, **changes: Any) -> "Experiment":

@@ -43,17 +43,18 @@ class Faults:
         for kind in KINDS:
             p = getattr(self, kind)
             if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p <= 1.0:
-                raise ConfigError(f"Faults.{kind} is a probability and must be in [0, 1], got {p!r}")
+                raise ConfigError(f"{{{kind}}} is a probability and must be in [0, 1]", obj=self, field=kind, value=p)
         total = sum(getattr(self, k) for k in KINDS)
         if total > 1.0 + 1e-9:
-            raise ConfigError(f"the fault probabilities sum to {total:g}; a client can fail only one way per round, "
-                              "so they must sum to at most 1")
+            raise ConfigError(f"the fault probabilities ({{dropout}}, {{crash}}, {{straggle}}, {{corrupt}}) sum to "
+                              f"{total:g}; a client can fail only one way per round, so they must sum to at most 1",
+                              obj=self, field="dropout")
         d = self.delay
         if isinstance(d, bool) or not isinstance(d, numbers.Real) or not (d > 0 and math.isfinite(d)):
-            raise ConfigError(f"Faults.delay must be > 0 and finite (seconds), got {d!r}")
+            raise ConfigError("{delay} must be > 0 and finite (seconds)", obj=self, field="delay", value=d)
         s = self.seed
         if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)) or not 0 <= s < 2**63:
-            raise ConfigError(f"Faults.seed must be a whole number in [0, 2**63) (e.g. 0), got {s!r}")
+            raise ConfigError("{seed} must be a whole number in [0, 2**63) (e.g. 0)", obj=self, field="seed", value=s)
         if not isinstance(self.corruptions, (tuple, list)):
             raise ConfigError(f"Faults.corruptions must be a tuple of names from {CORRUPTIONS}, got {self.corruptions!r}")
         bad = [c for c in self.corruptions if not isinstance(c, str) or c not in CORRUPTIONS]

@@ -22,7 +22,7 @@ from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar, Mapping
 
 from .aggregate import Rule, apply_rule, by_samples, rule_name, weigh_result, weighted_mean
-from .errors import UpdateError
+from .errors import UpdateError, Worded
 from .exchange import DXO, DataKind, MetaKey, Reply, Weights
 from .status import Status
 from .weights import add, check_update, norm
@@ -119,7 +119,9 @@ def step_norms(valid: dict[str, DXO]) -> dict[str, tuple[float, int]]:
     return {name: (norm(r.data), credited_steps(r)) for name, r in valid.items()}
 
 
-NORM_REMEDY = "raise max_norm_ratio= or set max_norm_ratio=None to screen no norms"  # ends each norm rejection
+# ends each norm rejection, its settings named (`fedkit.errors.Worded`: the command line says them as its flags)
+NORM_LIMIT = ("the limit is {max_norm_ratio=%g}, whole or per step; if this client is honest, raise {max_norm_ratio} "
+              "or set {max_norm_ratio=None} to screen no norms")
 
 
 def _typical(sizes: list[float], recent: list[float], model_norm: float, max_norm_ratio: float,
@@ -157,8 +159,7 @@ def _keep_typical(replies: dict[str, Reply], valid: dict[str, DXO], sizes: dict[
             replies[name].reject(Status.REJECTED, f"client {name!r} sent an update of norm {size:.3g}, "
                                                   f"{size / t_whole:.3g}x {what_whole}, and over {steps} local "
                                                   f"step(s) {size / steps:.3g} per step, {size / steps / t_step:.3g}x "
-                                                  f"{what_step} (the limit is max_norm_ratio={max_norm_ratio:g}, whole "
-                                                  f"or per step; if this client is honest, {NORM_REMEDY})")
+                                                  f"{what_step} ({Worded(NORM_LIMIT % max_norm_ratio)})")
         else:
             kept[name] = valid[name]
     return kept

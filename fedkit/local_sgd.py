@@ -42,15 +42,15 @@ class TrainConfig:
         for name, low in (("epochs", 1), ("batch_size", 1)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
-                raise ConfigError(f"TrainConfig.{name} must be an integer >= {low}, got {v!r}")
+                raise ConfigError(f"{{{name}}} must be an integer >= {low}", obj=self, field=name, value=v)
         for name, rule, ok in (("lr", "a finite number > 0", lambda v: v > 0),
                                ("momentum", "a number in [0, 1)", lambda v: 0 <= v < 1),
                                ("weight_decay", "a finite number >= 0", lambda v: v >= 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or not ok(v):
-                raise ConfigError(f"TrainConfig.{name} must be {rule}, got {v!r}")
+                raise ConfigError(f"{{{name}}} must be {rule}", obj=self, field=name, value=v)
         if not isinstance(self.validate, bool):
-            raise ConfigError(f"TrainConfig.validate must be True or False, got {self.validate!r}")
+            raise ConfigError("{validate} must be True or False", obj=self, field="validate", value=self.validate)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -60,9 +60,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ConfigError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'") from None
+        raise ConfigError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'", field="device") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} was asked for but CUDA is not available here; use 'auto' or 'cpu'")
+        raise ConfigError(f"device {device!r} was asked for but CUDA is not available here; use 'auto' or 'cpu'",
+                          field="device")
     return dev
 
 

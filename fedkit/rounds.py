@@ -96,9 +96,9 @@ def gather(fl: Any, targets: Sequence[str], task: Callable[[int], Task], keep: K
     failures = "; ".join(f"{n}: {r.error}" for n, r in replies.items() if not r.ok)
     raise RoundFailed(
         f"round {sent.round + fl.offset}: only {len(results)} valid result(s) from {len(targets)} client(s) after "
-        f"{attempt + 1} attempt(s), and min_clients is {need}; the global model is left as the last completed "
-        "round made it. Lower min_clients, raise max_retries or task_timeout, or fix the failing clients. "
-        f"Failures (each client's last reply): {failures}"
+        f"{attempt + 1} attempt(s), and {{min_clients}} is {need}; the global model is left as the last completed "
+        "round made it. Lower {min_clients}, raise {max_retries} or {task_timeout}, or fix the failing clients. "
+        f"Failures (each client's last reply): {failures}", field="min_clients"
     )
 
 

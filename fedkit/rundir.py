@@ -145,8 +145,8 @@ def claim(directory: str | os.PathLike, *, fresh: bool = True, overwrite: bool =
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"the run directory {str(path)!r} cannot be created ({e.strerror or e}); give a directory "
-                          "you can write into") from None
+        raise ConfigError(f"the run directory ({{out}}) {str(path)!r} cannot be created ({e.strerror or e}); give a "
+                          "directory you can write into", field="out") from None
     key = os.path.realpath(path)
     with _guard:
         mine = _held.get(key)
@@ -161,8 +161,8 @@ def claim(directory: str | os.PathLike, *, fresh: bool = True, overwrite: bool =
             raise
         except OSError as e:
             _undo(created)
-            raise ConfigError(f"the run directory {str(path)!r} cannot be written to ({e.strerror or e}); give a "
-                              "directory you can write into, or fix its permissions") from None
+            raise ConfigError(f"the run directory ({{out}}) {str(path)!r} cannot be written to ({e.strerror or e}); "
+                              "give a directory you can write into, or fix its permissions", field="out") from None
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                   "command": _command()}
         _held[key] = held = _Held(path, key, fd, holder, reentrant)
@@ -233,9 +233,10 @@ def _check_path(path: Path) -> None:
     existing = next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), None)
     if existing is not None and not existing.is_dir():
         if existing == path:
-            raise ConfigError(f"the run directory {str(path)!r} is a file, not a directory; a run writes several files "
-                              "(model.pt, history, checkpoints) into its directory")
-        raise ConfigError(f"the run directory {str(path)!r} cannot be created: {existing} is a file, not a directory")
+            raise ConfigError(f"the run directory ({{out}}) {str(path)!r} is a file, not a directory; a run writes "
+                              "several files (model.pt, history, checkpoints) into its directory", field="out")
+        raise ConfigError(f"the run directory ({{out}}) {str(path)!r} cannot be created: {existing} is a file, not a "
+                          "directory", field="out")
 
 
 def _lock(path: Path) -> int:
@@ -303,8 +304,8 @@ def _busy(path: Path, who: dict[str, Any], here: bool) -> str:
         by = "another process (it has not said which yet)"
     if here:
         by = f"another run of this process, {by}"
-    return (f"the run directory {str(path)!r} is in use by {by}: two runs in one directory would overwrite each "
-            "other's checkpoints. Wait for that run to end (or stop it), or use another directory")
+    return (f"the run directory ({{out}}) {str(path)!r} is in use by {by}: two runs in one directory would overwrite "
+            "each other's checkpoints. Wait for that run to end (or stop it), or use another directory")
 
 
 def _command() -> str:

@@ -328,12 +328,12 @@ def _real(value: object) -> bool:
 
 def _check_positive(opt: object, name: str, value: object) -> None:
     if not _real(value) or not value > 0:
-        raise ConfigError(f"{type(opt).__name__}.{name} must be a finite number > 0, got {value!r}")
+        raise ConfigError(f"{{{name}}} must be a finite number > 0", obj=opt, field=name, value=value)
 
 
 def _check_unit(opt: object, name: str, value: object) -> None:
     if not _real(value) or not 0 <= value < 1:
-        raise ConfigError(f"{type(opt).__name__}.{name} must be in [0, 1), got {value!r}")
+        raise ConfigError(f"{{{name}}} must be in [0, 1)", obj=opt, field=name, value=value)
 
 
 def _check_lr(opt: SGD | Adam | Yogi | Adagrad) -> None:

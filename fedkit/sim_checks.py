@@ -16,7 +16,7 @@ from torch import nn
 from .artifacts import strict_json
 from .client import Client
 from .data import ClientData, Dataset, check_dataset
-from .errors import ConfigError
+from .errors import ConfigError, ConfigWarning
 from .server import Controller
 from .train import ModelFn
 
@@ -69,8 +69,8 @@ def check_rounds(workflow: Controller) -> None:
     records no round, such as FedStats); a workflow without ``rounds`` plans no count."""
     rounds = getattr(workflow, "rounds", None)
     if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0):
-        raise ConfigError(f"{type(workflow).__name__}.rounds must be a whole number >= 1 (the rounds it runs; 0 for "
-                          f"one that records none), got {rounds!r}")
+        raise ConfigError("{rounds} must be a whole number >= 1 (the rounds it runs; 0 for one that records none)",
+                          obj=workflow, field="rounds", value=rounds)
 
 
 def check_client_data(name: str, data: ClientData, val_fraction: float | None = None) -> None:
@@ -157,7 +157,7 @@ def _model_difference(then: Any, now: dict[str, Any]) -> str:
             + (f"; the source of {', '.join(unread)} could not be read then or now" if unread else ""))
 
 
-def engine_change(saved: Path, sim: Any) -> str | None:
+def engine_change(saved: Path, sim: Any) -> ConfigWarning | None:
     """What a resume should say when ``sim``'s engine is not the one the run in ``saved`` (its config.json) used."""
     try:
         before = json.loads(saved.read_text()).get("engine")
@@ -165,7 +165,7 @@ def engine_change(saved: Path, sim: Any) -> str | None:
         return None
     if before is None or before == sim.engine_name:
         return None
-    return (f"the run in {saved.parent} ran on engine {before!r} and resumes on {sim.engine_name!r}: the rounds from "
-            "here run on another engine, so the final weights can differ from an uninterrupted run's in the last bits "
-            "(engines agree to float rounding, not bit for bit) and its model_sha256 will not match; resume with "
-            f"engine={before!r} to get the same bits")
+    return ConfigWarning(f"the run in {saved.parent} ran on engine {before!r} and resumes on {sim.engine_name!r}: the "
+                         "rounds from here run on another engine, so the final weights can differ from an uninterrupted "
+                         "run's in the last bits (engines agree to float rounding, not bit for bit) and its model_sha256 "
+                         f"will not match; resume with {{engine={before!r}}} to get the same bits", obj=sim)

@@ -116,7 +116,7 @@ class Simulator:
             raise ConfigError("a federation needs at least one client; clients is empty")
         if test is not None and not isinstance(test, Dataset):
             raise ConfigError(f"test must be a fk.data.Dataset (e.g. data.test) or None, got {type(test).__name__}")
-        seed = check_seed(seed, "Simulator seed")
+        seed = check_seed(seed, "Simulator.seed")
         if out is not None and not isinstance(out, (str, os.PathLike)):
             raise ConfigError(f"out must be a directory path (str or Path) or None, got {type(out).__name__}")
         if faults is not None and not isinstance(faults, Faults):
@@ -154,7 +154,7 @@ class Simulator:
         self.checkpoint_every = checkpoint_every
         self.on_round = list(on_round)
         if not isinstance(overwrite, bool):
-            raise ConfigError(f"overwrite must be True or False, got {overwrite!r}")
+            raise ConfigError("{overwrite} must be True or False", field="overwrite", value=overwrite)
         self.overwrite = overwrite  # may a new run replace the run in `out`? (else it is refused)
         threads = check_threads(threads)
         self.last_run: Run | None = None  # the latest run of run() / resume(): after Ctrl-C, the interrupted one
@@ -278,9 +278,9 @@ class Simulator:
             self._check_checkpoint_model(ckpt, run_dir)
             changed = engine_change(run_dir / "config.json", self)
             if changed is not None:  # allowed (another machine may lack the engine), but said: here and in the events
-                warnings.warn(changed, UserWarning, stacklevel=2)
+                warnings.warn(changed, stacklevel=2)
                 ckpt.history.events.append({"round": ckpt.round + 1, "what": Event.ENGINE_CHANGED,
-                                            "reason": changed})
+                                            "reason": str(changed)})
             return self._blocking(Run(self, run_dir=run_dir, lock=lock), ckpt, progress)
         finally:
             if lock is not None:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import refusal
 
 # threads="auto": one torch CPU thread for a model smaller than this (parameters). Such models train in tiny
 # matrix products (batches of 16-64) where splitting work over threads saves nothing, and a thread pool on a busy
@@ -29,7 +29,7 @@ def check_threads(threads: Any, what: str = "threads") -> str | int:
     if threads == "auto" and isinstance(threads, str):
         return threads
     if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
-        raise ConfigError(f"{what} must be 'auto' or a whole number >= 1 (torch's CPU threads), got {threads!r}")
+        raise refusal(what, "must be 'auto' or a whole number >= 1 (torch's CPU threads)", threads)
     return int(threads)
 
 

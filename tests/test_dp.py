@@ -421,7 +421,7 @@ def test_poisson_sampling_is_seeded_and_may_draw_nobody(tiny_model):
     assert 0.4 <= sum(map(len, a)) / (20 * 30) <= 0.6
     sparse = picks(0, 0.05, n=4, min_clients=0)
     assert [] in sparse and len(sparse) == 30  # rounds that drew nobody still happen (and change nothing)
-    with pytest.raises(fk.ConfigError, match="clients_per_round .* or sample_rate .*, not both"):
+    with pytest.raises(fk.ConfigError, match="clients_per_round .* or FedAvg.sample_rate .*, not both"):
         fk.FedAvg(clients_per_round=3, sample_rate=0.5)
     with pytest.raises(fk.ConfigError, match=r"sample_rate .* must be in \(0, 1\]"):
         fk.FedAvg(sample_rate=0.0)

@@ -66,7 +66,7 @@ def test_bad_data_settings(kwargs, match):
     (dict(model="resnet"), "model 'resnet' is not known; choose one of: auto, mlp, cnn, simple"),
     (dict(faults={"crash": 0.1}), r"Experiment.faults must be a fk.Faults\(...\) or None"),
     (dict(seed=-1), "Experiment.seed must be a whole number in \\[0, 2\\*\\*63\\)"),
-    (dict(faults=fk.Faults(straggle=0.2)), "needs a workflow with a task_timeout"),
+    (dict(faults=fk.Faults(straggle=0.2)), "needs a deadline: add task_timeout=SECONDS"),
 ])
 def test_bad_settings(kwargs, match):
     with pytest.raises(fk.ConfigError, match=match):

@@ -248,7 +248,7 @@ def test_the_norm_screen_judges_norm_whole_and_per_local_step():
     kept, _ = screened_results({**sizes, "big": result(6.88)}, [])
     assert "big" not in kept
     # the refusal says what to change, in the API's words (the CLI says --max-norm-ratio)
-    assert "raise max_norm_ratio= or set max_norm_ratio=None" in replies["liar"].error
+    assert "raise max_norm_ratio or set max_norm_ratio=None" in replies["liar"].error
     # `screen` (the three-peer check the encrypted model uses) judges the same way
     task = fk.Task("train", fk.DXO("WEIGHTS", {"w": torch.zeros(1)}))
     rs = {n: Reply(n, task, r, status="ok") for n, r in {**sizes, "evil": result(5e4, 63, 1001)}.items()}

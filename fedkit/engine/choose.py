@@ -23,8 +23,8 @@ def resolve(engine: str | Callable[..., Any]) -> tuple[Callable[..., Any], str]:
     if callable(engine):
         return engine, getattr(engine, "engine_name", None) or getattr(engine, "__name__", type(engine).__name__)
     if not isinstance(engine, str) or engine not in NAMES:
-        raise ConfigError(f"engine must be one of {', '.join(NAMES)} or an engine such as fk.engine.sequential, "
-                          f"got {engine!r}")
+        raise ConfigError(f"{{engine}} must be one of {', '.join(NAMES)} or an engine such as fk.engine.sequential",
+                          field="engine", value=engine)
     if engine == "sequential":
         return sequential, "sequential"
     if engine == "ray":

@@ -1,14 +1,14 @@
 """``fedkit export nvflare --out DIR <the flags of fedkit run>``: the command line's half (`fedkit.cli` parses).
 
 The flags are those of ``fedkit run`` and mean the same: they are checked as a run checks them
-(`refuse_unused`, `check_sizes`), mapped to the same `fk.Experiment`, then exported (`nvflare`).
+(`refuse_unused`, the workflow's `check_federation`), mapped to the same `fk.Experiment`, then exported (`nvflare`).
 """
 
 from __future__ import annotations
 
 from typing import Any, Collection
 
-from ..cli_flags import check_sizes, experiment_from_args, refuse_unused
+from ..cli_flags import check_federation, experiment_from_args, refuse_unused
 from ..errors import ConfigError
 from .nvflare_job import FlareJob, nvflare
 
@@ -28,5 +28,6 @@ def job_from_args(a: Any, given: Collection[str] | None) -> FlareJob:
             raise ConfigError("; ".join(f"--{d.replace('_', '-')} means nothing for an exported job: {RUN_ONLY[d]}; "
                                         f"drop it" for d in typed))
         refuse_unused(a, given, [a.algorithm])
-    check_sizes(a, [a.algorithm])
-    return nvflare(experiment_from_args(a), a.out, overwrite=a.overwrite)
+    exp = experiment_from_args(a)
+    check_federation(exp)
+    return nvflare(exp, a.out, overwrite=a.overwrite)

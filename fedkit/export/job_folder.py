@@ -38,34 +38,35 @@ def write_marker(folder: Path, job: str) -> None:
 def check_folder(out: Path, overwrite: bool) -> None:
     """Refuse ``out`` with `FolderRefused` (the reason, and what to do) unless an export may write there."""
     where, cwd, home = out.resolve(), Path.cwd().resolve(), _home()
-    example = f"give the job a folder of its own, e.g. out='{Path('jobs') / (where.name or 'job')}'"
+    example = f"give the job a folder of its own, e.g. {{out='{Path('jobs') / (where.name or 'job')}'}}"
     instead = "choose another folder (a new or empty one)"
     if where == cwd or where in cwd.parents:
         said = "the working directory" if where == cwd else "a folder above the working directory"
         raise FolderRefused(f"{out} is {said}, and an export replaces the folder it writes: it never writes there "
-                            f"(nothing was written); {example}")
+                            f"(nothing was written); {example}", field="out")
     if where in (home, Path(where.anchor)):
         said = "your home folder" if where == home else "the filesystem root"
-        raise FolderRefused(f"{out} is {said}: an export never writes there (nothing was written); {example}")
+        raise FolderRefused(f"{out} is {said}: an export never writes there (nothing was written); {example}",
+                            field="out")
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise FolderRefused(f"{out} is {'a link' if out.is_symlink() else 'a file'}, not a folder an export wrote "
-                            f"(nothing was written); {instead}")
+                            f"(nothing was written); {instead}", field="out")
     if not out.exists() or not any(out.iterdir()):
         return
     written = _marked(out)
     if written is None:
         entries = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
         raise FolderRefused(f"{out} holds what an export did not write ({_some(entries)}): an export replaces "
-                            f"only a folder an earlier export wrote (with its {MARKER}), even with overwrite=True; "
-                            f"nothing was deleted; {instead}")
+                            f"only a folder an earlier export wrote (with its {MARKER}), even with {{overwrite=True}}; "
+                            f"nothing was deleted; {instead}", field="out")
     others = [f for f in files_in(out) if f not in written and f != MARKER]
     if others:
         raise FolderRefused(f"{out} was written by an export but now also holds {_some(others)}: an export does not "
-                            "replace it, even with overwrite=True (nothing was deleted); move those files out, or "
-                            + instead)
+                            "replace it, even with {overwrite=True} (nothing was deleted); move those files out, or "
+                            + instead, field="out")
     if not overwrite:
-        raise FolderRefused(f"{out} holds a job an earlier export wrote: pass overwrite=True to replace it, or "
-                            + instead)
+        raise FolderRefused(f"{out} holds a job an earlier export wrote: pass {{overwrite=True}} to replace it, or "
+                            + instead, field="out")
 
 
 def _marked(folder: Path) -> set[str] | None:

@@ -39,18 +39,13 @@ _RECIPES = "nvflare.app_opt.pt.recipes"
 
 
 class NotExportable(ConfigError):
-    """A part of the experiment that FLARE cannot run as fedkit does; the message names FLARE's counterpart.
-
-    ``cli`` says the same in the words of ``fedkit export nvflare``'s flags (None: the message is already so)."""
-
-    def __init__(self, message: str, cli: str | None = None) -> None:
-        super().__init__(message)
-        self.cli = cli if cli is not None else message
+    """A part of the experiment that FLARE cannot run as fedkit does; the message names FLARE's counterpart (in
+    FLARE's own words, which no flag rewrites), and its settings structurally, as every `ConfigError` does."""
 
 
-def _no(api: str, cli: str, flare: str, fix_api: str, fix_cli: str) -> NotExportable:
-    """A refusal of ``api`` (``cli``: its flags), what FLARE has instead, and what to change to export."""
-    return NotExportable(f"{api} {flare}. {fix_api}", cli=f"{cli} {flare}. {fix_cli}")
+def _no(what: str, flare: str, fix: str, obj: Any, field: str) -> NotExportable:
+    """A refusal of ``what`` (``obj``'s ``field``), what FLARE has instead, and what to change to export."""
+    return NotExportable(f"{what} {flare}", obj=obj, field=field, hint=fix)
 
 
 def experiment_from(obj: Any) -> Experiment:
@@ -77,10 +72,9 @@ def settings_of(exp: Experiment) -> dict[str, Any]:
     wf, cross_site = _training_workflow(exp.workflow)
     _check_scatter_gather(wf, exp.data.clients)
     if exp.faults is not None:
-        raise _no("fault injection (faults=fk.Faults(...))", "fault injection (--dropout, --crash, --straggle, --corrupt)",
-                  "is fedkit's simulation of failing clients; a FLARE job runs real clients: to rehearse failures "
-                  "in FLARE, stop a client of `nvflare simulator` or a POC site (`nvflare poc stop -p site-1`) mid-run",
-                  "Drop faults= to export", "Drop those flags to export")
+        raise _no("fault injection ({faults})", "is fedkit's simulation of failing clients; a FLARE job runs real "
+                  "clients: to rehearse failures in FLARE, stop a client of `nvflare simulator` or a POC site "
+                  "(`nvflare poc stop -p site-1`) mid-run", "drop {faults} to export", exp, "faults")
     mu = [e.mu for e in wf.extensions if isinstance(e, Proximal)]
     algorithm = "fedopt" if wf.server_opt is not None else "fedprox" if mu else "fedavg"
     opt = None
@@ -135,10 +129,9 @@ def _training_workflow(wf: Controller) -> tuple[FedAvg, bool]:
         raise NotExportable("CrossSiteEval alone trains nothing; FLARE's counterpart is "
                             "nvflare.recipe.utils.add_cross_site_evaluation(recipe) added to a training recipe")
     if isinstance(wf, Cyclic):
-        raise _no("cyclic weight transfer", "cyclic weight transfer (--algorithm cyclic)",
-                  f"is not exported yet; FLARE's counterpart is {_RECIPES}.cyclic.CyclicRecipe(num_rounds=..., "
-                  "min_clients=..., train_script=...)", "Export FedAvg, FedProx or FedOpt",
-                  "Use --algorithm fedavg, fedprox or fedopt to export")
+        raise _no("cyclic weight transfer ({workflow=cyclic})", "is not exported yet; FLARE's counterpart "
+                  f"is {_RECIPES}.cyclic.CyclicRecipe(num_rounds=..., min_clients=..., train_script=...)",
+                  "export FedAvg, FedProx or FedOpt", "Experiment", "workflow")
     if not isinstance(wf, FedAvg):
         raise NotExportable(f"the workflow {type(wf).__name__} is a fedkit Controller written here, which FLARE cannot "
                             "run; FLARE's counterpart is a subclass of nvflare.app_common.workflows.model_controller."
@@ -150,44 +143,39 @@ def _training_workflow(wf: Controller) -> tuple[FedAvg, bool]:
 def _check_scatter_gather(wf: FedAvg, clients: int) -> None:
     """Refuse the FedAvg settings FLARE's FedAvg controller does not have, naming what to use instead."""
     if wf.he is not None:
-        raise _no(f"fedkit's HE (he={type(wf.he).__name__}(...))", "fedkit's HE (--he)",
-                  "is a simulation in one process, with the keys in memory; FLARE's counterpart is "
-                  f"{_RECIPES}.fedavg_he.FedAvgRecipeWithHE, whose TenSEAL context is made by provisioning "
-                  "(`nvflare provision` with the HE builder, or `nvflare poc prepare -he`)",
-                  "Drop he= to export the plaintext job, then switch its recipe to FedAvgRecipeWithHE",
-                  "Drop --he to export the plaintext job, then switch its recipe to FedAvgRecipeWithHE")
+        raise _no("fedkit's HE ({he})", "is a simulation in one process, with the keys in memory; FLARE's "
+                  f"counterpart is {_RECIPES}.fedavg_he.FedAvgRecipeWithHE, whose TenSEAL context is made by "
+                  "provisioning (`nvflare provision` with the HE builder, or `nvflare poc prepare -he`)",
+                  "drop {he} to export the plaintext job, then switch its recipe to FedAvgRecipeWithHE", wf, "he")
     if wf.aggregate is not weighted_mean:
-        raise _no(f"the aggregation rule {rule_name(wf.aggregate)}", "the aggregation rule of --aggregate",
-                  "runs in this Python process only; FLARE's FedAvg computes the weighted mean. Its counterpart for "
-                  "another rule is a subclass of nvflare.app_common.aggregators.model_aggregator.ModelAggregator "
-                  f"(accept_model, aggregate_model, reset_stats) passed as {_RECIPES}.fedavg.FedAvgRecipe(aggregator=...)",
-                  "Use aggregate=fk.aggregate.weighted_mean (the default) to export",
-                  "Use --aggregate mean (the default) to export")
+        raise _no("the aggregation rule {aggregate=}", "runs in this Python process only; FLARE's FedAvg computes the "
+                  "weighted mean. Its counterpart for another rule is a subclass of nvflare.app_common.aggregators."
+                  "model_aggregator.ModelAggregator (accept_model, aggregate_model, reset_stats) passed as "
+                  f"{_RECIPES}.fedavg.FedAvgRecipe(aggregator=...)",
+                  "use {aggregate}'s default, weighted_mean, to export", wf, "aggregate")
     if wf.weigh not in WEIGHINGS:
         raise NotExportable(f"the weighing {rule_name(wf.weigh)} runs in this Python process only; FLARE's FedAvg weighs "
                             "each client by NUM_STEPS_CURRENT_ROUND times FedAvgRecipe(aggregation_weights={site: w}). "
                             "Use weigh=fk.aggregate.by_samples, by_steps or uniform to export")
     for ext in wf.extensions:
         if isinstance(ext, Scaffold):
-            raise _no("SCAFFOLD", "SCAFFOLD (--algorithm scaffold)",
-                      f"is not exported yet; FLARE's counterpart is {_RECIPES}.scaffold.ScaffoldRecipe, whose client "
-                      "script keeps the control variates with nvflare.app_opt.pt.scaffold.PTScaffoldHelper",
-                      "Export FedAvg, FedProx or FedOpt", "Use --algorithm fedavg, fedprox or fedopt to export")
+            raise _no("SCAFFOLD ({Experiment.workflow=scaffold})", "is not exported yet; FLARE's counterpart is "
+                      f"{_RECIPES}.scaffold.ScaffoldRecipe, whose client script keeps the control variates with "
+                      "nvflare.app_opt.pt.scaffold.PTScaffoldHelper", "export FedAvg, FedProx or FedOpt", wf,
+                      "extensions")
         if not isinstance(ext, Proximal):
-            raise _no(f"the extension {type(ext).__name__}", "differential privacy (--dp-sgd, --dp-fedavg)",
-                      "has no counterpart in FLARE's FedAvg; for DP-SGD train with Opacus in the client script, for "
-                      "privacy on what a client sends add FLARE's filters (nvflare.app_common.filters: "
-                      "PercentilePrivacy, SVTPrivacy, ExcludeVars) with recipe.add_client_output_filter(...)",
-                      "Drop the extension to export", "Drop those flags to export")
+            raise _no(f"the extension {type(ext).__name__} ({{extensions}})", "has no counterpart in FLARE's FedAvg; for "
+                      "DP-SGD train with Opacus in the client script, for privacy on what a client sends add FLARE's "
+                      "filters (nvflare.app_common.filters: PercentilePrivacy, SVTPrivacy, ExcludeVars) with "
+                      "recipe.add_client_output_filter(...)", "drop it ({extensions}) to export", wf, "extensions")
     if len([e for e in wf.extensions if isinstance(e, Proximal)]) > 1:
         raise NotExportable("two Proximal terms: FLARE's FedProxRecipe takes one fedprox_mu; keep one Proximal(mu) "
                             "(or use fk.FedProx(mu=...)) to export")
     if wf.server_opt is not None and not isinstance(wf.server_opt, SGD):
-        raise _no(f"the server optimizer {type(wf.server_opt).__name__}", "--server-opt " + type(wf.server_opt).__name__.lower(),
-                  f"has no exact counterpart: FLARE's FedOptRecipe ({_RECIPES}.fedopt.FedOptRecipe(optimizer_args="
-                  "{'path': 'torch.optim.Adam', ...})) runs a torch optimizer on the pseudo-gradient, not Reddi et "
-                  "al.'s adaptive update with tau", "Use server_opt=fk.server_opt.SGD(lr=1.0, momentum=0.6) to export",
-                  "Use --server-opt sgd to export")
+        raise _no(f"the server optimizer {type(wf.server_opt).__name__} ({{server_opt}})", "has no exact counterpart: "
+                  f"FLARE's FedOptRecipe ({_RECIPES}.fedopt.FedOptRecipe(optimizer_args={{'path': 'torch.optim.Adam', "
+                  "...})) runs a torch optimizer on the pseudo-gradient, not Reddi et al.'s adaptive update with tau",
+                  "use {server_opt=SGD} (fk.server_opt.SGD(lr=1.0, momentum=0.6)) to export", wf, "server_opt")
     if wf.server_opt is not None and wf.server_opt.lr_schedule is not None:
         raise NotExportable("a server learning-rate schedule is fedkit's function; FLARE's counterpart is "
                             "FedOptRecipe(lr_scheduler_args={'path': 'torch.optim.lr_scheduler....', 'args': {...}})")
@@ -195,12 +183,10 @@ def _check_scatter_gather(wf: FedAvg, clients: int) -> None:
         raise NotExportable("Poisson sampling (sample_rate=) has no counterpart in FLARE's FedAvg, which samples a fixed "
                             "number of clients a round (FedAvgRecipe(min_clients=...)); use clients_per_round")
     if wf.min_clients is not None and wf.min_clients < (wf.clients_per_round or clients):
-        raise _no(f"min_clients={wf.min_clients}", f"--min-clients {wf.min_clients}",
-                  "(go on with fewer valid results than clients asked) has no counterpart in FLARE's FedAvg, which "
-                  "waits for every client it asked; FLARE's older nvflare.app_common.workflows.scatter_and_gather."
-                  "ScatterAndGather(min_clients=..., wait_time_after_min_received=...) has it",
-                  "Drop min_clients to export", "Drop --min-clients to export")
+        raise _no("{min_clients=}", "(go on with fewer valid results than clients asked) has no counterpart in FLARE's "
+                  "FedAvg, which waits for every client it asked; FLARE's older nvflare.app_common.workflows."
+                  "scatter_and_gather.ScatterAndGather(min_clients=..., wait_time_after_min_received=...) has it",
+                  "drop {min_clients} to export", wf, "min_clients")
     if wf.task_timeout is not None:
-        raise _no("task_timeout", "--task-timeout", "is fedkit's per-task deadline; FLARE's counterpart is the "
-                  "controller's (ScatterAndGather(train_timeout=...))", "Drop task_timeout to export",
-                  "Drop --task-timeout to export")
+        raise _no("{task_timeout}", "is fedkit's per-task deadline; FLARE's counterpart is the controller's "
+                  "(ScatterAndGather(train_timeout=...))", "drop {task_timeout} to export", wf, "task_timeout")

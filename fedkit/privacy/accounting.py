@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, refusal
 from ..extras import require
 
 if TYPE_CHECKING:
@@ -118,13 +118,13 @@ def check_mechanism(accountant: str) -> None:
     """Raise `ConfigError` unless ``accountant`` is one of Opacus' and Opacus is installed (`MissingExtra`): what
     every DP setting checks when it is made, so that DP without Opacus is refused before any round."""
     if accountant not in MECHANISMS:
-        raise ConfigError(f"unknown accountant {accountant!r}; use one of: {', '.join(MECHANISMS)}")
+        raise ConfigError(f"unknown {{accountant}} {accountant!r}; use one of: {', '.join(MECHANISMS)}", field="accountant")
     opacus()
 
 
 def check_delta(name: str, delta: Any) -> None:
     if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not 0 < delta < 1:
-        raise ConfigError(f"{name} must be in (0, 1), and well below 1 / (number of records), got {delta!r}")
+        raise refusal(name, "must be in (0, 1), and well below 1 / (number of records)", delta)
 
 
 def check_delta_below(name: str, delta: float, population: int, what: str) -> None:
@@ -137,9 +137,9 @@ def check_delta_below(name: str, delta: float, population: int, what: str) -> No
     if population < 1 or delta < 1 / population:
         return
     advice = min(1e-5, 10.0 ** math.floor(math.log10(0.1 / population)))
-    raise ConfigError(f"{name} is {delta:g}, but it must be below 1 / {what} (1/{population} = {1 / population:.3g}): "
-                      "with a delta that large, publishing one of them in the clear at random would meet the guarantee, "
-                      f"so it would promise nothing. Use a delta well below 1/{population}, e.g. {advice:g}")
+    raise refusal(name, f"is {delta:g}, but it must be below 1 / {what} (1/{population} = {1 / population:.3g}): with "
+                  "a delta that large, publishing one of them in the clear at random would meet the guarantee, so it "
+                  f"would promise nothing. Use a delta well below 1/{population}, e.g. {advice:g}")
 
 
 def check_number(name: str, v: Any, low: float, strict: bool = False, high: float | None = None,
@@ -150,5 +150,4 @@ def check_number(name: str, v: Any, low: float, strict: bool = False, high: floa
     ok = ok and (v > low if strict else v >= low) and (high is None or v <= high) and (not finite or math.isfinite(v))
     if not ok:
         bound = f"{'>' if strict else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
-        raise ConfigError(f"{name} must be a {'finite ' if finite else ''}number {bound}"
-                          f"{' or None' if allow_none else ''}, got {v!r}")
+        raise refusal(name, f"must be a {'finite ' if finite else ''}number {bound}{' or None' if allow_none else ''}", v)

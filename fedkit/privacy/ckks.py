@@ -38,6 +38,10 @@ class CKKS(CKKSParams, Encryption):
 
     The defaults are TenSEAL's and NVFlare's: enough precision that an encrypted FedAvg ends within
     1e-6 (relative) of the plaintext one, and one multiplicative level (the server's 1/total weight).
+
+    >>> CKKS(poly_modulus_degree=4096)
+    Traceback (most recent call last):
+    fedkit.errors.ConfigError: poly_modulus_degree=4096 allows at most 109 bits of coefficient modulus at 128-bit security, but coeff_mod_bit_sizes=(60, 40, 40, 60) sum to 200; use fewer or smaller primes, e.g. (40, 20, 40) with scale_bits=20, or a larger CKKS.poly_modulus_degree
     """
 
     state_key = STATE_KEY

@@ -92,7 +92,8 @@ class UserDP(Extension):
             raise ConfigError("an infinite clip norm gives the sum no bound, so no noise can hide a client: use it only "
                               f"with noise_multiplier=0 and no adaptive clipping (got noise_multiplier={self.noise_multiplier})")
         if self.adaptive_clip is not None and not isinstance(self.adaptive_clip, AdaptiveClip):
-            raise ConfigError(f"adaptive_clip must be an AdaptiveClip(...) or None, got {self.adaptive_clip!r}")
+            raise ConfigError("{adaptive_clip} must be an AdaptiveClip(...) or None", obj=self, field="adaptive_clip",
+                              value=self.adaptive_clip)
 
     def bind(self, workflow: FedAvg) -> "UserDP":
         """Take the sampling rate and rounds from ``workflow``; refuse what the accountant's maths does not cover."""

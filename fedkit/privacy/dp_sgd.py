@@ -80,7 +80,7 @@ class DPSGD(Extension):
         check_delta("DPSGD.delta", self.delta)
         check_mechanism(self.accountant)
         if self.rounds is not None and (isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1):
-            raise ConfigError(f"DPSGD.rounds must be an integer >= 1 or None, got {self.rounds!r}")
+            raise ConfigError("{rounds} must be an integer >= 1 or None", obj=self, field="rounds", value=self.rounds)
         if self.noise_multiplier is None and self.target_epsilon is None:
             raise ConfigError("DPSGD needs noise_multiplier=..., or target_epsilon=... (the noise is then computed for the "
                               "planned rounds); got neither")

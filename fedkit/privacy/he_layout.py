@@ -122,8 +122,8 @@ def layout_for(weights: Weights, ckks: CKKSParams) -> Layout:
     else:
         for p in ckks.layers:
             if not any(re.fullmatch(p, k) for k in floating):
-                raise ConfigError(f"CKKS: layers pattern {p!r} matches no floating-point layer of the model (patterns "
-                                  f"match whole names); the model has: {', '.join(floating)}")
+                raise ConfigError(f"{{layers}} pattern {p!r} matches no floating-point layer of the model (patterns "
+                                  f"match whole names); the model has: {', '.join(floating)}", obj=ckks, field="layers")
         names = [k for k in floating if any(re.fullmatch(p, k) for p in ckks.layers)]
     if not names:
         raise ConfigError("the model has no floating-point layer to encrypt")

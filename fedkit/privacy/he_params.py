@@ -52,24 +52,27 @@ class CKKSParams:
     def __post_init__(self) -> None:
         n = self.poly_modulus_degree
         if isinstance(n, bool) or not isinstance(n, int) or n not in MAX_COEFF_BITS:
-            raise ConfigError(f"CKKS: poly_modulus_degree must be one of {', '.join(map(str, MAX_COEFF_BITS))}, got {n!r}")
+            raise ConfigError(f"{{poly_modulus_degree}} must be one of {', '.join(map(str, MAX_COEFF_BITS))}",
+                              obj=self, field="poly_modulus_degree", value=n)
         bits = self.coeff_mod_bit_sizes
         if isinstance(bits, list):
             bits = tuple(bits)
             object.__setattr__(self, "coeff_mod_bit_sizes", bits)
         if (not isinstance(bits, tuple) or len(bits) < 3
                 or not all(isinstance(b, int) and not isinstance(b, bool) and 20 <= b <= 60 for b in bits)):
-            raise ConfigError(f"CKKS: coeff_mod_bit_sizes must be at least 3 prime sizes, each an integer from 20 to 60 "
-                              f"bits (the middle ones give the multiplicative levels; HE FedAvg needs one), got {bits!r}")
+            raise ConfigError("{coeff_mod_bit_sizes} must be at least 3 prime sizes, each an integer from 20 to 60 "
+                              "bits (the middle ones give the multiplicative levels; HE FedAvg needs one)", obj=self,
+                              field="coeff_mod_bit_sizes", value=bits)
         if sum(bits) > MAX_COEFF_BITS[n]:
-            raise ConfigError(f"CKKS: poly_modulus_degree {n} allows at most {MAX_COEFF_BITS[n]} bits of coefficient "
-                              f"modulus at 128-bit security, but coeff_mod_bit_sizes {bits} sum to {sum(bits)}; use fewer "
-                              "or smaller primes, e.g. (40, 20, 40) with scale_bits=20, or a larger poly_modulus_degree")
+            raise ConfigError(f"{{poly_modulus_degree=}} allows at most {MAX_COEFF_BITS[n]} bits of coefficient modulus "
+                              f"at 128-bit security, but {{coeff_mod_bit_sizes=}} sum to {sum(bits)}",
+                              obj=self, field="coeff_mod_bit_sizes", hint="use fewer or smaller primes, e.g. (40, 20, 40) "
+                              "with {scale_bits=20}, or a larger {poly_modulus_degree}")
         s = self.scale_bits
         if isinstance(s, bool) or not isinstance(s, int) or not 20 <= s <= min(bits[1:-1]) or s >= bits[0]:
-            raise ConfigError(f"CKKS: scale_bits must be an integer from 20 to the smallest middle prime ({min(bits[1:-1])} "
-                              f"bits) and below the first prime ({bits[0]} bits, whose extra bits hold the integer part), "
-                              f"got {s!r}")
+            raise ConfigError(f"{{scale_bits}} must be an integer from 20 to the smallest middle prime "
+                              f"({min(bits[1:-1])} bits) and below the first prime ({bits[0]} bits, whose extra bits hold "
+                              "the integer part)", obj=self, field="scale_bits", value=s)
         layers = self.layers
         if isinstance(layers, str):
             layers = (layers,)
@@ -77,13 +80,14 @@ class CKKSParams:
             layers = tuple(layers)
         if layers is not None:
             if not isinstance(layers, tuple) or not layers or not all(isinstance(p, str) and p for p in layers):
-                raise ConfigError(f"CKKS: layers must be None (all floating-point layers), a layer name or regular "
-                                  f"expression, or a tuple of them, got {self.layers!r}")
+                raise ConfigError("{layers} must be None (all floating-point layers), a layer name or regular "
+                                  "expression, or a tuple of them", obj=self, field="layers", value=self.layers)
             for p in layers:
                 try:
                     re.compile(p)
                 except re.error as e:
-                    raise ConfigError(f"CKKS: layers pattern {p!r} is not a valid regular expression ({e})") from None
+                    raise ConfigError(f"{{layers}} pattern {p!r} is not a valid regular expression ({e})", obj=self,
+                                      field="layers") from None
         object.__setattr__(self, "layers", layers)
 
     @property

@@ -45,9 +45,10 @@ class Cyclic(Controller):
 
     def __post_init__(self) -> None:
         if not isinstance(self.rounds, int) or isinstance(self.rounds, bool) or self.rounds < 1:
-            raise ConfigError(f"Cyclic.rounds must be an integer >= 1, got {self.rounds!r}")
+            raise ConfigError("{rounds} must be an integer >= 1", obj=self, field="rounds", value=self.rounds)
         if self.order not in ORDERS:
-            raise ConfigError(f"Cyclic.order must be one of {', '.join(map(repr, ORDERS))}, got {self.order!r}")
+            raise ConfigError(f"{{order}} must be one of {', '.join(map(repr, ORDERS))}", obj=self, field="order",
+                              value=self.order)
         if self.he is not None and not isinstance(self.he, Encryption):
             raise ConfigError(f"Cyclic.he must be fedkit.he.CKKS(...) or None, got {self.he!r}")
 

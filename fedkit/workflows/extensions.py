@@ -110,7 +110,7 @@ class Proximal(Extension):
 
     def __post_init__(self) -> None:
         if isinstance(self.mu, bool) or not (isinstance(self.mu, (int, float)) and self.mu >= 0):
-            raise ConfigError(f"FedProx mu must be a number >= 0 (0 is plain FedAvg), got {self.mu!r}")
+            raise ConfigError("{mu} must be a number >= 0 (FedProx's proximal weight; 0 is plain FedAvg)", obj=self, field="mu", value=self.mu)
 
     def client_begin(self, t: LocalTraining) -> None:
         if self.mu > 0:

@@ -34,7 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..aggregate import Rule, by_samples, rule_name, weighted_mean
-from ..errors import ConfigError
+from ..errors import NO_VALUE, ConfigError
 from ..exchange import DXO, MetaKey, Weights
 from ..global_model import HE_RULE, Encryption, Step, aggregate
 from ..server import Controller, ServerContext
@@ -81,30 +81,33 @@ class FedAvg(Controller):
                 return
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 extra = " or None" if allow_none else ""
-                raise ConfigError(f"{type(self).__name__}.{name} must be an integer >= {low}{extra}, got {v!r}")
+                raise ConfigError(f"{{{name}}} must be an integer >= {low}{extra}", obj=self, field=name, value=v)
 
         whole("rounds", 1, False)
         whole("clients_per_round", 1, True)
         q = self.sample_rate
         if q is not None:
             if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 1:
-                raise ConfigError(f"{type(self).__name__}.sample_rate is the probability that a client joins a round; "
-                                  f"it must be in (0, 1] or None, got {q!r}")
+                raise ConfigError("{sample_rate} is the probability that a client joins a round; it must be in (0, 1] "
+                                  "or None", obj=self, field="sample_rate", value=q)
             if self.clients_per_round is not None:
-                raise ConfigError(f"give clients_per_round (a fixed number per round) or sample_rate (Poisson sampling), "
-                                  f"not both; got clients_per_round={self.clients_per_round} and sample_rate={q}")
+                raise ConfigError("give {clients_per_round} (a fixed number per round) or {sample_rate} (Poisson "
+                                  "sampling), not both; got {clients_per_round=} and {sample_rate=}", obj=self,
+                                  field="clients_per_round")
         # with Poisson sampling a round may draw nobody at all: min_clients=0 lets such rounds go ahead
         whole("min_clients", 0 if q is not None else 1, True)
         whole("max_retries", 0, False)
         t = self.task_timeout
         if t is not None and (isinstance(t, bool) or not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0)):
-            raise ConfigError(f"{type(self).__name__}.task_timeout must be > 0 seconds or None, got {self.task_timeout!r}")
+            raise ConfigError("{task_timeout} must be > 0 seconds or None", obj=self, field="task_timeout",
+                              value=self.task_timeout)
         if self.max_norm_ratio is not None and not (isinstance(self.max_norm_ratio, (int, float)) and self.max_norm_ratio > 1):
-            raise ConfigError(f"{type(self).__name__}.max_norm_ratio must be > 1 or None (no norm screen), "
-                              f"got {self.max_norm_ratio!r}")
+            raise ConfigError("{max_norm_ratio} must be > 1 or None (no norm screen)", obj=self, field="max_norm_ratio",
+                              value=self.max_norm_ratio)
         k, m = self.clients_per_round, self.min_clients
         if k is not None and m is not None and m > k:
-            raise ConfigError(f"min_clients={m} can never be met with clients_per_round={k}; lower min_clients")
+            raise ConfigError("{min_clients=} can never be met with {clients_per_round=}", obj=self, field="min_clients",
+                              hint="lower {min_clients}")
         if not callable(self.aggregate):
             raise ConfigError(f"{type(self).__name__}.aggregate must be a rule [(update, weight), ...] -> update such as "
                               f"fedkit.aggregate.weighted_mean, got {self.aggregate!r}")
@@ -126,19 +129,22 @@ class FedAvg(Controller):
         if not isinstance(self.he, Encryption):
             raise ConfigError(f"{type(self).__name__}.he must be fedkit.he.CKKS(...) or None, got {self.he!r}")
         if self.server_opt is not None:
-            raise ConfigError(f"FedAvg(he=...) cannot use the server optimizer {self.server_opt!r}: it keeps moments of "
-                              "the aggregated update and scales them element by element, which needs the update in "
-                              "plaintext, and with HE the server only ever holds ciphertexts. Use FedAvg or FedProx with "
-                              "HE, or drop he= to use FedOpt")
+            raise ConfigError("{he} cannot use the server optimizer {value}: it keeps moments of the "
+                              "aggregated update and scales them element by element, which needs the update in "
+                              "plaintext, and with HE the server only ever holds ciphertexts", obj=self,
+                              field="server_opt", value=self.server_opt,
+                              hint="use FedAvg or FedProx with HE, or drop {he} to use FedOpt")
         if self.aggregate is not weighted_mean:
-            raise ConfigError(f"FedAvg(he=...) cannot use the aggregation rule {rule_name(self.aggregate)!r}: {HE_RULE}. "
-                              "Use the default aggregate=weighted_mean with HE, or drop he=")
+            raise ConfigError(f"{{he}} cannot use the aggregation rule {rule_name(self.aggregate)!r} ({{aggregate=}}): "
+                              f"{HE_RULE}", obj=self, field="aggregate",
+                              hint="use the default {aggregate=weighted_mean} with HE, or drop {he}")
         for ext in self.extensions:
             why = ext.needs_plaintext or (ext.changes_aggregate and
                                           "it changes the aggregate in on_aggregate, which the server cannot read")
             if why:
-                raise ConfigError(f"FedAvg(he=...) cannot run {type(ext).__name__}: {why}. Use FedAvg or "
-                                  "FedProx with HE (DP-SGD runs on the clients, before encryption), or drop he=")
+                raise ConfigError(f"{{he}} cannot run {type(ext).__name__}: {why}", obj=self, field="extensions",
+                                  hint="use FedAvg or FedProx with HE (DP-SGD runs on the clients, before encryption), "
+                                  "or drop {he}")
 
     def check_model(self, model: torch.nn.Module) -> None:
         for ext in self.extensions:
@@ -155,10 +161,11 @@ class FedAvg(Controller):
         one-number updates."""
         n, k, m = len(clients), self.clients_per_round, self.min_clients
         if k is not None and k > n:
-            raise ConfigError(f"clients_per_round={k} but the federation has only {n} clients; lower clients_per_round "
-                              "(None: every client, every round)")
+            raise ConfigError(f"{{clients_per_round=}} but the federation has only {n} clients", obj=self,
+                              field="clients_per_round", hint="lower {clients_per_round} (None: every client, every round)")
         if m is not None and m > n:
-            raise ConfigError(f"min_clients={m} but the federation has only {n} clients; lower min_clients")
+            raise ConfigError(f"{{min_clients=}} but the federation has only {n} clients",
+                              obj=self, field="min_clients", hint="lower {min_clients}")
         rule = self.aggregate
         while isinstance(rule, functools.partial):
             rule = rule.func
@@ -168,8 +175,10 @@ class FedAvg(Controller):
         try:
             self.aggregate([({"w": torch.tensor([float(i)])}, 1.0) for i in range(size)])
         except ConfigError as e:
-            raise ConfigError(f"the aggregation rule {rule_name(self.aggregate)} cannot aggregate the {size} updates of "
-                              f"a round ({'every client' if k is None else f'clients_per_round={k}'}): {e}") from None
+            who = "every client" if k is None else "{clients_per_round=}"
+            got = "" if e.value is NO_VALUE else f", got {e.value!r}"
+            raise ConfigError(f"{{aggregate=}} cannot aggregate the {size} updates of a round ({who}): {e.template}{got}",
+                              obj=self, field="aggregate", hint=e.hint) from None
 
     def control_flow(self, fl: ServerContext) -> None:
         self.check_context(fl)
