@@ -1,8 +1,11 @@
 """The controller's toolbox (`ServerContext`) and the `Controller` base; the task board is `fedkit.task_board`.
 
-A `Controller` (workflow) never talks to clients directly. It posts tasks with
-`ServerContext.broadcast_and_wait` / `send_and_wait`; the engine lets the targeted clients pull
-and run them; replies come back through the server's result filters.
+A `Controller` (workflow) never talks to clients directly. It runs each round in a block,
+``with fl.round(r) as rnd:``, and sends tasks in it with ``rnd.train()`` / ``rnd.send(task)``
+(`fedkit.rounds.Round`: retries, screens, the round recorded when the block ends); below them,
+`ServerContext.broadcast_and_wait` / `send_and_wait` post one task. The engine lets the targeted clients
+pull and run them; replies come back through the server's result filters. ``fl.stop(reason)`` ends a run
+early, on purpose.
 """
 
 from __future__ import annotations
@@ -103,15 +106,29 @@ class ServerContext:
         if k is not None and rate is not None:
             raise ConfigError(f"fl.sample takes k (a number of clients) or rate (Poisson sampling), not both; got "
                               f"k={k!r} and rate={rate!r}")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ConfigError(f"fl.sample(k) takes a whole number of clients >= 1 (None: every client), got k={k!r}")
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 < rate <= 1):
+            raise ConfigError(f"fl.sample(rate=...) takes the probability that a client joins the round, in (0, 1], "
+                              f"got rate={rate!r}")
         if rate is not None:
             return self.sample_poisson(rate, self.next_round)
         return self.sample_clients(k, self.next_round)
 
     def stop(self, reason: str) -> NoReturn:
         """End the run cleanly now, saying why (a ``stopped`` event): the last completed round stays the result.
-        It raises `RunStopped`, which the run takes as the controller's normal end; a round in progress is not recorded."""
-        self.event(self.next_round, Event.STOPPED, reason=reason)
-        raise RunStopped(reason)
+        It raises `RunStopped`, which the run takes as the controller's normal end; a round in progress is not
+        recorded. The stop holds even if the controller catches it (``except Exception``): every later round or
+        task raises `RunStopped` again (`check_not_stopped`), and the run ends as stopped."""
+        if self.__dict__.get("_stopped") is None:
+            self.__dict__["_stopped"] = reason
+            self.event(self.next_round, Event.STOPPED, reason=reason)
+        raise RunStopped(self.__dict__["_stopped"])
+
+    def check_not_stopped(self) -> None:
+        """Raise `RunStopped` again if ``fl.stop`` ended the run (a controller that caught it goes no further)."""
+        if self.__dict__.get("_stopped") is not None:
+            raise RunStopped(self.__dict__["_stopped"])
 
     def broadcast_and_wait(self, task: Task, targets: Sequence[str] | None = None) -> dict[str, Reply]:
         """Send ``task`` to ``targets`` (default: all clients) and return their replies by client."""
@@ -122,6 +139,7 @@ class ServerContext:
         unknown = [t for t in targets if t not in known[1]]
         if unknown:
             raise ConfigError(f"unknown client(s) {unknown}; the federation has: {', '.join(self.client_names)}")
+        self.check_not_stopped()
         self.abort.check()
         posted = self.server.post(replace(task, round=task.round + self.offset), targets)
         self.channel.request(Order("work", tuple(targets)))
@@ -247,15 +265,21 @@ class ServerContext:
         self.channel.request(Order("round", record=record))
         return record
 
-    def _check_round(self, round: int) -> None:
-        """Refuse to end ``round`` unless it follows the last round recorded and leaves a finite global model."""
+    def check_next(self, round: int, did: str = "ended") -> None:
+        """Refuse ``round`` unless it follows the last round recorded (`Round` asks at the ``with``, ``did="began"``)."""
         rounds = self.history.rounds
         expected = rounds[-1].round + 1 if rounds else self.start_round + self.offset
         given = round + self.offset if isinstance(round, int) and not isinstance(round, bool) else round
         if given != expected:
             last = f"the last round recorded is {rounds[-1].round}" if rounds else "no round is recorded yet"
-            raise ConfigError(f"{self.controller} ended round {given!r}, but {last}: rounds go 0, 1, 2, ... with one "
-                              f"fl.end_round each, so this one must be round {expected - self.offset}")
+            raise ConfigError(f"{self.controller} {did} round {given!r}, but {last}: rounds go 0, 1, 2, ... with one "
+                              f"`with fl.round(r)` block each, so this one must be round {expected - self.offset}")
+
+    def _check_round(self, round: int) -> None:
+        """Refuse to end ``round`` unless it follows the last round recorded and leaves a finite global model."""
+        self.check_next(round)
+        rounds = self.history.rounds
+        given = round + self.offset
         if not self.model.readable:
             return  # the server cannot read it; the clients that decrypt it score it
         weights = self.model.weights
