@@ -16,7 +16,7 @@ import numbers
 import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar, Iterator, Mapping, NoReturn, Sequence
 
 import numpy as np
@@ -60,6 +60,9 @@ class ServerContext:
     validate_task: str = "validate"  # the clients' task that scores a model they can read and the server cannot
     controller: str = "the controller"  # the workflow's name, in the errors of the rounds it ends
     current_round: int | None = None  # the round a ``with fl.round(r)`` block is in (`fedkit.rounds.Round` sets it)
+    # the reason fl.stop gave, once it ran: one list shared with the contexts made from this one (a Chain's parts,
+    # by dataclasses.replace), so that a stop a part caught still stops the parts after it
+    stopped: list[str] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         # the global model as the last round left it (here: as this context found it); end_round falls back on it
@@ -120,15 +123,15 @@ class ServerContext:
         It raises `RunStopped`, which the run takes as the controller's normal end; a round in progress is not
         recorded. The stop holds even if the controller catches it (``except Exception``): every later round or
         task raises `RunStopped` again (`check_not_stopped`), and the run ends as stopped."""
-        if self.__dict__.get("_stopped") is None:
-            self.__dict__["_stopped"] = reason
+        if not self.stopped:
+            self.stopped.append(reason)
             self.event(self.next_round, Event.STOPPED, reason=reason)
-        raise RunStopped(self.__dict__["_stopped"])
+        raise RunStopped(self.stopped[0])
 
     def check_not_stopped(self) -> None:
         """Raise `RunStopped` again if ``fl.stop`` ended the run (a controller that caught it goes no further)."""
-        if self.__dict__.get("_stopped") is not None:
-            raise RunStopped(self.__dict__["_stopped"])
+        if self.stopped:
+            raise RunStopped(self.stopped[0])
 
     def broadcast_and_wait(self, task: Task, targets: Sequence[str] | None = None) -> dict[str, Reply]:
         """Send ``task`` to ``targets`` (default: all clients) and return their replies by client."""

@@ -301,10 +301,11 @@ def test_fl_stop_holds_when_the_controller_catches_it(tiny_model):
                     pass  # swallows RunStopped too: the next round must not run
             fl.broadcast_and_wait(fk.Task("train", fl.model.task_data({})))  # nor any task
 
-    run = simulate(Careless(), tiny_model, diff(1.0))
-    assert run.status == "done" and len(run.history) == 0 and run.summary()["stopped"] == "enough"
-    assert run.weights["weight"].item() == 1.0
-    assert [e["what"] for e in run.history.events] == ["stopped"]
+    for workflow in (Careless(), Chain(Careless(), fk.FedAvg(rounds=1))):  # nor the parts of a chain after it
+        run = simulate(workflow, tiny_model, diff(1.0))
+        assert run.status == "done" and len(run.history) == 0 and run.summary()["stopped"] == "enough"
+        assert run.weights["weight"].item() == 1.0
+        assert [e["what"] for e in run.history.events] == ["stopped"]
 
 
 def test_a_round_failure_names_only_settings_the_workflow_has():
