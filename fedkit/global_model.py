@@ -22,7 +22,7 @@ from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar, Mapping
 
 from .aggregate import Rule, apply_rule, by_samples, rule_name, weigh_result, weighted_mean
-from .errors import UpdateError, Worded
+from .errors import UpdateError, Worded, refusal
 from .exchange import DXO, DataKind, MetaKey, Reply, Weights
 from .status import Status
 from .weights import add, check_update, norm
@@ -37,6 +37,26 @@ Weigh = Callable[[DXO], float]
 HE_RULE = ("with HE the server only adds ciphertexts and scales them by public weights, so it can compute the weighted "
            "mean and nothing that compares, sorts or measures values (median, trimmed mean, Krum, clipping)")
 """Why an encrypted model runs no aggregation rule but the weighted mean (said by FedAvg and the model alike)."""
+
+
+def check_results(results: Any) -> None:
+    """Refuse (`UpdateError`) what ``fl.model.update`` cannot apply: anything but a dict of WEIGHT_DIFF results,
+    such as the replies of a validation task (``rnd.send("validate")``)."""
+    if not isinstance(results, Mapping):
+        raise UpdateError(f"fl.model.update takes the valid training results by client (a dict), got "
+                          f"{type(results).__name__}; pass what rnd.train() returns")
+    for name, r in results.items():
+        kind = getattr(r, "kind", None)
+        if not isinstance(r, DXO) or kind != DataKind.WEIGHT_DIFF:
+            got = kind.value if isinstance(kind, DataKind) else type(r).__name__
+            raise UpdateError(f"fl.model.update applies weight differences, but client {name!r}'s result is {got}; "
+                              "pass rnd.train()'s results (a task whose clients answer WEIGHT_DIFF)")
+
+
+def check_callable(name: str, value: Any, what: str) -> None:
+    """Refuse (`ConfigError`) an argument ``name`` of ``fl.model.update`` that is not a function (``what``: which)."""
+    if not callable(value):
+        raise refusal(name, f"must be {what}", value)
 
 
 def aggregate(results: dict[str, DXO], rule: Rule, weigh: Weigh, reference: Weights) -> Weights:
@@ -261,7 +281,10 @@ class GlobalModel(ABC):
         ``weigh`` (FedAvg's weighted mean by samples by default); nothing without results.
 
         ``step(weights, results) -> new weights`` replaces the whole server step (a server optimizer, noise on
-        the aggregate). A model that cannot run a rule or a step (an encrypted one) refuses it, saying why."""
+        the aggregate): with a step, ``rule`` and ``weigh`` are not used (the step aggregates as it likes, e.g.
+        with `aggregate`). A model that cannot run a rule or a step (an encrypted one) refuses it, saying why.
+        ``results`` must be training results (WEIGHT_DIFFs, what ``rnd.train()`` returns): others are refused
+        (`UpdateError`), and so is a step whose new weights do not fit the model."""
 
     @abstractmethod
     def copy(self) -> "GlobalModel":
@@ -306,8 +329,18 @@ class PlainModel(GlobalModel):
 
     def update(self, results: dict[str, DXO], *, rule: Rule = weighted_mean, weigh: Weigh = by_samples,
                step: Step | None = None) -> None:
+        check_results(results)
+        check_callable("rule", rule, "an aggregation rule [(update, weight), ...] -> update such as "
+                                     "fedkit.aggregate.weighted_mean")
+        check_callable("weigh", weigh, "a function of a result such as fedkit.aggregate.by_samples")
         if step is not None:
-            self._weights = step(self._weights, results)
+            check_callable("step", step, "a function (weights, results) -> new weights, or None")
+            new = step(self._weights, results)
+            if not isinstance(new, Mapping):
+                raise UpdateError(f"the server step {rule_name(step)!r} returned {type(new).__name__}; it must return "
+                                  "the new weights (a dict of tensors shaped like the model's)")
+            check_update(new, self._weights, f"the server step {rule_name(step)!r}", finite=False)
+            self._weights = new
         elif results:
             self._weights = add(self._weights, aggregate(results, rule, weigh, self._weights))
 

@@ -11,7 +11,10 @@ any task name and data. Both gather (`gather`): a short round is retried with th
 ``max_retries``, until ``min_clients`` valid results are in. Their defaults are the running workflow's own
 settings of the same names (`Round.setting`), so ``FedAvg(min_clients=3, max_retries=2)`` needs no argument.
 When the block ends normally the round is recorded (`fedkit.server.ServerContext.end_round`: the history
-row, events, scoring, the checkpoint); when it raises, nothing is recorded and the error goes on.
+row, events, scoring, the checkpoint); when it raises (``fl.stop``, a bug), nothing is recorded, the global
+model is put back as the block found it (an ``fl.model.update`` in the block is undone), and the error goes
+on. Other state the block changed is not rolled back: an extension's (SCAFFOLD's control variate, moved in
+``after_aggregate``) or the controller's own.
 
 A round that clients refuse (a spent privacy budget) ends the run cleanly through ``fl.stop``: the
 controller catches nothing.
@@ -22,10 +25,11 @@ controller catches nothing.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable, Sequence
 
-from .errors import RoundFailed
+from .errors import ConfigError, RoundFailed
 from .exchange import DXO, MetaKey, Reply, Task
 from .global_model import GlobalModel, screen_norms
 from .status import Status
@@ -94,20 +98,78 @@ def gather(fl: Any, targets: Sequence[str], task: Callable[[int], Task], keep: K
             break
         attempt += 1
     failures = "; ".join(f"{n}: {r.error}" for n, r in replies.items() if not r.ok)
+    has = [name for name in ("min_clients", "max_retries", "task_timeout") if hasattr(fl.workflow, name)]
     raise RoundFailed(
         f"round {sent.round + fl.offset}: only {len(results)} valid result(s) from {len(targets)} client(s) after "
-        f"{attempt + 1} attempt(s), and {{min_clients}} is {need}; the global model is left as the last completed "
-        "round made it. Lower {min_clients}, raise {max_retries} or {task_timeout}, or fix the failing clients. "
-        f"Failures (each client's last reply): {failures}", field="min_clients"
+        f"{attempt + 1} attempt(s), and " + ("{min_clients} is %d" % need if "min_clients" in has else
+                                              f"{need} are needed") +
+        "; the global model is left as the last completed round made it. " + short_round_hint(has) +
+        f". Failures (each client's last reply): {failures}", field="min_clients" if "min_clients" in has else None
     )
+
+
+def short_round_hint(settings: Sequence[str]) -> str:
+    """What to do about a round short of valid results, naming only the ``settings`` the running workflow has.
+
+    >>> short_round_hint(["min_clients", "max_retries", "task_timeout"])
+    'Lower {min_clients}, raise {max_retries} or {task_timeout}, or fix the failing clients'
+    >>> short_round_hint([])
+    'Fix the failing clients'
+    """
+    raised = " or ".join("{%s}" % s for s in settings if s != "min_clients")
+    steps = (["lower {min_clients}"] if "min_clients" in settings else []) + ([f"raise {raised}"] if raised else [])
+    words = ", ".join(steps + ["or fix the failing clients" if steps else "fix the failing clients"])
+    return words[0].upper() + words[1:]
+
+
+def check_settings(workflow: Any) -> None:
+    """Refuse (`ConfigError`, naming e.g. ``OneShot.min_clients``) a round setting of ``workflow`` (a controller) that a
+    round cannot use: ``min_clients``, ``max_retries``, ``task_timeout``, ``max_norm_ratio``, ``clients_per_round``,
+    ``sample_rate``, each where the workflow has it (a field or a class attribute). `fedkit.FedAvg` checks its own
+    with it when built; the simulator checks any controller's."""
+    def value(name: str) -> Any:
+        return getattr(workflow, name, DEFAULTS[name])
+
+    def whole(name: str, low: int, allow_none: bool = True) -> None:
+        v = value(name)
+        if not (v is None and allow_none) and (not isinstance(v, int) or isinstance(v, bool) or v < low):
+            extra = " or None" if allow_none else ""
+            raise ConfigError(f"{{{name}}} must be an integer >= {low}{extra}", obj=workflow, field=name, value=v)
+
+    whole("clients_per_round", 1)
+    q = value("sample_rate")
+    if q is not None:
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 1:
+            raise ConfigError("{sample_rate} is the probability that a client joins a round; it must be in (0, 1] "
+                              "or None", obj=workflow, field="sample_rate", value=q)
+        if value("clients_per_round") is not None:
+            raise ConfigError("give {clients_per_round} (a fixed number per round) or {sample_rate} (Poisson "
+                              "sampling), not both; got {clients_per_round=} and {sample_rate=}", obj=workflow,
+                              field="clients_per_round")
+    # with Poisson sampling a round may draw nobody at all: min_clients=0 lets such rounds go ahead
+    whole("min_clients", 0 if q is not None else 1)
+    whole("max_retries", 0, allow_none=False)
+    t = value("task_timeout")
+    if t is not None and (isinstance(t, bool) or not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0)):
+        raise ConfigError("{task_timeout} must be > 0 seconds or None", obj=workflow, field="task_timeout", value=t)
+    ratio = value("max_norm_ratio")
+    if ratio is not None and (isinstance(ratio, bool) or not (isinstance(ratio, (int, float)) and ratio > 1)):
+        raise ConfigError("{max_norm_ratio} must be > 1 or None (no norm screen)", obj=workflow, field="max_norm_ratio",
+                          value=ratio)
+    k, m = value("clients_per_round"), value("min_clients")
+    if k is not None and m is not None and m > k:
+        raise ConfigError("{min_clients=} can never be met with {clients_per_round=}", obj=workflow,
+                          field="min_clients", hint="lower {min_clients}")
 
 
 class Round:
     """One round of a controller, from ``fl.round(number)``: send tasks in it, put numbers in ``metrics``.
 
     Used as a context manager: the round is timed from the ``with``, and recorded when the block ends
-    normally (with every reply that counted, the attempts, and ``metrics``); ``record=False`` makes a pass
-    that trains nothing (statistics, cross-site evaluation) and adds no history round.
+    normally (with every reply that counted, the attempts, and ``metrics``); when the block raises, the global
+    model is put back as the ``with`` found it (extensions' and the controller's own state are not) and nothing
+    is recorded. A round that does not follow the last one recorded is refused at the ``with``. ``record=False``
+    makes a pass that trains nothing (statistics, cross-site evaluation) and adds no history round.
     """
 
     def __init__(self, fl: Any, number: int, record: bool = True) -> None:
@@ -117,8 +179,13 @@ class Round:
         self.attempts = 0  # the most attempts any task of the round took
         self.started = time.perf_counter()
         self.outer: int | None = None
+        self.saved: GlobalModel | None = None  # the global model as the block found it (record=True)
 
     def __enter__(self) -> "Round":
+        self.fl.check_not_stopped()  # a controller that caught fl.stop's RunStopped runs no further round
+        if self.record:
+            self.fl.check_next(self.number, "began")  # refused now, not after a wasted round
+            self.saved = self.fl.server.model.copy()  # put back if the block raises
         self.started = time.perf_counter()
         self.outer = self.fl.current_round  # a pass inside a round (statistics) gives it back when done
         self.fl.current_round = self.number
@@ -129,6 +196,8 @@ class Round:
         if kind is None and self.record:
             attempts = {"attempts": self.attempts} if self.attempts else {}
             self.fl.end_round(self.number, self.replies, self.started, **attempts, **self.metrics)
+        elif self.record:  # the round is not recorded, so neither is what it did to the global model
+            self.fl.server.model = self.saved
         return False  # an error goes on: the round is not recorded
 
     def setting(self, name: str, given: Any = FROM_WORKFLOW) -> Any:

@@ -349,8 +349,8 @@ def check_rounds_run(workflow: Controller, history: History) -> None:
     if done < planned and any(e.get("what") == Event.STOPPED for e in history.events):
         return
     raise IncompleteRun(f"{type(workflow).__name__} plans {planned} round(s) but its control_flow returned after "
-                        f"{done}: the run is not complete. A controller calls fl.end_round once per round, and one "
-                        "that ends early on purpose says why with fl.event(round, 'stopped', reason=...)")
+                        f"{done}: the run is not complete. A controller runs each round in a `with fl.round(r) as rnd:` "
+                        "block, and one that ends early on purpose says why with fl.stop(reason)")
 
 
 def _privacy(history: History) -> dict[str, float | None]:

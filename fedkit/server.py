@@ -1,8 +1,11 @@
 """The controller's toolbox (`ServerContext`) and the `Controller` base; the task board is `fedkit.task_board`.
 
-A `Controller` (workflow) never talks to clients directly. It posts tasks with
-`ServerContext.broadcast_and_wait` / `send_and_wait`; the engine lets the targeted clients pull
-and run them; replies come back through the server's result filters.
+A `Controller` (workflow) never talks to clients directly. It runs each round in a block,
+``with fl.round(r) as rnd:``, and sends tasks in it with ``rnd.train()`` / ``rnd.send(task)``
+(`fedkit.rounds.Round`: retries, screens, the round recorded when the block ends); below them,
+`ServerContext.broadcast_and_wait` / `send_and_wait` post one task. The engine lets the targeted clients
+pull and run them; replies come back through the server's result filters. ``fl.stop(reason)`` ends a run
+early, on purpose.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import numbers
 import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar, Iterator, Mapping, NoReturn, Sequence
 
 import numpy as np
@@ -57,6 +60,9 @@ class ServerContext:
     validate_task: str = "validate"  # the clients' task that scores a model they can read and the server cannot
     controller: str = "the controller"  # the workflow's name, in the errors of the rounds it ends
     current_round: int | None = None  # the round a ``with fl.round(r)`` block is in (`fedkit.rounds.Round` sets it)
+    # the reason fl.stop gave, once it ran: one list shared with the contexts made from this one (a Chain's parts,
+    # by dataclasses.replace), so that a stop a part caught still stops the parts after it
+    stopped: list[str] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         # the global model as the last round left it (here: as this context found it); end_round falls back on it
@@ -103,15 +109,29 @@ class ServerContext:
         if k is not None and rate is not None:
             raise ConfigError(f"fl.sample takes k (a number of clients) or rate (Poisson sampling), not both; got "
                               f"k={k!r} and rate={rate!r}")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ConfigError(f"fl.sample(k) takes a whole number of clients >= 1 (None: every client), got k={k!r}")
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 < rate <= 1):
+            raise ConfigError(f"fl.sample(rate=...) takes the probability that a client joins the round, in (0, 1], "
+                              f"got rate={rate!r}")
         if rate is not None:
             return self.sample_poisson(rate, self.next_round)
         return self.sample_clients(k, self.next_round)
 
     def stop(self, reason: str) -> NoReturn:
         """End the run cleanly now, saying why (a ``stopped`` event): the last completed round stays the result.
-        It raises `RunStopped`, which the run takes as the controller's normal end; a round in progress is not recorded."""
-        self.event(self.next_round, Event.STOPPED, reason=reason)
-        raise RunStopped(reason)
+        It raises `RunStopped`, which the run takes as the controller's normal end; a round in progress is not
+        recorded. The stop holds even if the controller catches it (``except Exception``): every later round or
+        task raises `RunStopped` again (`check_not_stopped`), and the run ends as stopped."""
+        if not self.stopped:
+            self.stopped.append(reason)
+            self.event(self.next_round, Event.STOPPED, reason=reason)
+        raise RunStopped(self.stopped[0])
+
+    def check_not_stopped(self) -> None:
+        """Raise `RunStopped` again if ``fl.stop`` ended the run (a controller that caught it goes no further)."""
+        if self.stopped:
+            raise RunStopped(self.stopped[0])
 
     def broadcast_and_wait(self, task: Task, targets: Sequence[str] | None = None) -> dict[str, Reply]:
         """Send ``task`` to ``targets`` (default: all clients) and return their replies by client."""
@@ -122,6 +142,7 @@ class ServerContext:
         unknown = [t for t in targets if t not in known[1]]
         if unknown:
             raise ConfigError(f"unknown client(s) {unknown}; the federation has: {', '.join(self.client_names)}")
+        self.check_not_stopped()
         self.abort.check()
         posted = self.server.post(replace(task, round=task.round + self.offset), targets)
         self.channel.request(Order("work", tuple(targets)))
@@ -247,15 +268,21 @@ class ServerContext:
         self.channel.request(Order("round", record=record))
         return record
 
-    def _check_round(self, round: int) -> None:
-        """Refuse to end ``round`` unless it follows the last round recorded and leaves a finite global model."""
+    def check_next(self, round: int, did: str = "ended") -> None:
+        """Refuse ``round`` unless it follows the last round recorded (`Round` asks at the ``with``, ``did="began"``)."""
         rounds = self.history.rounds
         expected = rounds[-1].round + 1 if rounds else self.start_round + self.offset
         given = round + self.offset if isinstance(round, int) and not isinstance(round, bool) else round
         if given != expected:
             last = f"the last round recorded is {rounds[-1].round}" if rounds else "no round is recorded yet"
-            raise ConfigError(f"{self.controller} ended round {given!r}, but {last}: rounds go 0, 1, 2, ... with one "
-                              f"fl.end_round each, so this one must be round {expected - self.offset}")
+            raise ConfigError(f"{self.controller} {did} round {given!r}, but {last}: rounds go 0, 1, 2, ... with one "
+                              f"`with fl.round(r)` block each, so this one must be round {expected - self.offset}")
+
+    def _check_round(self, round: int) -> None:
+        """Refuse to end ``round`` unless it follows the last round recorded and leaves a finite global model."""
+        self.check_next(round)
+        rounds = self.history.rounds
+        given = round + self.offset
         if not self.model.readable:
             return  # the server cannot read it; the clients that decrypt it score it
         weights = self.model.weights

@@ -45,6 +45,7 @@ from .models import architecture
 from .preprocess import Standardize
 from .progress import bar as progress_bar
 from .run import IncompleteRun, Run, RunExited, RunInterrupted, check_rounds_run
+from .rounds import check_settings
 from .serve import ABORT_GRACE, serve
 from .server import Channel, Controller, Server, ServerContext
 from .sim_checks import (RESUMABLE, as_model_fn, build_model, check_client_data, check_fits, check_new_each_call,
@@ -102,6 +103,7 @@ class Simulator:
         if not isinstance(workflow, Controller):
             raise ConfigError(f"workflow must be a Controller such as fk.FedAvg(...), got {type(workflow).__name__}")
         check_rounds(workflow)
+        check_settings(workflow)  # a controller's own min_clients, task_timeout...: refused now, not in a round
         if not isinstance(train, TrainConfig):
             raise ConfigError(f"train must be a fk.TrainConfig, got {type(train).__name__}")
         if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) or not 0.0 <= val_fraction < 1.0:
@@ -169,7 +171,8 @@ class Simulator:
         names = [c.name for c in self.clients]
         if len(set(names)) != len(names):
             raise ConfigError(f"client names must be unique, got {names}")
-        workflow.check_population({c.name: len(c.data.train) for c in self.clients})  # e.g. DP's delta < 1/n
+        # e.g. DP's delta < 1/n; a fk.Client may hold data of its own kind, which no workflow can count
+        workflow.check_population({c.name: len(c.data.train) for c in self.clients if isinstance(c.data, ClientData)})
         if test is not None:
             check_dataset(test, "the test set")
             check_fits(probe, test, self.clients)

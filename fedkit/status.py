@@ -16,7 +16,7 @@ from enum import Enum
 
 class Word(str, Enum):
     """A `str` enum that reads as its value wherever text is made: ``str``, f-strings and ``format``, as Python
-    3.11's ``StrEnum`` does (fedkit supports 3.10, which lacks it), and ``repr`` too, so that a run's events and
+    3.11's ``StrEnum`` does, and ``repr`` too (which ``StrEnum`` does not), so that a run's events and
     summary print in a notebook as they always have (``{'what': 'stopped', ...}``). ``type(x)`` tells the enum."""
 
     __str__ = str.__str__

@@ -114,3 +114,17 @@ def test_a_client_named_global_is_refused(digits):
     client = fk.Client("global", ClientData(d, d), {})
     with pytest.raises(fk.ConfigError, match="a client is named 'global'"):
         fk.Simulator(CrossSiteEval(), model=fk.models.MLP(64, 10), clients=[client]).run(progress=False)
+
+
+def test_a_failing_client_is_named_without_settings_cross_site_eval_lacks(tiny_model):
+    """Review item 8: a failed cross-site pass said "Lower min_clients, raise max_retries or task_timeout", settings
+    CrossSiteEval does not have."""
+    d = fk.Dataset(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long), 2)
+
+    def broken(task, ctx, abort):
+        raise RuntimeError("disk full")
+
+    clients = [fk.Client("c0", ClientData(d, d), {"submit_model": broken})]
+    with pytest.raises(fk.RoundFailed, match=r"and 1 are needed; .* Fix the failing clients\. Failures .*disk full") as e:
+        fk.Simulator(CrossSiteEval(), model=tiny_model, clients=clients).run(progress=False)
+    assert "min_clients" not in str(e.value) and "max_retries" not in str(e.value) and e.value.field is None

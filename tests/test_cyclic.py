@@ -112,3 +112,15 @@ def test_a_bad_update_mid_cycle_leaves_the_global_model_untouched(tiny_model):
 def test_bad_cyclic_settings(kwargs, match):
     with pytest.raises(fk.ConfigError, match=match):
         Cyclic(**kwargs)
+
+
+def test_an_encryption_mismatch_says_how_to_fix_it():
+    """Review item 7: the message said what was wrong, not what to do (as FedAvg's check_context does)."""
+    from fedkit.global_model import PlainModel
+    from fedkit.server import Channel, Server, ServerContext
+    model = PlainModel({"w": torch.zeros(1)})
+    model.encryption = "another scheme"
+    fl = ServerContext(Server(model), ("a",), Channel(), fk.Signal(), fk.History(), seed=0)
+    with pytest.raises(fk.ConfigError, match=r"not provisioned for it\. A controller that runs it must declare the "
+                                             r"same he \(e\.g\. `he = inner\.he`\)"):
+        fk.Cyclic(rounds=1).control_flow(fl)

@@ -296,6 +296,15 @@ def test_the_encrypted_model_refuses_a_rule_or_a_step_with_the_reason():
     assert all(torch.allclose(got[k], WEIGHTS[k] + mean[k], atol=1e-6) for k in WEIGHTS)
 
 
+def test_the_encrypted_model_refuses_results_that_are_not_training_results():
+    """Review item 3: fl.model.update(rnd.send("validate")) failed with a raw KeyError / AttributeError."""
+    clients, _, model = federation(WEIGHTS, DIFFS)
+    before = (model.digest, list(model.chunks))
+    with pytest.raises(fk.UpdateError, match=r"client 'c0'.s result is METRICS; pass rnd\.train\(\)'s results"):
+        model.update({"c0": fk.DXO(fk.DataKind.METRICS, {"accuracy": 0.5})})
+    assert (model.digest, model.chunks) == before
+
+
 def test_unselected_layers_are_aggregated_in_plaintext():
     clients, server, model = federation(WEIGHTS, DIFFS, CKKS(layers="w"))
     assert list(model.plain) == ["b"] and model.layout.names == ("w",)

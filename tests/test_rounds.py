@@ -191,3 +191,125 @@ def test_uses_local_models_is_declared_by_the_controller():
     assert Chain(fk.FedAvg(rounds=1), CrossSiteEval()).uses_local_models is True
     assert Chain(fk.FedAvg(rounds=1), fk.Cyclic(rounds=1)).uses_local_models is False
     assert fk.simulator.uses_local_models(dataclasses.replace(fk.FedAvg(rounds=1))) is False
+
+
+class UpdatesThen(fk.Controller):
+    """Round 0 completes; round 1 updates the model, then ``then(fl)`` (a stop, a bug) ends the block."""
+
+    rounds = 2
+
+    def __init__(self, then):
+        self.then = then
+
+    def control_flow(self, fl):
+        for r in range(self.rounds):
+            with fl.round(r) as rnd:
+                fl.model.update(rnd.train())
+                if r == 1:
+                    self.then(fl)
+
+
+def test_a_round_that_raises_after_its_update_leaves_the_model_as_the_last_recorded_round(tiny_model, tmp_path):
+    """Review item 1: the update of an unrecorded round stayed in the model (model.pt, model_sha256)."""
+    def bug(fl):
+        raise RuntimeError("after the update")
+
+    for then, status in ((lambda fl: fl.stop("enough"), "done"), (bug, "failed")):
+        out = tmp_path / status
+        sim = fk.Simulator(UpdatesThen(then), model=tiny_model, clients=clients(diff(1.0)), out=out)
+        run = sim.start()
+        run._done.wait()
+        assert run.status == status and len(run.history) == 1
+        assert run.weights["weight"].item() == 2.0  # 1 + round 0's diff; round 1's is undone
+        last = fk.checkpoint.load(out)
+        assert last.round == 0 and run.summary()["model_sha256"] == fk.weights.sha256(last.weights)
+
+
+def test_a_round_out_of_order_is_refused_before_it_runs(tiny_model):
+    """Review item 2: fl.round(1) as the first round was refused only when it ended, after its clients had trained."""
+    class StartsAtOne(OneShot):
+        def control_flow(self, fl):
+            with fl.round(1) as rnd:
+                raise AssertionError("the block ran")
+
+    with pytest.raises(fk.ConfigError, match=r"StartsAtOne began round 1, but no round is recorded yet: .* one "
+                                             r"`with fl\.round\(r\)` block each, so this one must be round 0"):
+        simulate(StartsAtOne(), tiny_model, diff(1.0))
+
+
+def test_update_refuses_results_that_are_not_training_results_and_a_bad_step_rule_or_weigh():
+    """Review item 3: a validate task's results gave a raw AttributeError; a step returning None went unnoticed."""
+    model = PlainModel({"w": torch.tensor([0.5])})
+    scores = {"c0": fk.DXO(fk.DataKind.METRICS, {"accuracy": 0.5})}
+    with pytest.raises(fk.UpdateError, match=r"client 'c0'.s result is METRICS; pass rnd\.train\(\)'s results"):
+        model.update(scores)
+    with pytest.raises(fk.UpdateError, match=r"got list; pass what rnd\.train\(\) returns"):
+        model.update([1.0])
+    with pytest.raises(fk.UpdateError, match="the server step 'nothing' returned NoneType"):
+        model.update(results((1.0, 1)), step=_named(lambda w, r: None, "nothing"))
+    with pytest.raises(fk.UpdateError, match=r"the server step 'wide' gave 'w' with shape \(2,\)"):
+        model.update(results((1.0, 1)), step=_named(lambda w, r: {"w": torch.zeros(2)}, "wide"))
+    with pytest.raises(fk.ConfigError, match="rule must be an aggregation rule"):
+        model.update(results((1.0, 1)), rule="median")
+    with pytest.raises(fk.ConfigError, match="weigh must be a function of a result"):
+        model.update(results((1.0, 1)), weigh=2)
+    assert model.weights["w"].item() == 0.5  # nothing applied
+
+
+def _named(fn, name):
+    fn.__name__ = name
+    return fn
+
+
+def test_a_controllers_own_round_settings_are_checked_when_the_simulator_is_built(tiny_model):
+    """Review item 4: min_clients = "2" on a user's controller gave a raw TypeError in a round."""
+    for name, value, match in (("min_clients", "2", r"OneShot\.min_clients must be an integer >= 1 or None, got '2'"),
+                               ("task_timeout", -1, r"OneShot\.task_timeout must be > 0 seconds"),
+                               ("max_norm_ratio", 1, r"OneShot\.max_norm_ratio must be > 1"),
+                               ("sample_rate", 2.0, r"OneShot\.sample_rate is the probability"),
+                               ("max_retries", None, r"OneShot\.max_retries must be an integer >= 0, got None")):
+        bad = type("OneShot", (OneShot,), {name: value})()
+        with pytest.raises(fk.ConfigError, match=match) as e:
+            fk.Simulator(bad, model=tiny_model, clients=clients(diff(1.0)))
+        assert (e.value.owner, e.value.field, e.value.value) == ("OneShot", name, value)
+
+
+def test_fl_sample_names_its_own_arguments_and_refuses_a_rate_outside_0_1():
+    """Review item 6: fl.sample(0) named clients_per_round; rate=1.5 picked everyone."""
+    fl = ServerContext(Server({"w": torch.zeros(1)}), ("a", "b"), Channel(), fk.Signal(), fk.History(), seed=3)
+    with pytest.raises(fk.ConfigError, match=r"fl\.sample\(k\) takes a whole number of clients >= 1.*got k=0"):
+        fl.sample(0)
+    for rate in (1.5, 0, -0.1, True):
+        with pytest.raises(fk.ConfigError, match=r"fl\.sample\(rate=\.\.\.\) takes the probability .* in \(0, 1\]"):
+            fl.sample(rate=rate)
+    assert fl.sample(rate=1.0) == ["a", "b"]
+
+
+def test_fl_stop_holds_when_the_controller_catches_it(tiny_model):
+    """Review item 9: RunStopped is an Exception; a controller's ``except Exception`` swallowed the stop."""
+    class Careless(fk.Controller):
+        rounds = 3
+
+        def control_flow(self, fl):
+            for r in range(self.rounds):
+                try:
+                    with fl.round(r) as rnd:
+                        fl.model.update(rnd.train())
+                        if r == 0:
+                            fl.stop("enough")
+                except Exception:
+                    pass  # swallows RunStopped too: the next round must not run
+            fl.broadcast_and_wait(fk.Task("train", fl.model.task_data({})))  # nor any task
+
+    for workflow in (Careless(), Chain(Careless(), fk.FedAvg(rounds=1))):  # nor the parts of a chain after it
+        run = simulate(workflow, tiny_model, diff(1.0))
+        assert run.status == "done" and len(run.history) == 0 and run.summary()["stopped"] == "enough"
+        assert run.weights["weight"].item() == 1.0
+        assert [e["what"] for e in run.history.events] == ["stopped"]
+
+
+def test_a_round_failure_names_only_settings_the_workflow_has():
+    """Review item 8: CrossSiteEval / FedStats were told to lower min_clients, which they do not have."""
+    from fedkit.rounds import short_round_hint
+    assert short_round_hint(["task_timeout"]) == "Raise {task_timeout}, or fix the failing clients"
+    assert short_round_hint([]) == "Fix the failing clients"

@@ -596,7 +596,7 @@ def test_a_controller_that_runs_no_round_does_not_end_done_and_complete(tiny_mod
 
     sim = fk.Simulator(Idle(), model=tiny_model, clients=toy_clients(fixed_diff(1.0, 1)), out=tmp_path / "r")
     with pytest.raises(fk.simulator.IncompleteRun, match=r"Idle plans 3 round\(s\) but its control_flow returned after 0: "
-                                                          r"the run is not complete.*fl\.end_round once per round"):
+                                                          r"the run is not complete.*`with fl\.round\(r\) as rnd:` block.*fl\.stop\(reason\)"):
         sim.run(progress=False)
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert (summary["status"], summary["complete"], summary["rounds"], summary["rounds_planned"]) == ("failed", False, 0, 3)
@@ -634,7 +634,7 @@ def test_a_controller_that_writes_nan_weights_fails_keeping_the_last_good_round(
 def test_end_round_refuses_a_round_that_does_not_follow_the_last(tiny_model, tmp_path):
     """Issue 18 item 9: end_round took rounds 0, 0, 5 and wrote a checkpoint that resume later refused."""
     for order, match in (([0, 0, 5], r"_Ends ended round 0, but the last round recorded is 0: rounds go 0, 1, 2, \.\.\. "
-                                     r"with one fl\.end_round each, so this one must be round 1"),
+                                     r"with one `with fl\.round\(r\)` block each, so this one must be round 1"),
                          ([1, 2], r"_Ends ended round 1, but no round is recorded yet.*must be round 0")):
         sim = fk.Simulator(_Ends(order), model=tiny_model, clients=toy_clients(fixed_diff(1.0, 1)), out=tmp_path,
                            overwrite=True)
@@ -836,3 +836,12 @@ def test_a_run_is_changed_only_by_its_own_methods():
     run = sim.start().wait(10)
     assert run.status == "done" and run.done and run._lock is None and run._thread is None and run._live is None
 
+
+
+def test_a_client_with_data_of_its_own_kind_builds_and_runs(tiny_model):
+    """Review item 5: check_population read c.data.train of every fk.Client; one whose data is no ClientData (a
+    client that loads its own data) failed with AttributeError when the simulator was built."""
+    own = fk.Client("own", {"path": "/data/site-1"}, {"train": fixed_diff(1.0, 1)})
+    sim = fk.Simulator(fk.FedAvg(rounds=1), model=tiny_model, clients=[*toy_clients(fixed_diff(1.0, 1)), own])
+    run = sim.run(progress=False)
+    assert run.status == "done" and run.history.rounds[0].clients["own"]["status"] == "ok"

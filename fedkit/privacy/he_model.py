@@ -31,7 +31,7 @@ from .. import metrics as M
 from ..aggregate import Rule, by_samples, rule_name, weigh_result, weighted_mean
 from ..errors import ConfigError, UpdateError, Unreadable
 from ..exchange import DXO, DataKind, MetaKey, Weights
-from ..global_model import HE_RULE, GlobalModel, Step, Weigh, aggregate, screen
+from ..global_model import HE_RULE, GlobalModel, Step, Weigh, aggregate, check_callable, check_results, screen
 from ..weights import add
 from ..server import Reply
 from ..status import Status
@@ -177,8 +177,11 @@ class EncryptedModel(GlobalModel):
         """FedAvg's step on ciphertexts: global += sum_i ciphertext_i * (w_i / total weight), w_i = ``weigh(result_i)``.
 
         The plaintext layers move by the same weighted mean. Another ``rule``, or a ``step``, is refused: they
-        need the weights in plaintext. Nothing changes if anything fails.
+        need the weights in plaintext, and so are results that are not training results (WEIGHT_DIFFs). Nothing
+        changes if anything fails.
         """
+        check_results(results)
+        check_callable("weigh", weigh, "a function of a result such as fedkit.aggregate.by_samples")
         if rule is not weighted_mean:
             raise ConfigError(f"the encrypted global model cannot apply the aggregation rule {rule_name(rule)!r}: "
                               f"{HE_RULE}. Call fl.model.update(results) with the default rule, or run without he=")

@@ -61,7 +61,8 @@ class Cyclic(Controller):
     def control_flow(self, fl: ServerContext) -> None:
         if fl.model.encryption != self.he:
             raise ConfigError(f"Cyclic has he={self.he!r} but the server's model has encryption {fl.model.encryption!r}: "
-                              "the run was not provisioned for it")
+                              "the run was not provisioned for it. A controller that runs it must declare the same he "
+                              "(e.g. `he = inner.he`)")
         for r in range(fl.start_round, self.rounds):
             with fl.round(r) as rnd:
                 travelling = fl.model.copy()  # the global model changes only once the cycle is complete

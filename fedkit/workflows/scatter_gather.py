@@ -27,7 +27,6 @@ the workflow is built, with the reason.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -37,6 +36,7 @@ from ..aggregate import Rule, by_samples, rule_name, weighted_mean
 from ..errors import NO_VALUE, ConfigError
 from ..exchange import DXO, MetaKey, Weights
 from ..global_model import HE_RULE, Encryption, Step, aggregate
+from ..rounds import check_settings
 from ..server import Controller, ServerContext
 from ..server_opt import SGD, ServerOptimizer
 from ..train import has_client_half
@@ -75,39 +75,9 @@ class FedAvg(Controller):
     he: Encryption | None = None  # homomorphic encryption (fedkit.privacy.he.CKKS): the server sums ciphertexts; None: plaintext
 
     def __post_init__(self) -> None:
-        def whole(name: str, low: int, allow_none: bool) -> None:
-            v = getattr(self, name)
-            if v is None and allow_none:
-                return
-            if not isinstance(v, int) or isinstance(v, bool) or v < low:
-                extra = " or None" if allow_none else ""
-                raise ConfigError(f"{{{name}}} must be an integer >= {low}{extra}", obj=self, field=name, value=v)
-
-        whole("rounds", 1, False)
-        whole("clients_per_round", 1, True)
-        q = self.sample_rate
-        if q is not None:
-            if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 1:
-                raise ConfigError("{sample_rate} is the probability that a client joins a round; it must be in (0, 1] "
-                                  "or None", obj=self, field="sample_rate", value=q)
-            if self.clients_per_round is not None:
-                raise ConfigError("give {clients_per_round} (a fixed number per round) or {sample_rate} (Poisson "
-                                  "sampling), not both; got {clients_per_round=} and {sample_rate=}", obj=self,
-                                  field="clients_per_round")
-        # with Poisson sampling a round may draw nobody at all: min_clients=0 lets such rounds go ahead
-        whole("min_clients", 0 if q is not None else 1, True)
-        whole("max_retries", 0, False)
-        t = self.task_timeout
-        if t is not None and (isinstance(t, bool) or not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0)):
-            raise ConfigError("{task_timeout} must be > 0 seconds or None", obj=self, field="task_timeout",
-                              value=self.task_timeout)
-        if self.max_norm_ratio is not None and not (isinstance(self.max_norm_ratio, (int, float)) and self.max_norm_ratio > 1):
-            raise ConfigError("{max_norm_ratio} must be > 1 or None (no norm screen)", obj=self, field="max_norm_ratio",
-                              value=self.max_norm_ratio)
-        k, m = self.clients_per_round, self.min_clients
-        if k is not None and m is not None and m > k:
-            raise ConfigError("{min_clients=} can never be met with {clients_per_round=}", obj=self, field="min_clients",
-                              hint="lower {min_clients}")
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ConfigError("{rounds} must be an integer >= 1", obj=self, field="rounds", value=self.rounds)
+        check_settings(self)  # min_clients, max_retries, task_timeout, max_norm_ratio, the sampling
         if not callable(self.aggregate):
             raise ConfigError(f"{type(self).__name__}.aggregate must be a rule [(update, weight), ...] -> update such as "
                               f"fedkit.aggregate.weighted_mean, got {self.aggregate!r}")
