@@ -28,6 +28,8 @@ LOCAL_DP_NOISE = 12  # local DP's noise on an update: derive_seed(task seed, att
 
 # ---- on the server, per accounted step: derive_seed(run seed, stream, draws so far)
 DP_FEDAVG_NOISE = 11  # DP-FedAvg's noise on the sum of clipped updates
+# A known overlap, kept because renumbering would change every DP-FedAvg result: the noise seed with one draw so
+# far, derive_seed(run seed, 11, 1), equals client_seed(run seed, 11), the seed of the client at index 11.
 DP_FEDAVG_COUNT_NOISE = 13  # and on the count of clipped updates (adaptive clipping)
 
 
