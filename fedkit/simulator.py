@@ -57,7 +57,7 @@ from .train import Evaluator, ModelFn, SubmitModel, TrainConfig, Trainer, evalua
 
 __all__ = ["ABORT_GRACE", "AUTO_ONE_THREAD_BELOW", "RESUMABLE", "ClientsLike", "IncompleteRun", "Run", "RunExited",
            "RunInterrupted", "SaveError", "Simulator", "check_threads", "resolve_threads", "serve", "shared_plotlyjs",
-           "torch_threads", "uses_local_models", "write_html"]
+           "torch_threads", "write_html"]
 
 ClientsLike = Sequence[Dataset] | Sequence[ClientData] | Sequence[Client]
 
@@ -204,7 +204,7 @@ class Simulator:
     def describe(self) -> dict[str, Any]:
         """The settings of this simulator, as saved in ``config.json`` (the same in every process)."""
         return {"workflow": _describe(self.workflow), "train": _describe(self.train), "seed": self.seed,
-                "clients": {c.name: [_data_digest(c.data.train), _data_digest(c.data.val)] for c in self.clients},
+                "clients": {c.name: _client_digest(c) for c in self.clients},
                 "val_fraction": self.val_fraction, "faults": _describe(self.faults), "threads": self.threads,
                 "client_result_filters": _describe(self.client_result_filters),
                 **({"executors": _describe(self.executors)} if self.executors else {}),
@@ -335,7 +335,7 @@ class Simulator:
         `Run._execute` records how they ended."""
         if run.run_dir is not None:
             check_run_dir(run.run_dir)
-        keep = uses_local_models(self.workflow)
+        keep = self.workflow.uses_local_models  # may the workflow ask for local models (cross-site evaluation)?
         clients = {c.name: c.fresh(seeds.client_seed(self.seed, i), self.faults, keep)
                    for i, c in enumerate(self.clients)}
         start_round = 0
@@ -399,11 +399,12 @@ class Simulator:
         return score
 
 
-def uses_local_models(workflow: Controller) -> bool:
-    """Whether ``workflow`` may ask clients for their locally trained models (``submit_model``), so that each client
-    keeps a CPU copy of its last local weights across rounds (`Client.keep_local_model`): the controller says so
-    (`Controller.uses_local_models`: False by default, True for `CrossSiteEval`, any part's for a `Chain`)."""
-    return workflow.uses_local_models
+def _client_digest(client: Client) -> list[str] | str:
+    """What config.json records of a client's data, so that a resume on other data is refused: the digests of its
+    training and validation splits; data of a kind of the client's own (not a ClientData) is named, not read."""
+    if isinstance(client.data, ClientData):
+        return [_data_digest(client.data.train), _data_digest(client.data.val)]
+    return f"not a ClientData ({type(client.data).__name__}): not checked on resume"
 
 
 def _plaintext(model: GlobalModel, owner: Client) -> Weights:

@@ -106,8 +106,8 @@ def test_plain_fedavg_keeps_no_local_weights_but_a_hand_built_client_does():
     run, _ = watched(6, 3)
     assert run.status == "done"
     sim = fk.Simulator(fk.FedAvg(rounds=1), model=model, clients=tiny_clients(2), device="cpu")
-    assert not fk.simulator.uses_local_models(sim.workflow)
-    assert fk.simulator.uses_local_models(Chain(fk.FedAvg(rounds=1), CrossSiteEval()))
+    assert not sim.workflow.uses_local_models
+    assert Chain(fk.FedAvg(rounds=1), CrossSiteEval()).uses_local_models
     client = fk.Client("c", tiny_clients(1)[0], {"train": fk.Trainer(model, fk.TrainConfig(validate=False))})
     task = fk.Task("train", fk.DXO(fk.DataKind.WEIGHTS, fk.weights.clone(model().state_dict())))
     client.handle(task, torch.device("cpu"), fk.Signal())

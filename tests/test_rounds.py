@@ -190,7 +190,7 @@ def test_uses_local_models_is_declared_by_the_controller():
     assert CrossSiteEval().uses_local_models is True
     assert Chain(fk.FedAvg(rounds=1), CrossSiteEval()).uses_local_models is True
     assert Chain(fk.FedAvg(rounds=1), fk.Cyclic(rounds=1)).uses_local_models is False
-    assert fk.simulator.uses_local_models(dataclasses.replace(fk.FedAvg(rounds=1))) is False
+    assert dataclasses.replace(fk.FedAvg(rounds=1)).uses_local_models is False
 
 
 class UpdatesThen(fk.Controller):

@@ -838,10 +838,15 @@ def test_a_run_is_changed_only_by_its_own_methods():
 
 
 
-def test_a_client_with_data_of_its_own_kind_builds_and_runs(tiny_model):
+def test_a_client_with_data_of_its_own_kind_builds_and_runs(tiny_model, tmp_path):
     """Review item 5: check_population read c.data.train of every fk.Client; one whose data is no ClientData (a
     client that loads its own data) failed with AttributeError when the simulator was built."""
     own = fk.Client("own", {"path": "/data/site-1"}, {"train": fixed_diff(1.0, 1)})
     sim = fk.Simulator(fk.FedAvg(rounds=1), model=tiny_model, clients=[*toy_clients(fixed_diff(1.0, 1)), own])
     run = sim.run(progress=False)
     assert run.status == "done" and run.history.rounds[0].clients["own"]["status"] == "ok"
+    # with a run directory too: config.json names its data instead of reading a train split it does not have
+    sim.out = tmp_path / "run"
+    assert sim.run(progress=False).status == "done"
+    clients = json.loads((tmp_path / "run" / "config.json").read_text())["clients"]
+    assert clients.pop("own").startswith("not a ClientData (dict)") and all(isinstance(d, list) for d in clients.values())
